@@ -1,0 +1,125 @@
+import os
+
+# Must be set before `transformers` is first imported: tests never touch the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from varcmp.media import AUDIO_RATE, write_video  # noqa: E402
+
+SR = AUDIO_RATE
+
+
+def tone(seconds: float, freq: float, rate: int = SR) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def noise_frames(n: int, seed: int, h: int = 96, w: int = 128) -> list[np.ndarray]:
+    """Frames that differ from each other (so choosing the wrong one changes features)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    return [np.roll(base, 3 * i, axis=1) // 2 + np.uint8((5 * i) % 120) for i in range(n)]
+
+
+def write_audio_only(path: Path, seconds: float = 2.0) -> None:
+    import av
+
+    samples = tone(seconds, 330).reshape(1, -1)
+    with av.open(str(path), "w") as c:
+        a = c.add_stream("aac", rate=SR)
+        a.layout = "mono"
+        for k in range(0, samples.shape[1], 1024):
+            fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, k:k + 1024]), format="flt", layout="mono")
+            fr.sample_rate, fr.pts = SR, k
+            for p in a.encode(fr):
+                c.mux(p)
+        for p in a.encode():
+            c.mux(p)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    from varcmp.tiny_models import make_tiny_clip
+
+    return make_tiny_clip(tmp_path_factory.mktemp("models") / "clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_clap(tmp_path_factory) -> Path:
+    from varcmp.tiny_models import make_tiny_clap
+
+    return make_tiny_clap(tmp_path_factory.mktemp("models") / "clap")
+
+
+GOOD = {
+    # relative path: (frames, fps, audio seconds or None)
+    "Abuse/Abuse001_x264.mp4": (60, 10, 6.0),
+    "Fighting/Fighting002_x264.mp4": (45, 15, 3.0),
+    "Normal_Videos_event/Normal_Videos_003_x264.mp4": (50, 10, None),  # no audio track
+    "Arson/Arson 04 café_x264.mp4": (12, 10, 1.2),  # spaces, non-ASCII, fewer frames than N_v
+}
+BAD = {
+    "Abuse/zero_bytes.mp4": "empty file",
+    "Abuse/notes.mp4": "not a readable media file",  # a text file renamed
+    "Abuse/truncated.mp4": "not a readable media file",  # first half of a real mp4 (index at the end)
+    "Abuse/audio_only.mp4": "no video stream",
+}
+
+
+@pytest.fixture(scope="session")
+def video_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("videos")
+    for i, (rel, (n, fps, secs)) in enumerate(GOOD.items()):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_video(root / rel, noise_frames(n, seed=i), fps=fps, audio=None if secs is None else tone(secs, 220 * (i + 1)))
+    (root / "Abuse/zero_bytes.mp4").write_bytes(b"")
+    (root / "Abuse/notes.mp4").write_text("these are my notes, not a video\n" * 50)
+    data = (root / "Abuse/Abuse001_x264.mp4").read_bytes()
+    (root / "Abuse/truncated.mp4").write_bytes(data[: len(data) // 2])
+    write_audio_only(root / "Abuse/audio_only.mp4")
+    return root
+
+
+CAPTIONS = {
+    "Abuse/Abuse001_x264.mp4": "A man in a black shirt hits a dog with a stick.",
+    "Fighting/Fighting002_x264.mp4": "Two men fight in a parking lot at night",
+    "Normal_Videos_event/Normal_Videos_003_x264.mp4": "People walk through a quiet shop.",
+    "Arson/Arson 04 café_x264.mp4": "Someone sets a car on fire",
+    "Abuse/notes.mp4": "A caption whose video is broken",
+}
+
+
+@pytest.fixture(scope="session")
+def captions_xlsx(tmp_path_factory) -> Path:
+    """The UCFCrime-AR release layout: a header row, a Chinese column, names with a stray newline,
+    extra empty columns, plus a path that escapes the root and a caption of a missing video."""
+    import openpyxl
+
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.append(["Video Name", "Chinese Text", "English Text", None, None])
+    for rel, text in CAPTIONS.items():
+        ws.append([rel + "\n", "中文描述", text, None, None])
+    ws.append(["../outside/evil.mp4\n", "中文", "escapes the root", None, None])
+    ws.append(["Abuse/Abuse999_x264.mp4\n", "中文", "a video that is not there", None, None])
+    path = tmp_path_factory.mktemp("ann") / "ucf_crime_test.xlsx"
+    wb.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def captions_csv(tmp_path_factory) -> Path:
+    import csv
+
+    path = tmp_path_factory.mktemp("ann") / "captions.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["video", "text"])
+        for rel, text in CAPTIONS.items():
+            w.writerow([rel, text])
+    return path

@@ -1,0 +1,251 @@
+"""Reading (and, for tests and the demo, writing) video and audio with PyAV.
+
+Frame sampling: `N` timestamps at the centres of `N` equal segments of the
+whole video; each is served by the frame on screen at that time (the last
+frame whose timestamp is <= it). A video with fewer than `N` frames yields
+each of its frames once. Every frame is decoded at most once: a packet-level
+index of the stream (timestamps and keyframes, no decoding) lets the decoder
+jump to the keyframe before a target whenever that skips frames, and decode
+straight on otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts", ".3gp")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".wma")
+AUDIO_RATE = 48_000  # CLAP's sampling rate
+SILENCE = 1e-4  # peak amplitude under which a track counts as silent
+
+
+class MediaError(Exception):
+    """A file that cannot be used; the message says why in a few words."""
+
+
+@dataclass
+class Frames:
+    images: list[np.ndarray]  # RGB uint8 [H, W, 3], one per distinct sampled frame (<= N)
+    times: np.ndarray  # [K] seconds from the start of the video
+    duration: float  # seconds
+    fps: float
+    total_frames: int
+
+
+def sample_times(duration: float, n: int) -> np.ndarray:
+    """Centres of `n` equal segments of [0, duration)."""
+    return (np.arange(n) + 0.5) * (duration / n)
+
+
+def _open(path: Path):
+    import av
+
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise MediaError(f"cannot read file ({e.strerror or e})") from None
+    if size == 0:
+        raise MediaError("empty file (0 bytes)")
+    try:
+        return av.open(str(path), metadata_errors="ignore")
+    except av.FFmpegError as e:
+        raise MediaError(f"not a readable media file ({_why(e)})") from None
+    except OSError as e:
+        raise MediaError(f"cannot read file ({e.strerror or e})") from None
+
+
+def _why(e: Exception) -> str:
+    msg = getattr(e, "strerror", None) or str(e)
+    return msg.split(":")[0].strip() if msg else type(e).__name__
+
+
+def _index(container, stream) -> tuple[np.ndarray, np.ndarray, float]:
+    """Presentation timestamps (sorted), keyframe timestamps, typical frame duration (pts units)."""
+    import av
+
+    pts, keys, durs = [], [], []
+    try:
+        for pkt in container.demux(stream):
+            t = pkt.pts if pkt.pts is not None else pkt.dts
+            if t is None or pkt.size == 0:
+                continue
+            pts.append(t)
+            durs.append(pkt.duration or 0)
+            if pkt.is_keyframe:
+                keys.append(t)
+    except av.FFmpegError:
+        pass  # a truncated file: keep the packets that were read
+    pts_a = np.unique(np.asarray(pts, dtype=np.int64))
+    step = float(np.median(np.diff(pts_a))) if len(pts_a) > 1 else float(max(durs, default=0) or 1)
+    return pts_a, np.unique(np.asarray(keys, dtype=np.int64)), step
+
+
+def read_frames(path: str | os.PathLike, n: int) -> Frames:
+    """Decode the `n` uniformly sampled frames of a video (fewer if it has fewer frames)."""
+    import av
+
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.video:
+            raise MediaError("no video stream")
+        stream = container.streams.video[0]
+        tb = float(stream.time_base)
+        pts, keys, step = _index(container, stream)
+        if len(pts) == 0:
+            raise MediaError("no video frames")
+        start = int(pts[0])
+        duration = (int(pts[-1]) - start + step) * tb
+        fps = len(pts) / duration if duration > 0 else 0.0
+        targets = start + sample_times(duration, n) / tb
+        chosen = np.unique(pts[np.clip(np.searchsorted(pts, targets, side="right") - 1, 0, len(pts) - 1)])
+        if len(keys) == 0 or keys[0] > chosen[0]:
+            keys = np.concatenate([[start], keys])
+
+        images, times = [], []
+        decoder, last = None, None
+        try:
+            for want in chosen:
+                key = keys[np.searchsorted(keys, want, side="right") - 1]
+                if decoder is None or last is None or key > last:
+                    container.seek(int(key), stream=stream, backward=True, any_frame=False)
+                    decoder = container.decode(stream)
+                for frame in decoder:
+                    fpts = frame.pts if frame.pts is not None else (last + step if last is not None else start)
+                    last = fpts
+                    if fpts >= want:
+                        if not times or fpts > times[-1]:
+                            images.append(frame.to_ndarray(format="rgb24"))
+                            times.append(fpts)
+                        break
+                else:
+                    break  # stream ended early (truncated file): keep what was decoded
+        except av.FFmpegError as e:
+            if not images:
+                raise MediaError(f"cannot decode video ({_why(e)})") from None
+        if not images:
+            raise MediaError("no decodable video frames")
+        return Frames(images, (np.asarray(times, dtype=np.float64) - start) * tb, float(duration), float(fps), len(pts))
+
+
+def read_audio(path: str | os.PathLike, rate: int = AUDIO_RATE) -> tuple[np.ndarray, float] | None:
+    """Whole first audio track as mono float32 at `rate`, and its start (s) relative to the
+    first video frame (0 for audio-only files); None when the file has no audio stream."""
+    import av
+
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        offset = 0.0
+        if container.streams.video and stream.start_time is not None:
+            v = container.streams.video[0]
+            if v.start_time is not None:
+                offset = float(stream.start_time * stream.time_base - v.start_time * v.time_base)
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        chunks = []
+        try:
+            for frame in container.decode(stream):
+                frame.pts = None  # let the resampler count samples, not trust timestamps
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+        except av.FFmpegError as e:
+            if not chunks:
+                raise MediaError(f"cannot decode audio ({_why(e)})") from None
+        samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+        return samples, offset
+
+
+@dataclass
+class AudioWindows:
+    windows: list[np.ndarray]  # one float32 array per valid window
+    mask: np.ndarray  # [Na] bool
+    spans: np.ndarray  # [Na, 2] seconds (start, end) relative to the video
+    note: str = ""
+
+
+def audio_windows(samples: np.ndarray | None, offset: float, duration: float, n: int,
+                  rate: int = AUDIO_RATE) -> AudioWindows:
+    """`n` windows centred on the sampled frame times, each `clamp(duration / n, 1 s, 10 s)` long,
+    shifted to lie inside the track. A window whose centre has no audio is masked; a missing or
+    silent track masks every window and says so in `note`."""
+    centres = sample_times(duration, n)
+    length = float(np.clip(duration / n, 1.0, 10.0))
+    mask = np.zeros(n, dtype=bool)
+    spans = np.zeros((n, 2), dtype=np.float32)
+    if samples is None:
+        return AudioWindows([], mask, spans, "no audio track")
+    if len(samples) == 0:
+        return AudioWindows([], mask, spans, "empty audio track")
+    if float(np.max(np.abs(samples))) < SILENCE:
+        return AudioWindows([], mask, spans, "silent audio track")
+    track = len(samples) / rate
+    windows = []
+    for i, c in enumerate(centres):
+        t = c - offset  # time within the track
+        if t < 0 or t >= track:
+            continue
+        s = min(max(t - length / 2, 0.0), max(track - length, 0.0))
+        a, b = int(round(s * rate)), int(round(min(s + length, track) * rate))
+        windows.append(samples[a:b])
+        mask[i] = True
+        spans[i] = (s + offset, (b / rate) + offset)
+    note = "" if mask.all() else f"audio covers {int(mask.sum())} of {n} windows"
+    return AudioWindows(windows, mask, spans, note)
+
+
+def find_videos(root: str | os.PathLike) -> list[str]:
+    """Relative POSIX paths of the video files under `root`, sorted; follows directory
+    symlinks once (a symlink loop is not followed twice)."""
+    root = Path(root)
+    seen, out = set(), []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        for f in filenames:
+            if f.lower().endswith(VIDEO_EXTENSIONS) and not f.startswith("."):
+                out.append((Path(dirpath) / f).relative_to(root).as_posix())
+    return sorted(out)
+
+
+def write_video(path: str | os.PathLike, frames, fps: int = 10, audio: np.ndarray | None = None,
+                audio_rate: int = AUDIO_RATE, gop: int | None = None) -> None:
+    """Write RGB uint8 frames (and optional mono float audio) to an H.264/AAC mp4."""
+    import av
+
+    frames = list(frames)
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("libx264", rate=fps)
+        v.width, v.height, v.pix_fmt = w, h, "yuv420p"
+        if gop:
+            v.codec_context.gop_size = gop
+        a = None
+        if audio is not None:
+            a = c.add_stream("aac", rate=audio_rate)
+            a.layout = "mono"
+        for img in frames:
+            for p in v.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
+                c.mux(p)
+        for p in v.encode():
+            c.mux(p)
+        if a is not None:
+            samples = np.asarray(audio, dtype=np.float32).reshape(1, -1)
+            hop = 1024
+            for k in range(0, samples.shape[1], hop):
+                fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, k:k + hop]), format="flt", layout="mono")
+                fr.sample_rate, fr.pts = audio_rate, k
+                for p in a.encode(fr):
+                    c.mux(p)
+            for p in a.encode():
+                c.mux(p)

@@ -1,0 +1,169 @@
+"""The frozen encoders: CLIP (frames, text) and CLAP (audio), loaded with
+`from_pretrained(name_or_local_dir)` exactly as users load them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import torch
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+DEFAULT_CLAP = "laion/clap-htsat-fused"
+
+_VOLATILE = {"_name_or_path", "transformers_version", "_commit_hash", "architectures", "torch_dtype", "dtype"}
+
+
+def quiet_transformers() -> None:
+    """No per-load progress bars or advisory warnings from transformers in our CLIs."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def config_hash(config) -> str:
+    """A short hash of a model config that ignores where and with what it was saved."""
+
+    def clean(d):
+        if isinstance(d, dict):
+            return {k: clean(v) for k, v in sorted(d.items()) if k not in _VOLATILE}
+        return d
+
+    blob = json.dumps(clean(config.to_dict()), sort_keys=True, default=str)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer: tells checkpoints of the same architecture apart,
+    whether they were loaded from the hub or from a local directory."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def _load_error(name: str, what: str, e: Exception) -> RuntimeError:
+    return RuntimeError(f"cannot load {what} from {name!r}: {type(e).__name__}: {str(e).splitlines()[0]} "
+                        "(a hub id needs the network or the local Hugging Face cache; "
+                        "otherwise pass a local directory)")
+
+
+def load_image_processor(name: str):
+    """The checkpoint's own image processor (resize, centre crop, normalise), on the PIL backend:
+    PIL's bicubic resize is what CLIP was trained with, and the result does not depend on
+    whether torchvision happens to be installed."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(name, backend="pil")
+    except Exception as e:  # noqa: BLE001
+        raise _load_error(name, "the CLIP image processor", e) from None
+
+
+def load_audio_feature_extractor(name: str):
+    from transformers import ClapFeatureExtractor
+
+    try:
+        return ClapFeatureExtractor.from_pretrained(name)
+    except Exception as e:  # noqa: BLE001
+        raise _load_error(name, "the CLAP feature extractor", e) from None
+
+
+def preprocess_images(processor, images: list[np.ndarray]) -> torch.Tensor:
+    return processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def preprocess_audio(extractor, windows: list[np.ndarray], rate: int) -> torch.Tensor:
+    """Log-mel inputs of windows of at most 10 s (CLAP's `fusion` layout)."""
+    if not windows:
+        return torch.zeros(0)
+    return extractor(windows, sampling_rate=rate, return_tensors="pt")["input_features"]
+
+
+class ClipEncoder:
+    """CLIP image and text towers; outputs live in the projected joint space."""
+
+    def __init__(self, name: str, device: torch.device):
+        from transformers import AutoTokenizer, CLIPModel
+
+        self.name, self.device = name, device
+        try:
+            self.model = CLIPModel.from_pretrained(name).to(device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(name)
+        except Exception as e:  # noqa: BLE001
+            raise _load_error(name, "CLIP", e) from None
+        self.processor = load_image_processor(name)
+        self.config_hash = config_hash(self.model.config)
+        self.dim = self.model.config.projection_dim
+        vc = self.model.config.vision_config
+        self.num_patches = (vc.image_size // vc.patch_size) ** 2
+        self.eos_token_id = self.model.config.text_config.eos_token_id
+
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected [CLS] ([B, C], equal to `get_image_features`) and patch tokens ([B, P, C])."""
+        out = self.model.vision_model(pixel_values=pixel_values.to(self.device))
+        tokens = self.model.visual_projection(self.model.vision_model.post_layernorm(out.last_hidden_state))
+        return tokens[:, 0].float().cpu(), tokens[:, 1:].float().cpu()
+
+    @torch.inference_mode()
+    def encode_text(self, texts: list[str], max_words: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Word features [Q, L, C], word mask [Q, L] (start and end tokens included) and the
+        sentence feature [Q, C] (the end token's word feature, equal to `get_text_features`)."""
+        tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_words, return_tensors="pt")
+        ids = tok["input_ids"].to(self.device)
+        mask = tok["attention_mask"].to(self.device)
+        hidden = self.model.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        words = self.model.text_projection(hidden)
+        if self.eos_token_id == 2:  # legacy configs: the end token has the largest id
+            eos = ids.argmax(-1)
+        else:
+            eos = (ids == self.eos_token_id).int().argmax(-1)
+        sentence = words[torch.arange(len(ids), device=ids.device), eos]
+        return words.float().cpu(), mask.bool().cpu(), sentence.float().cpu()
+
+    def info(self) -> dict:
+        return {"name": self.name, "config_hash": self.config_hash, "weights_hash": weights_hash(self.model)}
+
+
+class ClapEncoder:
+    """CLAP audio tower (projected embeddings)."""
+
+    def __init__(self, name: str, device: torch.device):
+        from transformers import ClapModel
+
+        self.name, self.device = name, device
+        try:
+            self.model = ClapModel.from_pretrained(name).to(device).eval()
+        except Exception as e:  # noqa: BLE001
+            raise _load_error(name, "CLAP", e) from None
+        self.extractor = load_audio_feature_extractor(name)
+        self.config_hash = config_hash(self.model.config)
+        self.dim = self.model.config.projection_dim
+        self.rate = self.extractor.sampling_rate
+
+    @torch.inference_mode()
+    def encode(self, input_features: torch.Tensor) -> torch.Tensor:
+        """[B, Ca] for windows of at most 10 s; `is_longer` is passed as all False, so a batch's
+        features never depend on which other clips share it."""
+        x = input_features.to(self.device)
+        is_longer = torch.zeros(len(x), 1, dtype=torch.bool, device=self.device)
+        out = self.model.get_audio_features(input_features=x, is_longer=is_longer)
+        out = getattr(out, "pooler_output", out)
+        return out.float().cpu()
+
+    def info(self) -> dict:
+        return {"name": self.name, "config_hash": self.config_hash, "weights_hash": weights_hash(self.model)}

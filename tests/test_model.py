@@ -1,0 +1,553 @@
+"""Tests of varcmp.model: every equation against a plain loop implementation (float64)."""
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from varcmp.model import (
+    LEVELS, ModelConfig, PerturbedTopK, QueryEmb, VarCMP, VideoEmb, info_nce, mil_bce, video_scores,
+)
+
+C, N, P, M = 16, 6, 5, 2
+FRAMES = [[0, 1, 2, 3, 4, 5], [0, 1, 2], [1, 3, 4]]      # valid frames per video (one with holes)
+WORDS = [7, 3, 1, 5]                                      # valid words per text query (prefix)
+SEGS = [[0, 1, 2, 3, 4, 5], [0, 2], [3], [1, 2, 3, 4]]    # valid audio segments per query
+TOL = dict(rtol=0, atol=1e-10)
+
+
+def cfg(**kw):
+    base = dict(dim=C, audio_dim=12, num_frames=8, num_patches=P, max_words=9, audio_segments=8,
+                top_patches=M, heads=2, ffn_dim=32, dropout=0.0, tau=0.1)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def make_model(seed=0, randomise=True, **kw):
+    torch.manual_seed(seed)
+    model = VarCMP(cfg(**kw)).double().eval()
+    if randomise:  # leave the zero init behind so that weights are not uniform, A is not 0.5...
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.3)
+    return model
+
+
+def mask_from(valid, n):
+    m = torch.zeros(len(valid), n, dtype=torch.bool)
+    for i, idx in enumerate(valid):
+        m[i, idx] = True
+    return m
+
+
+def video_data(seed=1, n=N, garbage=False):
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.randn(len(FRAMES), n, C, generator=g, dtype=torch.float64)
+    patches = torch.randn(len(FRAMES), n, P, C, generator=g, dtype=torch.float64)
+    mask = mask_from(FRAMES, n)
+    if garbage:
+        frames[~mask] = 1e3 * torch.randn(int((~mask).sum()), C, generator=g, dtype=torch.float64)
+        patches[~mask] = float("nan")
+    return frames, mask, patches
+
+
+def text_data(seed=2, L=7, garbage=False):
+    g = torch.Generator().manual_seed(seed)
+    words = torch.randn(len(WORDS), L, C, generator=g, dtype=torch.float64)
+    mask = mask_from([list(range(w)) for w in WORDS], L)
+    if garbage:
+        words[~mask] = float("nan")
+    sentence = torch.randn(len(WORDS), C, generator=g, dtype=torch.float64)
+    return words, mask, sentence
+
+
+def audio_data(seed=3, L=6, garbage=False):
+    g = torch.Generator().manual_seed(seed)
+    seg = torch.randn(len(SEGS), L, 12, generator=g, dtype=torch.float64)
+    mask = mask_from(SEGS, L)
+    if garbage:
+        seg[~mask] = 1e4
+    return seg, mask
+
+
+def cos(a, b):
+    return torch.dot(a, b).item() / math.sqrt(torch.dot(a, a).item() * torch.dot(b, b).item())
+
+
+def valid_rows(x, m):
+    return [x[j] for j in range(len(m)) if m[j]]
+
+
+def ref_two_sided(X, xw, T, tw):
+    """1/2 (sum_i u_i max_j cos(t_i, x_j) + sum_j w_j max_i cos(t_i, x_j)) over valid tokens only."""
+    a = sum(tw[i] * max(cos(T[i], X[j]) for j in range(len(X))) for i in range(len(T)))
+    b = sum(xw[j] * max(cos(T[i], X[j]) for i in range(len(T))) for j in range(len(X)))
+    return 0.5 * (a + b)
+
+
+def ref_fine_text(s, F_, w):
+    """Eq. 2: 1/2 (max_j cos(s, f_j) + sum_j w_j cos(s, f_j))."""
+    return 0.5 * (max(cos(s, f) for f in F_) + sum(wj * cos(s, f) for wj, f in zip(w, F_)))
+
+
+def encode(model, query, labels=None, garbage=False, n=N, L=None):
+    frames, fmask, patches = video_data(n=n, garbage=garbage)
+    v = model.encode_videos(frames, fmask, patches, labels=labels)
+    if query == "text":
+        q = model.encode_text(*text_data(L=L or 7, garbage=garbage))
+    else:
+        q = model.encode_audio(*audio_data(L=L or 6, garbage=garbage))
+    return v, q
+
+
+def ref_level(level, v, q, query, vi, qi):
+    if level == "coarse":
+        return cos(q.glob[qi], v.video[vi])
+    if level == "fine":
+        Fv = valid_rows(v.frames[vi], v.frame_mask[vi])
+        w = valid_rows(v.frame_weights[vi], v.frame_mask[vi])
+        if query == "text":
+            return ref_fine_text(q.glob[qi], Fv, w)
+        T = valid_rows(q.tokens[qi], q.token_mask[qi])
+        return ref_two_sided(Fv, w, T, valid_rows(q.token_weights[qi], q.token_mask[qi]))  # eq. 3
+    Pv = valid_rows(v.patches[vi], v.patch_mask[vi])                                       # eq. 4
+    pw = valid_rows(v.patch_weights[vi], v.patch_mask[vi])
+    T = valid_rows(q.tokens[qi], q.token_mask[qi])
+    return ref_two_sided(Pv, pw, T, valid_rows(q.token_weights[qi], q.token_mask[qi]))
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_config_validation_and_json_round_trip():
+    c = cfg(levels=("coarse", "finer"))
+    back = ModelConfig(**json.loads(json.dumps(dataclasses.asdict(c))))
+    assert back == c and back.levels == ("coarse", "finer")
+    assert ModelConfig().levels == LEVELS
+    for bad in [dict(levels=("coarse", "medium")), dict(levels=()), dict(query="video"),
+                dict(top_patches=6), dict(levels=("fine", "fine")), dict(heads=3), dict(tau=0)]:
+        with pytest.raises(ValueError):
+            cfg(**bad)
+
+
+# ----------------------------------------------------------------------------- similarity
+
+@pytest.mark.parametrize("query", ["text", "audio"])
+def test_levels_match_loop_reference(query):
+    model = make_model(query=query)
+    with torch.no_grad():
+        v, q = encode(model, query, labels=torch.tensor([1, 0, 0]))
+        S = model.similarity(v, q)
+    assert set(S) == {"coarse", "fine", "finer", "total"}
+    for level in LEVELS:
+        assert S[level].shape == (len(FRAMES), len(WORDS))
+        ref = torch.tensor([[ref_level(level, v, q, query, vi, qi) for qi in range(len(WORDS))]
+                            for vi in range(len(FRAMES))], dtype=torch.float64)
+        torch.testing.assert_close(S[level], ref, **TOL, msg=level)
+    # weights are really non-uniform here (the test would not see a weight mix-up otherwise)
+    assert v.frame_weights[2, [1, 3, 4]].std() > 1e-3 and q.token_weights[0, :3].std() > 1e-3
+    torch.testing.assert_close(S["total"], (S["coarse"] + S["fine"] + S["finer"]) / 3, **TOL)
+
+
+@pytest.mark.parametrize("levels", [("coarse",), ("coarse", "fine"), ("fine", "finer"), ("finer",)])
+def test_total_is_mean_over_active_levels(levels):
+    query = "text"
+    full = make_model(query=query)
+    with torch.no_grad():
+        v, q = encode(full, query)
+        S = full.similarity(v, q, levels=levels)
+        assert set(S) == set(levels) | {"total"}
+        ref = torch.tensor([[sum(ref_level(lv, v, q, query, vi, qi) for lv in levels) / len(levels)
+                             for qi in range(len(WORDS))] for vi in range(len(FRAMES))], dtype=torch.float64)
+        torch.testing.assert_close(S["total"], ref, **TOL)
+        # the same levels chosen by the config (patches not even given when "finer" is off)
+        sub = make_model(query=query, levels=levels)
+        frames, fmask, patches = video_data()
+        v2 = sub.encode_videos(frames, fmask, patches if "finer" in levels else None)
+        assert (v2.patches is None) == ("finer" not in levels)
+        S2 = sub.similarity(v2, sub.encode_text(*text_data()))
+        assert set(S2) == set(levels) | {"total"}
+
+
+def test_finer_without_patches_is_an_error():
+    model = make_model(levels=("coarse", "fine"))
+    v, q = encode(model, "text")
+    with pytest.raises(ValueError):
+        model.similarity(v, q, levels=("finer",))
+    with pytest.raises(ValueError):
+        make_model().encode_videos(*video_data()[:2], None)
+
+
+def test_padded_position_never_wins_a_max():
+    """Every real cosine is negative; padded frames/patches/tokens (cos 0 with anything) must not win."""
+    model = make_model(query="audio")
+    e = torch.eye(C, dtype=torch.float64)
+    fmask = torch.tensor([[True, True, True, False]])
+    frames = torch.stack([-e[0] + 0.5 * e[1], -e[0] + 0.2 * e[2], -e[0] - e[3], torch.zeros(C, dtype=torch.float64)])[None]
+    w = torch.tensor([[0.5, 0.3, 0.2, 0.0]], dtype=torch.float64)
+    v = VideoEmb(video=-e[0][None], frames=frames, frame_mask=fmask, frame_weights=w,
+                 anomaly=torch.full((1, 4), 0.5), video_score=torch.tensor([0.5]),
+                 anomalous=torch.tensor([False]), patches=frames, patch_weights=w, patch_mask=fmask)
+    toks = torch.stack([e[0], e[0] + e[4], torch.zeros(C, dtype=torch.float64)])[None]
+    q = QueryEmb(glob=e[0][None], tokens=toks, token_mask=torch.tensor([[True, True, False]]),
+                 token_weights=torch.tensor([[0.6, 0.4, 0.0]], dtype=torch.float64))
+    c = [[cos(t, f) for f in frames[0, :3]] for t in toks[0, :2]]
+    assert max(max(r) for r in c) < 0
+    expect = 0.5 * (0.6 * max(c[0]) + 0.4 * max(c[1])
+                    + sum(wj * max(c[0][j], c[1][j]) for j, wj in enumerate([0.5, 0.3, 0.2])))
+    S = model.similarity(v, q)
+    assert S["fine"].item() == pytest.approx(expect, abs=1e-12)
+    assert S["finer"].item() == pytest.approx(expect, abs=1e-12)
+    assert S["fine"].item() < 0
+    # text: eq. 2's max over frames is the best real (negative) frame, not a padded 0
+    text = make_model(query="text")
+    qt = QueryEmb(glob=e[0][None], tokens=toks, token_mask=q.token_mask, token_weights=q.token_weights)
+    s = [cos(e[0], f) for f in frames[0, :3]]
+    want = 0.5 * (max(s) + sum(wj * sj for wj, sj in zip([0.5, 0.3, 0.2], s)))
+    assert text.similarity(v, qt)["fine"].item() == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("query", ["text", "audio"])
+def test_padding_invariance(query):
+    """Garbage (NaN, huge values) in padded positions, and extra padded positions, change nothing."""
+    model = make_model(query=query)
+    with torch.no_grad():
+        v0, q0 = encode(model, query)
+        v1, q1 = encode(model, query, garbage=True)
+        # 2 extra padded frames and 2 extra padded tokens
+        frames, fmask, patches = video_data()
+        pad = lambda x, k: torch.cat([x, torch.full((x.shape[0], k, *x.shape[2:]), 7.0, dtype=x.dtype)], 1)
+        v2 = model.encode_videos(pad(frames, 2), torch.cat([fmask, torch.zeros(3, 2, dtype=torch.bool)], 1),
+                                 pad(patches, 2))
+        if query == "text":
+            w, wm, s = text_data()
+            q2 = model.encode_text(pad(w, 2), torch.cat([wm, torch.zeros(4, 2, dtype=torch.bool)], 1), s)
+        else:
+            a, am = audio_data()
+            q2 = model.encode_audio(pad(a, 2), torch.cat([am, torch.zeros(4, 2, dtype=torch.bool)], 1))
+        S0 = model.similarity(v0, q0)
+        for v, q in [(v1, q1), (v2, q2)]:
+            fm = v0.frame_mask
+            pm = v0.patch_mask
+            torch.testing.assert_close(v.video, v0.video, **TOL)
+            torch.testing.assert_close(v.frames[:, :N][fm], v0.frames[fm], **TOL)
+            torch.testing.assert_close(v.frame_weights[:, :N], v0.frame_weights, **TOL)
+            torch.testing.assert_close(v.anomaly[:, :N][fm], v0.anomaly[fm], **TOL)
+            torch.testing.assert_close(v.video_score, v0.video_score, **TOL)
+            assert torch.equal(v.anomalous, v0.anomalous)
+            torch.testing.assert_close(v.patches[:, :N * M][pm], v0.patches[pm], **TOL)
+            torch.testing.assert_close(v.patch_weights[:, :N * M], v0.patch_weights, **TOL)
+            qm = q0.token_mask
+            torch.testing.assert_close(q.glob, q0.glob, **TOL)
+            torch.testing.assert_close(q.tokens[:, : qm.shape[1]][qm], q0.tokens[qm], **TOL)
+            torch.testing.assert_close(q.token_weights[:, : qm.shape[1]], q0.token_weights, **TOL)
+            assert v.frame_weights[:, N:].abs().sum() == 0 and q.token_weights[:, qm.shape[1]:].abs().sum() == 0
+            S = model.similarity(v, q)
+            for k in S0:
+                torch.testing.assert_close(S[k], S0[k], **TOL)
+                assert torch.isfinite(S[k]).all()
+
+
+def test_empty_video_and_query_give_finite_scores():
+    model = make_model(query="audio")
+    frames, fmask, patches = video_data()
+    fmask[1] = False
+    seg, smask = audio_data()
+    smask[2] = False
+    v = model.encode_videos(frames, fmask, patches)
+    q = model.encode_audio(seg, smask)
+    S = model.similarity(v, q)
+    assert all(torch.isfinite(s).all() for s in S.values())
+    assert v.frame_weights[1].abs().sum() == 0 and v.video[1].abs().sum() == 0
+    L = model.loss(v.take(slice(0, 3)), q.take(slice(0, 3)), torch.tensor([1, 0, 1]))
+    L["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ----------------------------------------------------------------------------- anomaly-biased weighting
+
+def ref_weight_head(head, x):
+    """f_*w by hand: Linear -> ReLU -> Linear on one token."""
+    h = torch.clamp(head.fc1.weight @ x + head.fc1.bias, min=0)
+    return (head.fc2.weight[0] @ h + head.fc2.bias[0]).item()
+
+
+def ref_softmax(vals):
+    mx = max(vals)
+    ex = [math.exp(a - mx) for a in vals]
+    return [e / sum(ex) for e in ex]
+
+
+def ref_video_score(A, valid, num_frames):
+    k = min(num_frames // 16 + 1, len(valid))
+    top = sorted((A[j] for j in valid), reverse=True)[:k]
+    return sum(top) / k
+
+
+def check_weights(model, v, anomalous_ref):
+    tau = model.cfg.tau
+    for vi, valid in enumerate(FRAMES):
+        if anomalous_ref[vi] and model.cfg.anomaly_weighting:        # eq. 6-7: softmax(A / tau)
+            fw = ref_softmax([v.anomaly[vi, j].item() / tau for j in valid])
+        else:                                                         # learned f_fw
+            fw = ref_softmax([ref_weight_head(model.frame_weight, v.frames[vi, j]) for j in valid])
+        for j in range(N):
+            want = fw[valid.index(j)] if j in valid else 0.0
+            assert v.frame_weights[vi, j].item() == pytest.approx(want, abs=1e-12)
+        if anomalous_ref[vi] and model.cfg.anomaly_weighting:        # frame weight spread over its M patches
+            pw = [fw[valid.index(j)] / M for j in valid for _ in range(M)]
+        else:
+            pw = ref_softmax([ref_weight_head(model.patch_weight, v.patches[vi, j * M + m])
+                              for j in valid for m in range(M)])
+        got = [v.patch_weights[vi, j * M + m].item() for j in valid for m in range(M)]
+        assert got == pytest.approx(pw, abs=1e-12)
+        assert v.patch_weights[vi].sum().item() == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("weighting", [True, False])
+def test_anomaly_biased_weights_with_ground_truth(weighting):
+    model = make_model(anomaly_weighting=weighting)
+    labels = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        v, _ = encode(model, "text", labels=labels)
+    assert v.anomalous.tolist() == [True, False, True]
+    assert v.anomaly[0].std() > 1e-3  # softmax(A / tau) differs from the learned weights here
+    check_weights(model, v, [True, False, True])
+
+
+def test_anomaly_classifier_and_predicted_label():
+    """Eq. 5 by hand; without labels, eq. 6 uses video_score > 0.5 (and both classes occur)."""
+    model = make_model(seed=4)
+    frames, fmask, patches = video_data()
+    with torch.no_grad():
+        head = model.anomaly_head
+        head.fc.weight.zero_()
+        head.fc.weight[0, 0] = 3.0
+        head.fc.bias.fill_(0.1)
+    frames[0, :, 0] = 2.0 + frames[0, :, 0].abs()     # clearly anomalous video
+    frames[1, :, 0] = -2.0 - frames[1, :, 0].abs()    # clearly normal video
+    with torch.no_grad():
+        v = model.encode_videos(frames, fmask, patches)
+    for vi, valid in enumerate(FRAMES):
+        for j in valid:
+            f = frames[vi, j]
+            h = head.ffn[2].weight @ F.gelu(head.ffn[0].weight @ f + head.ffn[0].bias) + head.ffn[2].bias
+            z = (head.fc.weight[0] @ (h + f) + head.fc.bias[0]).item()
+            assert v.anomaly[vi, j].item() == pytest.approx(1 / (1 + math.exp(-z)), abs=1e-12)
+    pred = [ref_video_score(v.anomaly[vi].tolist(), valid, 8) > 0.5 for vi, valid in enumerate(FRAMES)]
+    assert pred[0] and not pred[1]
+    assert v.anomalous.tolist() == pred
+    check_weights(model, v, pred)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def test_video_scores_and_mil_bce_by_hand():
+    A = torch.tensor([[0.9, 0.1, 0.8, 0.3, 0.7, 0.2, 0.6, 0.4, 0.5, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.95],
+                      [0.2, 0.4, 0.99, 0.3, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1],
+                      [0.6, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    mask = torch.zeros(3, 17, dtype=torch.bool)
+    mask[0, :16] = True          # 0.95 at index 16 is padding
+    mask[1, [0, 1, 3]] = True    # 0.99 is padding
+    mask[2, :2] = True           # 2 valid frames < k
+    # N_v = 17 -> k = 17 // 16 + 1 = 2
+    want = [(0.9 + 0.8) / 2, (0.4 + 0.3) / 2, (0.6 + 0.3) / 2]
+    assert video_scores(A, mask).tolist() == pytest.approx(want, abs=1e-6)
+    # N_v = 32 -> k = 3, capped at 2 valid frames for the last video
+    want3 = [(0.9 + 0.8 + 0.7) / 3, (0.4 + 0.3 + 0.2) / 3, (0.6 + 0.3) / 2]
+    assert video_scores(A, mask, num_frames=32).tolist() == pytest.approx(want3, abs=1e-6)
+    labels = torch.tensor([1, 0, 1])
+    bce = -(math.log(want3[0]) + math.log(1 - want3[1]) + math.log(want3[2])) / 3
+    assert mil_bce(A, mask, labels, num_frames=32).item() == pytest.approx(bce, abs=1e-6)
+
+
+def test_info_nce_by_hand():
+    g = torch.Generator().manual_seed(5)
+    R = torch.rand(4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    s = 7.0
+    B = len(R)
+    v2q = -sum(math.log(math.exp(s * R[i, i]) / sum(math.exp(s * R[i, j]) for j in range(B))) for i in range(B)) / B
+    q2v = -sum(math.log(math.exp(s * R[i, i]) / sum(math.exp(s * R[j, i]) for j in range(B))) for i in range(B)) / B
+    assert info_nce(R, s).item() == pytest.approx(v2q + q2v, abs=1e-10)
+    model = make_model()
+    v, q = encode(model, "text")
+    v, q = v.take(torch.arange(3)), q.take(torch.arange(3))
+    out = model.loss(v, q, torch.tensor([1, 0, 1]))
+    R = model.similarity(v, q)["total"].detach()
+    bce = mil_bce(v.anomaly, v.frame_mask, torch.tensor([1, 0, 1]), 8)
+    assert out["loss"].item() == pytest.approx(info_nce(R, 100.0).item() + bce.item(), abs=1e-9)
+    assert out["loss"].item() == pytest.approx((out["v2q"] + out["q2v"] + out["bce"]).item(), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- untrained model, patch selection
+
+@pytest.mark.parametrize("query", ["text", "audio"])
+def test_untrained_model_is_zero_shot_clip(query):
+    model = make_model(randomise=False, query=query)
+    frames, fmask, patches = video_data()
+    with torch.no_grad():
+        v = model.encode_videos(frames, fmask, patches)
+        _, q = encode(model, query)
+    for vi, valid in enumerate(FRAMES):
+        mean = sum(frames[vi, j] for j in valid) / len(valid)
+        torch.testing.assert_close(v.video[vi], mean, **TOL)
+        assert v.frame_weights[vi, valid].tolist() == pytest.approx([1 / len(valid)] * len(valid), abs=1e-12)
+        assert v.patch_weights[vi].sum().item() == pytest.approx(1.0)
+        n = len(valid) * M
+        assert v.patch_weights[vi][v.patch_mask[vi]].tolist() == pytest.approx([1 / n] * n, abs=1e-12)
+        assert v.patch_weights[vi][~v.patch_mask[vi]].abs().sum() == 0
+        for j in valid:  # the M patches most similar to the frame's CLS, in patch order
+            c = [cos(patches[vi, j, p], frames[vi, j]) for p in range(P)]
+            best = sorted(sorted(range(P), key=lambda p: -c[p])[:M])
+            torch.testing.assert_close(v.patches[vi, j * M:(j + 1) * M], patches[vi, j, best], **TOL)
+    assert torch.all(v.anomaly[v.frame_mask] == 0.5) and torch.all(v.video_score == 0.5)
+    assert not v.anomalous.any()
+    for qi in range(len(q)):
+        n = int(q.token_mask[qi].sum())
+        assert q.token_weights[qi, q.token_mask[qi]].tolist() == pytest.approx([1 / n] * n, abs=1e-12)
+
+
+def test_eval_patch_selection_is_hard_topk():
+    model = make_model(seed=6)
+    frames, fmask, patches = video_data()
+    with torch.no_grad():
+        v1 = model.encode_videos(frames, fmask, patches)
+        v2 = model.encode_videos(frames, fmask, patches)
+        mlp = model.patch_selector.mlp
+        cls = frames[:, :, None, :].expand_as(patches)
+        h = F.gelu(torch.cat([patches, cls], -1) @ mlp[0].weight.T + mlp[0].bias)
+        s = F.cosine_similarity(patches, cls, dim=-1) + (h @ mlp[2].weight.T + mlp[2].bias)[..., 0]
+    assert torch.equal(v1.patches, v2.patches)
+    idx = torch.topk(s, M, dim=-1).indices.sort(-1).values
+    for vi, valid in enumerate(FRAMES):
+        for j in valid:
+            torch.testing.assert_close(v1.patches[vi, j * M:(j + 1) * M], patches[vi, j, idx[vi, j]], **TOL)
+    # ties go to the lower index: equal cosines (power-of-2 scales) under an untrained scorer
+    untrained = make_model(randomise=False)
+    u = torch.randn(C, dtype=torch.float64)
+    tied = torch.stack([2.0 ** k * u for k in range(P)])[None, None]
+    v = untrained.encode_videos(u[None, None], torch.ones(1, 1, dtype=torch.bool), tied)
+    torch.testing.assert_close(v.patches[0], tied[0, 0, :M], **TOL)
+
+
+def test_training_selection_is_differentiable_and_seeded():
+    model = make_model(seed=7).train()
+    frames, fmask, patches = video_data()
+    w, wm, s = text_data()
+    torch.manual_seed(11)
+    v1 = model.encode_videos(frames, fmask, patches, labels=torch.tensor([1, 0, 1]))
+    loss = model.loss(v1, model.encode_text(w[:3], wm[:3], s[:3]), torch.tensor([1, 0, 1]))["loss"]
+    loss.backward()
+    for p in model.patch_selector.mlp.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    torch.manual_seed(11)
+    v2 = model.encode_videos(frames, fmask, patches, labels=torch.tensor([1, 0, 1]))
+    assert torch.equal(v1.patches, v2.patches)
+    # soft selection differs from hard selection at sigma 0.05 with these random scores...
+    with torch.no_grad():
+        hard = model.eval().encode_videos(frames, fmask, patches).patches
+        assert not torch.allclose(v1.patches.detach(), hard)
+        # ...and tends to it as sigma -> 0
+        sharp = make_model(seed=7, topk_sigma=1e-9).train()
+        torch.testing.assert_close(sharp.encode_videos(frames, fmask, patches).patches, hard, **TOL)
+
+
+def test_perturbed_topk_matches_gaussian_closed_form():
+    """P = 2, k = 1: E[1{x0 + s z0 > x1 + s z1}] = Phi(d / (s sqrt 2)), derivative phi(.) / (s sqrt 2)."""
+    torch.manual_seed(0)
+    sigma, x0, x1 = 0.5, 0.3, 0.0
+    x = torch.tensor([[x0, x1]], dtype=torch.float64, requires_grad=True)
+    out = PerturbedTopK.apply(x, 1, 200_000, sigma)        # [1, 1, 2]
+    z = (x0 - x1) / (sigma * math.sqrt(2))
+    assert out[0, 0, 0].item() == pytest.approx(0.5 * (1 + math.erf(z / math.sqrt(2))), abs=0.01)
+    assert out[0, 0].sum().item() == pytest.approx(1.0)
+    out[0, 0, 0].backward()
+    d = math.exp(-z * z / 2) / math.sqrt(2 * math.pi) / (sigma * math.sqrt(2))
+    assert x.grad[0].tolist() == pytest.approx([d, -d], abs=0.03)
+    # rows are ordered by patch index: with k = 2 of 3, row 0 never holds the last patch
+    out = PerturbedTopK.apply(torch.tensor([[0.0, 5.0, 0.1]]), 2, 50, 0.05)
+    assert out[0, 0, 2].item() == 0 and out[0, 1, 0].item() == 0
+
+
+def test_few_adamw_steps_lower_the_loss():
+    torch.manual_seed(0)
+    model = VarCMP(cfg(query="audio", topk_samples=20)).train()
+    B = 8
+    frames = torch.randn(B, N, C)
+    patches = torch.randn(B, N, P, C)
+    fmask = torch.ones(B, N, dtype=torch.bool)
+    fmask[::2, 4:] = False
+    seg = torch.randn(B, N, 12)
+    smask = fmask.clone()
+    labels = torch.tensor([1, 0] * 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        out = model.loss(model.encode_videos(frames, fmask, patches, labels),
+                         model.encode_audio(seg, smask), labels)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+def test_half_inputs_take_cat_to():
+    model = make_model(randomise=False).float()
+    frames, fmask, patches = video_data()
+    v32 = model.encode_videos(frames.float(), fmask, patches.float())
+    v16 = model.encode_videos(frames.half(), fmask, patches.half())
+    assert v16.video.dtype == torch.float32
+    torch.testing.assert_close(v16.video, v32.video, atol=1e-2, rtol=1e-2)
+    part = v32.take(torch.tensor([2, 0]))
+    assert torch.equal(part.patches, v32.patches[[2, 0]]) and torch.equal(part.anomalous, v32.anomalous[[2, 0]])
+    both = VideoEmb.cat([v32.take(slice(0, 1)), v32.take(slice(1, 3))])
+    assert all(torch.equal(getattr(both, f.name), getattr(v32, f.name)) for f in dataclasses.fields(VideoEmb))
+    assert len(both) == 3 and both.to("cpu").video.device.type == "cpu"
+
+
+# ----------------------------------------------------------------------------- encoders
+
+def test_token_shift_and_temporal_encoder_by_hand():
+    model = make_model(seed=8, shift_fraction=0.5)      # fold = 16 * 0.5 / 2 = 4 channels each way
+    frames, fmask, patches = video_data()
+    with torch.no_grad():
+        v = model.encode_videos(frames, fmask, patches)
+        te = model.temporal
+        for vi in (0, 1):                                 # prefix-valid videos: run on the valid frames alone
+            n = len(FRAMES[vi])
+            f = frames[vi, :n]
+            x = torch.zeros_like(f)
+            for t in range(n):
+                x[t, 4:] = f[t, 4:]
+                x[t, :4] = f[t - 1, :4] if t > 0 else 0.0
+                x[t, 4:8] = f[t + 1, 4:8] if t + 1 < n else 0.0
+                x[t] += te.pos[t]
+            y = te.layer(x[None])[0]
+            out = f.mean(0) + (y @ te.proj.weight.T + te.proj.bias).mean(0)
+            torch.testing.assert_close(v.video[vi], out, **TOL)
+
+
+def test_audio_encoder_by_hand():
+    model = make_model(seed=9, query="audio")
+    seg, smask = audio_data()
+    with torch.no_grad():
+        q = model.encode_audio(seg, smask)
+        enc = model.audio
+        n = len(SEGS[0])                                  # query 0: all 6 segments valid
+        x = torch.stack([enc.cls] + [enc.inp.weight @ seg[0, i] + enc.inp.bias + enc.pos[i] for i in range(n)])
+        y = enc.layer(x[None])[0]
+    torch.testing.assert_close(q.glob[0], y[0], **TOL)
+    torch.testing.assert_close(q.tokens[0, :n], y[1:], **TOL)
+    want = ref_softmax([ref_weight_head(model.segment_weight, y[1 + i]) for i in range(n)])
+    assert q.token_weights[0].tolist() == pytest.approx(want, abs=1e-12)
+    # text: glob is the sentence, tokens the words, weights from the word head
+    text = make_model(seed=9)
+    w, wm, s = text_data()
+    qt = text.encode_text(w, wm, s)
+    assert torch.equal(qt.glob, s)
+    want = ref_softmax([ref_weight_head(text.word_weight, w[0, i]) for i in range(WORDS[0])])
+    assert qt.token_weights[0, :WORDS[0]].tolist() == pytest.approx(want, abs=1e-12)

@@ -1,0 +1,122 @@
+"""Checkpoints: weights in safetensors with every setting embedded as JSON metadata
+(plus a readable JSON copy beside them), written atomically. Loading never
+executes code: safetensors holds tensors only."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .cache_schema import SCHEMA_VERSION, Cache, same_encoders
+from .model import ModelConfig, VarCMP
+
+META_KEY = "varcmp"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message is one line naming the file."""
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename over `path`: a reader never sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cache_fingerprint(cache: Cache) -> dict:
+    """What a checkpoint must agree on with any cache it is used with."""
+    return {"schema_version": SCHEMA_VERSION, "spec": cache.meta["spec"], "encoders": cache.encoders,
+            "preprocessing": cache.preprocessing}
+
+
+def save(path: str | Path, model: VarCMP, meta: dict) -> Path:
+    """Write `path` (.safetensors) and `path` with .json: weights, model config and `meta`."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    full = {"varcmp_version": __version__, "model_config": asdict(model.cfg), **meta}
+    text = json.dumps(full, indent=2, default=str)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={META_KEY: text}))
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text + "\n"))
+    return path
+
+
+def resolve(path: str | Path) -> Path:
+    """A run directory means its best checkpoint (else its last); a file means itself."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.safetensors", "last.safetensors"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path}: no best.safetensors or last.safetensors in this run directory")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    return path
+
+
+def read_meta(path: str | Path) -> dict:
+    from safetensors import safe_open
+
+    path = resolve(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get(META_KEY)
+    except Exception as e:  # noqa: BLE001 - anything that is not a safetensors file
+        raise CheckpointError(f"{path}: not a safetensors checkpoint ({type(e).__name__})") from None
+    if meta is None:
+        raise CheckpointError(f"{path}: a safetensors file without varcmp metadata")
+    return json.loads(meta)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[VarCMP, dict]:
+    """Model (eval mode) and metadata from a checkpoint file or run directory."""
+    from safetensors.torch import load_file
+
+    path = resolve(path)
+    meta = read_meta(path)
+    try:
+        cfg = ModelConfig(**meta["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unusable model settings ({e})") from None
+    model = VarCMP(cfg)
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), meta
+
+
+def check_compatible(meta: dict, cache: Cache, path: str | Path = "checkpoint") -> None:
+    """Refuse a checkpoint trained on a cache of other encoders, dims or preprocessing."""
+    want = meta.get("cache") or {}
+    have = cache_fingerprint(cache)
+    if not same_encoders(want.get("encoders"), have["encoders"]):
+        raise CheckpointError(f"{path}: trained on features of other encoders ({_names(want.get('encoders'))}) "
+                              f"than {cache.path} ({_names(have['encoders'])})")
+    spec_w, spec_h = want.get("spec") or {}, have["spec"]
+    for key in ("num_frames", "num_patches", "dim", "max_words", "audio_dim"):
+        if spec_w.get(key) != spec_h.get(key):
+            raise CheckpointError(f"{path}: trained with {key}={spec_w.get(key)}, but {cache.path} has "
+                                  f"{key}={spec_h.get(key)}")
+
+
+def _names(enc: dict | None) -> str:
+    return ", ".join(f"{k}={v.get('name')}" for k, v in (enc or {}).items() if v) or "none recorded"

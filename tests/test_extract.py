@@ -232,8 +232,15 @@ def test_kill_9_mid_run_resumes_to_the_same_store(tmp_path, tiny_clip):
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path, video_root, tiny_clip):
-    code, log = extract(video_root, "--out", tmp_path / "c.zarr", "--clip-model", tmp_path / "nowhere", "--workers", 0)
-    assert code == 2 and "cannot load CLIP from" in log
+    for workers in (0, 1):
+        code, log = extract(video_root, "--out", tmp_path / "c.zarr", "--clip-model", tmp_path / "nowhere",
+                            "--workers", workers)
+        assert code == 2 and f"--clip-model {tmp_path / 'nowhere'}: no such directory" in log, log
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    code, log = extract(video_root, "--out", tmp_path / "c.zarr", "--clip-model", empty, "--workers", 1)
+    assert code == 2 and f"cannot load CLIP from '{empty}'" in log and "no file named model.safetensors" in log, log
+    assert "hub id" not in log and len(log.strip().splitlines()) == 1
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.txt").write_text("x")
     code, log = extract(video_root, "--out", tmp_path / "junk", "--clip-model", tiny_clip, "--workers", 0)

@@ -56,9 +56,11 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 def _load_error(name: str, what: str, e: Exception) -> RuntimeError:
-    return RuntimeError(f"cannot load {what} from {name!r}: {type(e).__name__}: {str(e).splitlines()[0]} "
-                        "(a hub id needs the network or the local Hugging Face cache; "
-                        "otherwise pass a local directory)")
+    from pathlib import Path
+
+    hint = "" if Path(name).expanduser().exists() else (
+        " (a hub id needs the network or the local Hugging Face cache; otherwise pass a local directory)")
+    return RuntimeError(f"cannot load {what} from {name!r}: {type(e).__name__}: {str(e).splitlines()[0]}{hint}")
 
 
 def load_image_processor(name: str):

@@ -87,6 +87,11 @@ def _entry(rel: str) -> VideoEntry:
     return VideoEntry(rel, label, category)
 
 
+def _looks_local(name: str) -> bool:
+    """A local path rather than a hub id ('namespace/name')."""
+    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
 def _audio_source(audio: str | None, root: Path, rel: str) -> str | None:
     """Where a video's audio comes from: the video itself, a file named by its stem, or nowhere."""
     if audio is None:
@@ -107,13 +112,24 @@ def _audio_source(audio: str | None, root: Path, rel: str) -> str | None:
 _W: dict = {}
 
 
-def _init_worker(clip_name: str, clap_name: str | None, num_frames: int, audio_segments: int) -> None:
+def _init_pool_worker(*args) -> None:
+    """A decoding process: one thread, Ctrl-C left to the main process, then the shared state."""
+    import signal
+
     import torch
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    try:
+        _init_worker(*args)
+    except Exception as e:  # noqa: BLE001 - reported per job instead of a worker traceback
+        _W["broken"] = str(e)
+
+
+def _init_worker(clip_name: str, clap_name: str | None, num_frames: int, audio_segments: int) -> None:
     from .encoders import load_audio_feature_extractor, load_image_processor, quiet_transformers
 
     quiet_transformers()
-    torch.set_num_threads(1)
     _W.update(processor=load_image_processor(clip_name), num_frames=num_frames, audio_segments=audio_segments,
               extractor=load_audio_feature_extractor(clap_name) if clap_name else None)
 
@@ -123,6 +139,8 @@ def _prepare(job: tuple[int, str, str | None]) -> dict:
     from .encoders import preprocess_audio, preprocess_images
 
     i, path, audio_path = job
+    if "broken" in _W:
+        return {"index": i, "error": f"decoding worker could not start: {_W['broken']}"}
     try:
         fr = read_frames(path, _W["num_frames"])
         out = {"index": i, "pixels": preprocess_images(_W["processor"], fr.images), "times": fr.times,
@@ -185,7 +203,8 @@ class Summary:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this shard
     frames: int = 0
     queries: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run, model loading included
+    video_seconds: float = 0.0  # the video loop alone (decode, encode, write)
     interrupted: bool = False
     plan: Plan | None = None
 
@@ -218,7 +237,7 @@ def run(opt: Options, console=None) -> Summary:
     click.UsageError for problems of the whole run; per-video problems are recorded and returned."""
     from rich.console import Console
 
-    from .encoders import ClapEncoder, ClipEncoder, pick_device, quiet_transformers
+    from .encoders import quiet_transformers
 
     quiet_transformers()
     console = console or Console(stderr=True)
@@ -232,10 +251,27 @@ def run(opt: Options, console=None) -> Summary:
         raise click.UsageError("--overwrite cannot be combined with shards; delete the store before starting them")
     if opt.audio and opt.audio != "video" and not Path(opt.audio).is_dir():
         raise click.UsageError(f"--audio {opt.audio}: expected 'video' or a directory of audio files")
+    for flag, name in (("--clip-model", opt.clip_model), ("--clap-model", opt.clap_model if opt.audio else None)):
+        if name and _looks_local(name) and not Path(name).expanduser().is_dir():
+            raise click.UsageError(f"{flag} {name}: no such directory (give a local model directory or a hub id)")
     plan = make_plan(opt.root, opt.annotations, opt.all_videos)
     if not plan.videos:
         raise click.UsageError(f"{opt.root}: no videos to extract" + (" (no caption names an existing video)" if opt.annotations else ""))
 
+    summary = Summary(plan=plan)
+    with ExitStack() as stack:
+        # decoding workers start first: they load their preprocessors while this process loads the encoders
+        init = (opt.clip_model, opt.clap_model if opt.audio else None, opt.frames, opt.audio_segments)
+        pool = stack.enter_context(_decoders(opt.workers, init))
+        _extract(opt, plan, pool, summary, stack, console)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _extract(opt: Options, plan: Plan, pool, summary: Summary, stack: ExitStack, console) -> None:
+    from .encoders import ClapEncoder, ClipEncoder, pick_device
+
+    sharded = opt.num_shards > 1
     device = pick_device(opt.device)
     clip = ClipEncoder(opt.clip_model, device)
     clap = ClapEncoder(opt.clap_model, device) if opt.audio else None
@@ -252,33 +288,32 @@ def run(opt: Options, console=None) -> Summary:
     split_attrs = {"root": str(opt.root.resolve()), "annotations": str(opt.annotations) if opt.annotations else None,
                    "audio": opt.audio, "rejected": plan.rejected, "missing": plan.missing}
 
-    summary = Summary(plan=plan)
-    with ExitStack() as stack:
-        if not sharded:  # one writer at a time, for the whole run
-            stack.enter_context(_lock(opt.out, exclusive_run=True))
+    if not sharded:  # one writer at a time, for the whole run
+        stack.enter_context(_lock(opt.out, exclusive_run=True))
+    with _lock(opt.out, exclusive_run=False) if sharded else nullcontext():
+        if opt.overwrite:
+            _clear(opt.out)
+        writer = CacheWriter(opt.out, spec, encoders, preprocessing)
+        sw = writer.split(opt.split, plan.videos, plan.queries, split_attrs)
+    mine = np.arange(opt.shard_index, len(plan.videos), opt.num_shards)
+    try:
+        status = sw.video_status()
+        todo = [int(i) for i in mine if status[i] != DONE]
+        summary.total, summary.already = len(mine), len(mine) - len(todo)
+        paths = [plan.videos[i].path for i in todo]
+        jobs = [(i, str(opt.root / p), _audio_source(opt.audio, opt.root, p)) for i, p in zip(todo, paths)]
+        results = _decoded(jobs, pool, opt.workers)  # decoding starts now, text encoding overlaps it
+        if opt.shard_index == 0 and plan.queries:
+            summary.queries = _encode_text(sw, clip, [q.text for q in plan.queries], opt.max_words)
+        _encode_videos(opt, sw, clip, clap, results, len(jobs), summary, console)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        status = sw.video_status()
+        errors = sw.store.read_str(f"{opt.split}/videos/error")
+        summary.failed = [(plan.videos[i].path, errors[i]) for i in mine if status[i] == FAILED]
         with _lock(opt.out, exclusive_run=False) if sharded else nullcontext():
-            if opt.overwrite:
-                _clear(opt.out)
-            writer = CacheWriter(opt.out, spec, encoders, preprocessing)
-            sw = writer.split(opt.split, plan.videos, plan.queries, split_attrs)
-        mine = np.arange(opt.shard_index, len(plan.videos), opt.num_shards)
-        try:
-            status = sw.video_status()
-            todo = [int(i) for i in mine if status[i] != DONE]
-            summary.total, summary.already = len(mine), len(mine) - len(todo)
-            if opt.shard_index == 0 and plan.queries:
-                summary.queries = _encode_text(sw, clip, [q.text for q in plan.queries], opt.max_words)
-            _encode_videos(opt, sw, clip, clap, todo, summary, console)
-        except KeyboardInterrupt:
-            summary.interrupted = True
-        finally:
-            status = sw.video_status()
-            errors = sw.store.read_str(f"{opt.split}/videos/error")
-            summary.failed = [(plan.videos[i].path, errors[i]) for i in mine if status[i] == FAILED]
-            with _lock(opt.out, exclusive_run=False) if sharded else nullcontext():
-                writer.finish()  # consolidates metadata
-    summary.seconds = time.perf_counter() - t0
-    return summary
+            writer.finish()  # consolidates metadata
 
 
 def _clear(out: Path) -> None:
@@ -313,18 +348,52 @@ def _progress(console):
         console=console, transient=False)
 
 
-def _encode_videos(opt: Options, sw, clip, clap, todo: list[int], summary: Summary, console) -> None:
-    if not todo:
+@contextmanager
+def _decoders(workers: int, init: tuple):
+    """A pool of decoding processes, started at once (None with workers=0: decode in-process)."""
+    if workers <= 0:
+        _init_worker(*init)
+        yield None
         return
-    paths = sw.store.read_str(f"{sw.name}/videos/path")
-    jobs = [(i, str(opt.root / paths[i]), _audio_source(opt.audio, opt.root, paths[i])) for i in todo]
-    init = (opt.clip_model, opt.clap_model if clap else None, opt.frames, opt.audio_segments)
+    ctx = mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_pool_worker, initargs=init)
+    for _ in range(workers):
+        pool.submit(int)  # processes start on first submit: start them now
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _decoded(jobs: list, pool, workers: int):
+    """Decoded videos in roughly submission order, at most 2 x workers + 1 in flight. Jobs are
+    submitted as soon as this is called (not when first iterated)."""
+    if pool is None:
+        return (_prepare(j) for j in jobs)
+    it = iter(jobs)
+    running = {pool.submit(_prepare, j) for j in _take(it, 2 * workers + 1)}
+
+    def results():
+        nonlocal running
+        while running:
+            try:
+                done, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                running |= {pool.submit(_prepare, j) for j in _take(it, len(done))}
+                for res in sorted((f.result() for f in done), key=lambda r: r["index"]):
+                    yield res
+            except cf.process.BrokenProcessPool:
+                raise RuntimeError("a decoding worker died (out of memory?); finished videos are saved, "
+                                   "run the same command again to resume") from None
+    return results()
+
+
+def _encode_videos(opt: Options, sw, clip, clap, results, total: int, summary: Summary, console) -> None:
+    if not total:
+        return
     start, handled = time.perf_counter(), 0
     with _progress(console) as progress:
-        task = progress.add_task(f"extract {opt.split}", total=len(jobs), vps=0.0, fps=0.0)
-
-        def finish(res: dict) -> None:
-            nonlocal handled
+        task = progress.add_task(f"extract {opt.split}", total=total, vps=0.0, fps=0.0)
+        for res in results:
             if "error" in res:
                 sw.fail_video(res["index"], res["error"])
             else:
@@ -335,24 +404,7 @@ def _encode_videos(opt: Options, sw, clip, clap, todo: list[int], summary: Summa
             handled += 1
             dt = max(time.perf_counter() - start, 1e-9)
             progress.update(task, advance=1, vps=handled / dt, fps=summary.frames / dt)
-
-        if opt.workers <= 0:
-            _init_worker(*init)
-            for job in jobs:
-                finish(_prepare(job))
-            return
-        ctx = mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
-        pool = cf.ProcessPoolExecutor(max_workers=opt.workers, mp_context=ctx, initializer=_init_worker, initargs=init)
-        try:
-            it = iter(jobs)
-            running = {pool.submit(_prepare, j) for j in _take(it, 2 * opt.workers + 1)}
-            while running:
-                done, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                running |= {pool.submit(_prepare, j) for j in _take(it, len(done))}
-                for fut in sorted(done, key=lambda f: f.result()["index"]):
-                    finish(fut.result())
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+    summary.video_seconds = time.perf_counter() - start
 
 
 def _take(it, n: int) -> list:
@@ -472,8 +524,9 @@ def main(videos, out, annotations, split, audio, clip_model, clap_model, frames,
                   overwrite=overwrite, num_shards=num_shards, shard_index=shard_index, all_videos=all_videos)
     try:
         summary = run(opt, console)
-    except (CacheError, AnnotationError, RuntimeError) as e:
-        console.print(f"[red]error[/red]: {e}", highlight=False, soft_wrap=True)
+    except (CacheError, AnnotationError, RuntimeError, click.UsageError) as e:
+        console.print(f"[red]error[/red]: {e.format_message() if isinstance(e, click.UsageError) else e}",
+                      highlight=False, soft_wrap=True)
         sys.exit(2)
     sys.exit(report(summary, opt, console))
 

@@ -20,7 +20,7 @@ TOL = dict(rtol=0, atol=1e-10)
 
 def cfg(**kw):
     base = dict(dim=C, audio_dim=12, num_frames=8, num_patches=P, max_words=9, audio_segments=8,
-                top_patches=M, heads=2, ffn_dim=32, dropout=0.0, tau=0.1)
+                top_patches=M, selector_dim=C, heads=2, ffn_dim=32, dropout=0.0, tau=0.1)
     base.update(kw)
     return ModelConfig(**base)
 
@@ -414,10 +414,12 @@ def test_eval_patch_selection_is_hard_topk():
     with torch.no_grad():
         v1 = model.encode_videos(frames, fmask, patches)
         v2 = model.encode_videos(frames, fmask, patches)
-        mlp = model.patch_selector.mlp
+        sel = model.patch_selector
         cls = frames[:, :, None, :].expand_as(patches)
-        h = F.gelu(torch.cat([patches, cls], -1) @ mlp[0].weight.T + mlp[0].bias)
-        s = F.cosine_similarity(patches, cls, dim=-1) + (h @ mlp[2].weight.T + mlp[2].bias)[..., 0]
+        # the scorer is one MLP on the concatenation [patch, frame CLS]
+        w1 = torch.cat([sel.patch_in.weight, sel.frame_in.weight], dim=1)
+        h = F.gelu(torch.cat([patches, cls], -1) @ w1.T + sel.patch_in.bias)
+        s = F.cosine_similarity(patches, cls, dim=-1) + (h @ sel.out.weight.T + sel.out.bias)[..., 0]
     assert torch.equal(v1.patches, v2.patches)
     idx = torch.topk(s, M, dim=-1).indices.sort(-1).values
     for vi, valid in enumerate(FRAMES):
@@ -439,7 +441,7 @@ def test_training_selection_is_differentiable_and_seeded():
     v1 = model.encode_videos(frames, fmask, patches, labels=torch.tensor([1, 0, 1]))
     loss = model.loss(v1, model.encode_text(w[:3], wm[:3], s[:3]), torch.tensor([1, 0, 1]))["loss"]
     loss.backward()
-    for p in model.patch_selector.mlp.parameters():
+    for p in model.patch_selector.parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0
     torch.manual_seed(11)
     v2 = model.encode_videos(frames, fmask, patches, labels=torch.tensor([1, 0, 1]))

@@ -1,0 +1,407 @@
+"""Tests of varcmp.train (CPU, planted caches of small dims)."""
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import write_planted_cache
+
+import varcmp.train as T
+from varcmp import checkpoint
+from varcmp.cache_schema import Cache, CacheSpec, CacheWriter, VideoEntry, VideoFeatures, open_cache
+from varcmp.evaluate import encode_queries, encode_videos, score_matrix
+from varcmp.model import VarCMP
+
+# a small head (the planted cache has dim 32) keeps every run at a fraction of a second
+SMALL = dict(heads=2, ffn_dim=64, topk_samples=20)
+SMALL_ARGS = ["--heads", "2", "--ffn-dim", "64", "--topk-samples", "20", "-q"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These heads are tiny: one intra-op thread is many times faster than two on a shared,
+    busy machine (training itself leaves torch's default alone)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> Path:
+    return write_planted_cache(tmp_path_factory.mktemp("cache") / "planted.zarr", splits={"train": 96, "test": 16},
+                               seed=0, fail=2)
+
+
+@pytest.fixture(scope="module")
+def other_encoders(planted, tmp_path_factory) -> Path:
+    """The planted cache as if extracted with another CLIP: same dims, other encoder ids."""
+    import zarr
+
+    dst = tmp_path_factory.mktemp("other") / "other.zarr"
+    shutil.copytree(planted, dst)
+    root = zarr.open_group(str(dst), mode="r+", use_consolidated=False)
+    meta = dict(root.attrs["varcmp"])
+    meta["encoders"] = {**meta["encoders"], "clip": {"name": "another-clip", "config_hash": "sha256:9",
+                                                      "weights_hash": "sha256:9"}}
+    root.attrs["varcmp"] = meta
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(dst))
+    assert open_cache(dst).encoders["clip"]["name"] == "another-clip"
+    return dst
+
+
+@pytest.fixture(scope="module")
+def bare(tmp_path_factory) -> Path:
+    """A cache with neither captions nor audio."""
+    spec = CacheSpec(num_frames=4, num_patches=6, dim=16, max_words=4, audio_segments=0)
+    path = tmp_path_factory.mktemp("bare") / "bare.zarr"
+    w = CacheWriter(path, spec, {"clip": {"name": "x", "config_hash": "0", "weights_hash": "0"}}, {})
+    sw = w.split("train", [VideoEntry(f"v{i}.mp4", i % 2) for i in range(8)])
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        sw.write_video(i, VideoFeatures(duration=1.0, fps=4.0, frame_time=np.arange(4, dtype=np.float32),
+                                        frame_mask=np.ones(4, bool), frame_feat=rng.standard_normal((4, 16)),
+                                        patch_feat=rng.standard_normal((4, 6, 16))))
+    w.finish()
+    return path
+
+
+def cli(*args, code: int = 0):
+    res = CliRunner().invoke(T.main, [str(a) for a in args])
+    assert res.exit_code == code, (res.exit_code, res.output, res.exception)
+    return res
+
+
+def one_line_error(res, alone: bool = True) -> str:
+    """The error line of a failed run (alone: the only thing on stderr)."""
+    lines = res.stderr.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], res.stderr
+    assert not alone or len(lines) == 1, res.stderr
+    assert "Traceback" not in res.output
+    return errors[0]
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def scores(model: VarCMP, cache: Path, split: str = "test") -> np.ndarray:
+    from varcmp.evaluate import load_eval_data
+
+    ev = load_eval_data(open_cache(cache).split(split), model.cfg.query)
+    model.eval()
+    v = encode_videos(model, ev.videos, "cpu")
+    q = encode_queries(model, ev.query_feats, "cpu")
+    return score_matrix(model, v, q)["total"]
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def test_training_lowers_the_loss_and_raises_validation_r1(planted, tmp_path):
+    # audio: the planted audio is a fixed rotation of the visual concepts, which only training
+    # can learn (untrained, the CLAP-like segments are unrelated to the frames)
+    opts = T.TrainOptions(query="audio", epochs=5, lr=3e-3, val_fraction=0.25, seed=0, **SMALL)
+    s = T.train(planted, tmp_path / "run", opts, quiet=True)
+    h = s.history
+    assert [r["epoch"] for r in h] == [0, 1, 2, 3, 4, 5] and "loss" not in h[0]
+    assert h[-1]["loss"] < h[1]["loss"]
+    assert h[-1]["q2v"] < h[1]["q2v"] and h[-1]["v2q"] < h[1]["v2q"]
+    untrained = h[0]["val_r1"]
+    best = max(r["val_r1"] for r in h[1:])
+    assert best > untrained, [r["val_r1"] for r in h]
+    assert s.best_epoch == next(r["epoch"] for r in h[1:] if r["val_r1"] == best)  # the first best wins
+    meta = checkpoint.read_meta(tmp_path / "run" / "best.safetensors")
+    assert meta["epoch"] == s.best_epoch and meta["val"] == json.loads(json.dumps(h[s.best_epoch]["val"]))
+    assert meta["train"]["lr"] == 3e-3 and meta["cache"]["encoders"]["clip"]["name"] == "planted-clip"
+    # the best checkpoint, reloaded, gives the recorded validation metrics again
+    model, _ = checkpoint.load(tmp_path / "run")
+    cache = open_cache(planted)
+    plan = T.plan_data(cache.split("train"), "audio", 0.25, 0)
+    again = T.validate(model, T.load_validation(cache.split("train"), plan, model.cfg), torch.device("cpu"))
+    assert again == h[s.best_epoch]["val"]
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert hist["best_epoch"] == s.best_epoch and len(hist["epochs"]) == 6
+
+
+def test_text_training_lowers_the_loss_and_runs_are_repeatable(planted, tmp_path):
+    opts = T.TrainOptions(epochs=3, lr=1e-3, val_fraction=0.25, **SMALL)
+    a = T.train(planted, tmp_path / "a", opts, quiet=True)
+    b = T.train(planted, tmp_path / "b", opts, quiet=True)
+    assert a.history[-1]["loss"] < a.history[1]["loss"]
+    assert [r.get("loss") for r in a.history] == [r.get("loss") for r in b.history]  # same seed, same curve
+    wa, wb = weights(tmp_path / "a" / "last.safetensors"), weights(tmp_path / "b" / "last.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = T.train(planted, tmp_path / "c", T.TrainOptions(epochs=3, lr=1e-3, val_fraction=0.25, seed=1, **SMALL),
+                quiet=True)
+    assert c.history[1]["loss"] != a.history[1]["loss"]
+
+
+# ----------------------------------------------------------------------------- resume and checkpoints
+
+
+def test_resume_equals_an_uninterrupted_run(planted, tmp_path):
+    common = [planted, *SMALL_ARGS, "--lr", "1e-3", "--val-fraction", "0.25"]
+    cli(*common, "--out", tmp_path / "full", "--epochs", "4")
+    cli(*common, "--out", tmp_path / "part", "--epochs", "2")
+    first = json.loads((tmp_path / "part" / "history.json").read_text())["epochs"]
+    assert checkpoint.read_meta(tmp_path / "part" / "last.safetensors")["epoch"] == 2
+    res = cli(*common, "--out", tmp_path / "part", "--epochs", "4", "--resume")
+    assert "resuming" in res.stderr and "after epoch 2" in res.stderr
+    full = json.loads((tmp_path / "full" / "history.json").read_text())
+    part = json.loads((tmp_path / "part" / "history.json").read_text())
+    assert [r["epoch"] for r in part["epochs"]] == [0, 1, 2, 3, 4]
+    assert part["epochs"][:3] == first  # epochs 1-2 kept, not trained again
+    for key in ("loss", "val"):
+        assert [r.get(key) for r in part["epochs"]] == [r.get(key) for r in full["epochs"]]
+    for name in ("last.safetensors", "best.safetensors"):
+        wf, wp = weights(tmp_path / "full" / name), weights(tmp_path / "part" / name)
+        assert wf.keys() == wp.keys()
+        for k in wf:
+            torch.testing.assert_close(wp[k], wf[k], rtol=0, atol=1e-6)
+    assert checkpoint.read_meta(tmp_path / "part" / "last.safetensors")["epoch"] == 4
+    # resuming a finished run trains nothing
+    res = cli(*common, "--out", tmp_path / "part", "--epochs", "4", "--resume")
+    assert json.loads((tmp_path / "part" / "history.json").read_text())["epochs"] == part["epochs"]
+
+
+def test_checkpoint_round_trip_gives_identical_scores(planted, tmp_path):
+    s = T.train(planted, tmp_path / "run", T.TrainOptions(epochs=2, lr=1e-3, val_fraction=0.25, **SMALL), quiet=True)
+    loaded, meta = checkpoint.load(tmp_path / "run" / "last.safetensors")
+    assert meta["epoch"] == 2 and loaded.cfg == s.model.cfg
+    trained = scores(s.model, planted)
+    assert trained.shape == (14, 14)  # test split: 16 videos, 2 failed
+    np.testing.assert_array_equal(scores(loaded, planted), trained)
+    untrained = VarCMP(s.model.cfg)
+    assert not np.array_equal(scores(untrained, planted), trained)
+
+
+class _Payload:
+    """Unpickling it would create `marker`: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_loading_never_executes_code(planted, tmp_path):
+    live = tmp_path / "proof"
+    pickle.loads(pickle.dumps(_Payload(live)))  # the payload is live under plain pickle...
+    assert live.exists()
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    run.mkdir()
+    for blob in (pickle.dumps(_Payload(marker)), None):
+        if blob is None:  # ...also as a torch.save file
+            torch.save(_Payload(marker), run / T.STATE_NAME)
+        else:
+            (run / T.STATE_NAME).write_bytes(blob)
+        (run / "best.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
+        res = cli(planted, "--out", run, "--resume", *SMALL_ARGS, code=2)
+        assert "not a varcmp training state" in one_line_error(res)
+        with pytest.raises(T.TrainError):
+            T.load_state(run / T.STATE_NAME)
+        with pytest.raises(checkpoint.CheckpointError):
+            checkpoint.load(run / "best.safetensors")
+        with pytest.raises(checkpoint.CheckpointError):
+            checkpoint.load(run)
+        assert not marker.exists()
+
+
+def test_refuses_other_encoders_and_other_settings(planted, other_encoders, tmp_path):
+    run = tmp_path / "run"
+    cli(planted, "--out", run, "--epochs", "1", *SMALL_ARGS)
+    res = cli(other_encoders, "--out", run, "--epochs", "2", "--resume", *SMALL_ARGS, code=2)
+    line = one_line_error(res)
+    assert "other encoders" in line and "another-clip" in line
+    with pytest.raises(checkpoint.CheckpointError, match="other encoders"):
+        checkpoint.check_compatible(checkpoint.read_meta(run), open_cache(other_encoders), run)
+    res = cli(planted, "--out", run, "--epochs", "2", "--resume", *SMALL_ARGS, "--lr", "5e-4", "--tau", "0.2", code=2)
+    line = one_line_error(res)
+    assert "lr: 0.0001 there, 0.0005 now" in line and "tau: 0.1 there, 0.2 now" in line
+    res = cli(planted, "--out", run, "--epochs", "2", "--resume", *SMALL_ARGS, "--val-fraction", "0.3", code=2)
+    assert "val_fraction" in one_line_error(res)
+    # nothing was written by the refused runs
+    assert checkpoint.read_meta(run / "last.safetensors")["epoch"] == 1
+
+
+def test_without_validation_best_is_last(planted, tmp_path):
+    s = T.train(planted, tmp_path / "run", T.TrainOptions(epochs=2, val_fraction=0, **SMALL), quiet=True)
+    assert [r["epoch"] for r in s.history] == [1, 2] and s.best_epoch == 2
+    assert checkpoint.read_meta(tmp_path / "run" / "best.safetensors")["epoch"] == 2
+    assert json.loads((tmp_path / "run" / "history.json").read_text())["validation_videos"] == []
+
+
+def test_existing_run_needs_resume_or_overwrite(planted, tmp_path):
+    run = tmp_path / "run"
+    cli(planted, "--out", run, "--epochs", "1", *SMALL_ARGS)
+    assert "--resume" in one_line_error(cli(planted, "--out", run, *SMALL_ARGS, code=2))
+    assert "pass one of them" in one_line_error(cli(planted, "--out", run, "--resume", "--overwrite", code=2))
+    cli(planted, "--out", run, "--epochs", "2", "--overwrite", *SMALL_ARGS)
+    assert len(json.loads((run / "history.json").read_text())["epochs"]) == 3
+    fresh = tmp_path / "fresh"  # --resume with nothing to resume starts a new run
+    res = cli(planted, "--out", fresh, "--epochs", "1", "--resume", *SMALL_ARGS)
+    assert "nothing to resume" in res.stderr and (fresh / "best.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- options, data, errors
+
+
+def test_ablation_options_and_streaming(planted, tmp_path):
+    args = [planted, "--levels", "coarse,fine", "--no-anomaly-weighting", "--epochs", "2", "--lr", "1e-3",
+            *SMALL_ARGS]
+    res = cli(*args, "--out", tmp_path / "mem", "--data", "memory")
+    assert "best:" in res.stdout and "R@1" in res.stdout
+    meta = checkpoint.read_meta(tmp_path / "mem")
+    assert meta["model_config"]["levels"] == ["coarse", "fine"] and meta["model_config"]["anomaly_weighting"] is False
+    assert meta["train"]["levels"] == ["coarse", "fine"]
+    # streamed from the lazy arrays: the same run
+    cli(*args, "--out", tmp_path / "stream", "--data", "stream")
+    wm, ws = weights(tmp_path / "mem" / "last.safetensors"), weights(tmp_path / "stream" / "last.safetensors")
+    assert all(torch.equal(wm[k], ws[k]) for k in wm)
+    assert json.loads((tmp_path / "stream" / "history.json").read_text())["runtime"]["data"] == "stream"
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(planted, bare, tmp_path):
+    out = ["--out", tmp_path / "run"]
+    cases = [
+        ([tmp_path / "nothing.zarr", *out], "no such cache"),
+        ([tmp_path, *out], "cannot be opened as a varcmp cache"),
+        ([planted, *out, "--split", "dev"], "no split 'dev'"),
+        ([bare, *out], "holds no captions"),
+        ([bare, *out, "--query", "audio"], "holds no audio features"),
+        ([planted, *out, "--levels", "coarse,finest"], "unknown level 'finest'"),
+        ([planted, *out, "--val-fraction", "1.5"], "--val-fraction"),
+        ([planted, *out, "--batch-size", "1"], "--batch-size"),
+        ([planted, *out, "--top-patches", "7"], "top_patches (7) > num_patches (6)"),
+        ([planted, *out, "--device", "cuda:7"] if not torch.cuda.is_available() else [planted, *out, "--device", "nope"],
+         "--device"),
+        ([planted, *out, "--precision", "fp16", "--device", "cpu"], "fp16"),
+        ([planted], "--out"),  # a usage error of click's own
+        ([planted, *out, "--query", "video"], "--query"),
+    ]
+    for args, words in cases:
+        line = one_line_error(cli(*args, code=2))
+        assert words in line, (args, line)
+    assert not (tmp_path / "run").exists()
+    help_text = cli("--help").stdout
+    assert "Examples:" in help_text and "--no-anomaly-weighting" in help_text and "[default: 15]" in help_text
+
+
+def test_module_entry_point():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "varcmp.train", "-h"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "varcmp-train cache.zarr --out runs/ucf --resume" in res.stdout
+
+
+def test_non_finite_loss_stops_with_a_message(planted, tmp_path, monkeypatch):
+    seen = {}
+    batches, loss = T.epoch_batches, VarCMP.loss
+
+    def record(plan, epoch, seed, bs):
+        seen["epoch"] = epoch
+        return batches(plan, epoch, seed, bs)
+
+    def poisoned(self, v, q, labels=None):
+        out = loss(self, v, q, labels)
+        if seen["epoch"] == 2:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(T, "epoch_batches", record)
+    monkeypatch.setattr(VarCMP, "loss", poisoned)
+    run = tmp_path / "run"
+    line = one_line_error(cli(planted, "--out", run, "--epochs", "3", *SMALL_ARGS, code=1), alone=False)
+    assert "nan at epoch 2, step 1/" in line
+    assert checkpoint.read_meta(run / "best.safetensors")["epoch"] == 1
+    assert checkpoint.read_meta(run / "last.safetensors")["epoch"] == 1
+    assert [r["epoch"] for r in json.loads((run / "history.json").read_text())["epochs"]] == [0, 1]
+
+
+def test_validation_is_held_out_of_training_and_never_touches_test(planted, tmp_path, monkeypatch):
+    opened, batched = [], []
+    split, batches = Cache.split, T.epoch_batches
+
+    def record_split(self, name):
+        opened.append(name)
+        return split(self, name)
+
+    def record_batches(plan, epoch, seed, bs):
+        out = batches(plan, epoch, seed, bs)
+        batched.append((epoch, plan, out))
+        return out
+
+    monkeypatch.setattr(Cache, "split", record_split)
+    monkeypatch.setattr(T, "epoch_batches", record_batches)
+    s = T.train(planted, tmp_path / "run", T.TrainOptions(epochs=2, val_fraction=0.25, **SMALL), quiet=True)
+    assert set(opened) == {"train"}
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    val, trained = set(hist["validation_videos"]), set(hist["training_videos"])
+    cache = open_cache(planted)
+    train_paths, test_paths = set(cache.split("train").paths), set(cache.split("test").paths)
+    assert val and trained and not val & trained
+    assert val <= train_paths and not val & test_paths and not trained & test_paths
+    assert len(val) == round(0.25 * 94) and len(trained) == 94 - len(val)  # 96 videos, 2 failed
+    video_of = np.asarray(cache.split("train").array("text/video_index")[:])
+    plan = batched[0][1]
+    labels = plan.labels[plan.val_rows]
+    assert set(labels.tolist()) == {0, 1}  # stratified: both kinds held out
+    for epoch, plan, out in batched:
+        rows = np.concatenate([v for v, _ in out])
+        assert not np.isin(rows, plan.val_rows).any()
+        assert np.array_equal(np.sort(rows), plan.train_rows)  # each training video once per epoch
+        assert all(len(v) >= 2 for v, _ in out)
+        for v, q in out:  # captions of their own videos
+            assert np.array_equal(video_of[q], v)
+    assert len(s.history) == 3
+
+
+def test_several_captions_per_video_one_per_batch():
+    plan = T.Plan("text", np.array([f"v{i}" for i in range(6)], dtype=object), np.array([1, 0, 1, 0, 1, 0]),
+                  train_rows=np.arange(6), val_rows=np.zeros(0, np.int64),
+                  cap_rows=np.arange(12), cap_video=np.repeat(np.arange(6), 2))
+    drawn = set()
+    for epoch in range(1, 6):
+        out = T.epoch_batches(plan, epoch, 0, 4)
+        assert [len(v) for v, _ in out] == [4, 2]
+        for v, q in out:
+            assert np.array_equal(plan.cap_video[q], v) and len(set(v.tolist())) == len(v)
+            drawn |= set(q.tolist())
+    assert len(drawn) > 6  # both captions of some videos were used across epochs
+    # a trailing single pair is merged into the previous batch (no InfoNCE without a negative)
+    plan.train_rows, plan.cap_rows, plan.cap_video = np.arange(5), np.arange(5), np.arange(5)
+    assert [len(v) for v, _ in T.epoch_batches(plan, 1, 0, 4)] == [5]
+
+
+def test_hdf5_cache_in_memory_and_streamed(tmp_path):
+    h5 = write_planted_cache(tmp_path / "p.h5", splits={"train": 32}, seed=3, fail=1)
+    runs = {}
+    for data in ("memory", "stream"):
+        s = T.train(h5, tmp_path / data, T.TrainOptions(query="audio", epochs=2, val_fraction=0.2, **SMALL),
+                    T.Runtime(data=data), quiet=True)
+        assert s.memory == (data == "memory")
+        runs[data] = weights(tmp_path / data / "last.safetensors")
+    assert all(torch.equal(runs["memory"][k], runs["stream"][k]) for k in runs["memory"])
+
+
+def test_read_rows_any_order(planted):
+    arr = open_cache(planted).split("train").array("videos/frame_feat")
+    rows = np.array([5, 1, 5, 0])
+    np.testing.assert_array_equal(T.read_rows(arr, rows), np.asarray(arr[:])[rows])
+    assert T.available_memory() > 2**20  # Linux: MemAvailable of /proc/meminfo

@@ -224,11 +224,17 @@ def token_wise(x: Tensor, x_mask: Tensor, x_w: Tensor, t: Tensor, t_mask: Tensor
     """Two-sided weighted token-wise similarity of eq. 2-4 (DRL style), for all pairs:
         1/2 ( sum_i u_i max_j cos(t_i, x_j) + sum_j w_j max_i cos(t_i, x_j) )
     video side x [V, J, C] (mask, weights w [V, J]), query side t [Q, L, C] (mask,
-    weights u [Q, L]) -> [V, Q]. Peak memory: a few [V, Q, L, J] tensors."""
-    sim = torch.einsum("vjc,qlc->vqlj", _l2(x), _l2(t))
-    q2v = masked_max(sim, x_mask[:, None, None, :], -1)  # [V, Q, L]  best video token per query token
-    v2q = masked_max(sim, t_mask[None, :, :, None], -2)  # [V, Q, J]  best query token per video token
-    return 0.5 * ((_f32(q2v) * t_w[None]).sum(-1) + (_f32(v2q) * x_w[:, None]).sum(-1))
+    weights u [Q, L]) -> [V, Q]. One matrix product; peak memory about one [V, J, Q, L] tensor.
+    Padded tokens of either side are -inf in the similarity, so they never win a max; a row of
+    a padded token gives -2 (see masked_max), multiplied by its weight 0."""
+    V, J, C = x.shape
+    Q, L, _ = t.shape
+    sim = (_l2(x).reshape(V * J, C) @ _l2(t).reshape(Q * L, C).T).view(V, J, Q, L)
+    sim = sim.masked_fill(~x_mask[:, :, None, None], float("-inf"))
+    sim.masked_fill_(~t_mask[None, None], float("-inf"))
+    q2v = sim.amax(1).clamp_min(-2.0)  # [V, Q, L]  best video token per query token
+    v2q = sim.amax(3).clamp_min(-2.0)  # [V, J, Q]  best query token per video token
+    return 0.5 * ((_f32(q2v) * t_w[None]).sum(-1) + (_f32(v2q) * x_w[:, :, None]).sum(1))
 
 
 # ----------------------------------------------------------------------------- heads

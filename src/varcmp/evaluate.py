@@ -1,14 +1,24 @@
-"""Retrieval metrics and all-pairs scoring from the cache (shared with training's
-validation and with search).
+"""Retrieval metrics, all-pairs scoring from the cache (shared with training's validation and
+with search), and the `varcmp-eval` command.
 
 Rank of the true item = 1 + the number of other items scoring at least as high:
 ties count against the model.
+
+    varcmp-eval cache.zarr --checkpoint runs/ucf --split test --metrics r1,r5,r10,mdr
+    varcmp-eval cache.zarr --checkpoint runs/xd --split test --json results.json
+    varcmp-eval cache.zarr --zero-shot --split test
+    varcmp-eval cache.zarr --checkpoint runs/ucf --levels coarse --no-anomaly-weighting
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import click
 import numpy as np
 import torch
 
@@ -16,15 +26,38 @@ from .cache_schema import CacheError, Split, VideoData
 from .model import QueryEmb, VarCMP, VideoEmb
 
 METRICS = ("r1", "r5", "r10", "r50", "mdr", "mnr")
+DEFAULT_METRICS = ("r1", "r5", "r10", "mdr")
+DEFAULT_CHUNK = 32          # CPU; see score_matrix for the memory formula and benchmarks/evaluate.py
+DEFAULT_CHUNK_CUDA = 128    # GPUs want bigger blocks (fewer kernel launches)
+ENCODE_BATCH = 16           # videos per encode_videos forward in the CLI (memory, not results)
+POST = ("dsl", "sinkhorn")
+SINKHORN_ITERS = 4          # alternating row/column normalisations (log domain)
 
 
 # --------------------------------------------------------------------------
 # Ranks and metrics
 
 
-def query_to_video_ranks(sim: np.ndarray, query_video: np.ndarray) -> np.ndarray:
-    """sim [V, Q]; query_video[q] = row of q's video. Rank of that video among all videos, per query."""
+def _finite_or_worst(sim: np.ndarray) -> np.ndarray:
+    """NaN scores (a broken model) rank last, so they can never flatter a result."""
     sim = np.asarray(sim)
+    return np.where(np.isnan(sim), -np.inf, sim) if np.isnan(sim).any() else sim
+
+
+def _pairing(sim: np.ndarray, query_video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sim = _finite_or_worst(sim)
+    query_video = np.asarray(query_video, dtype=np.int64)
+    if sim.ndim != 2 or query_video.shape != (sim.shape[1],) or (
+            len(query_video) and not 0 <= query_video.min() <= query_video.max() < sim.shape[0]):
+        raise ValueError(f"query_video must give a row of sim {sim.shape} for each of its {sim.shape[-1]} "
+                         f"columns, got {query_video.shape} values")
+    return sim, query_video
+
+
+def query_to_video_ranks(sim: np.ndarray, query_video: np.ndarray) -> np.ndarray:
+    """sim [V, Q]; query_video[q] = row of q's video. Rank of that video among all videos, per query:
+    1 + the number of other videos scoring >= the true one."""
+    sim, query_video = _pairing(sim, query_video)
     q = np.arange(sim.shape[1])
     true = sim[query_video, q]  # [Q]
     return (sim >= true[None, :]).sum(0)  # the true video itself + every other video scoring >= it
@@ -32,15 +65,19 @@ def query_to_video_ranks(sim: np.ndarray, query_video: np.ndarray) -> np.ndarray
 
 def video_to_query_ranks(sim: np.ndarray, query_video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per video that has queries: 1 + the number of other videos' queries scoring at least as high
-    as its best-scoring own query. Returns (ranks, video rows)."""
-    sim = np.asarray(sim)
+    as its best-scoring own query (a video with several captions is retrieved by its best one).
+    Returns (ranks, video rows)."""
+    sim, query_video = _pairing(sim, query_video)
+    V, Q = sim.shape
     rows = np.unique(query_video)
-    ranks = np.empty(len(rows), dtype=np.int64)
-    for n, v in enumerate(rows):
-        own = query_video == v
-        best = sim[v, own].max()
-        ranks[n] = 1 + int((sim[v, ~own] >= best).sum())
-    return ranks, rows
+    if Q == 0:
+        return np.zeros(0, dtype=np.int64), rows
+    true = sim[query_video, np.arange(Q)].astype(np.float64)     # float64 holds every value exactly
+    best = np.full(V, -np.inf)
+    np.maximum.at(best, query_video, true)                       # best own query per video
+    at_least = (sim[rows] >= best[rows, None]).sum(1)            # all queries >= it, own ones included
+    own = np.bincount(query_video[true >= best[query_video]], minlength=V)[rows]
+    return (1 + at_least - own).astype(np.int64), rows
 
 
 def summarize(ranks: np.ndarray, metrics=METRICS) -> dict[str, float]:
@@ -63,6 +100,52 @@ def retrieval_metrics(sim: np.ndarray, query_video: np.ndarray, metrics=METRICS)
     """Both directions: 'q2v' (text/audio -> video) and 'v2q' (video -> text/audio)."""
     v2q, _ = video_to_query_ranks(sim, query_video)
     return {"q2v": summarize(query_to_video_ranks(sim, query_video), metrics), "v2q": summarize(v2q, metrics)}
+
+
+# --------------------------------------------------------------------------
+# Opt-in post-processing (never applied unless asked for; the output says which was used)
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    x = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    m = x.max(axis=axis, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
+
+
+def postprocess(sim: np.ndarray, method: str | None, scale: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
+    """Matrices ranked in each direction, (for query->video, for video->query), from raw sim [V, Q].
+
+    None: the raw similarities for both.
+    "dsl": dual softmax (CAMoE): the raw score times a prior, the softmax of scale * sim over the
+        *other* axis: query->video ranks sim * softmax_q(scale * sim) (each video's distribution
+        over the queries), video->query ranks sim * softmax_v(scale * sim).
+    "sinkhorn": log-domain Sinkhorn normalisation of exp(scale * sim): SINKHORN_ITERS rounds of
+        normalising the rows (videos), then the columns (queries); the same matrix is ranked in
+        both directions.
+    Both use the statistics of the whole test collection (transductive): they are not raw
+    similarities and are labelled as such in every output. scale: the model's logit scale."""
+    sim = np.asarray(sim, dtype=np.float64)
+    if method is None:
+        return sim, sim
+    if method == "dsl":
+        z = scale * sim
+        return sim * _softmax(z, axis=1), sim * _softmax(z, axis=0)
+    if method == "sinkhorn":
+        z = scale * sim
+        for _ in range(SINKHORN_ITERS):
+            z = z - _logsumexp(z, axis=1)
+            z = z - _logsumexp(z, axis=0)
+        return z, z
+    raise ValueError(f"unknown post-processing {method!r}; choose from {', '.join(POST)}")
+
+
+POST_LABEL = {None: "none (raw similarities)", "dsl": "DSL, dual softmax (not raw similarities)",
+              "sinkhorn": f"Sinkhorn, {SINKHORN_ITERS} iterations (not raw similarities)"}
 
 
 # --------------------------------------------------------------------------
@@ -113,7 +196,7 @@ def load_eval_data(split: Split, query: str, patches: bool = True) -> EvalData:
 
 @torch.inference_mode()
 def encode_videos(model: VarCMP, videos: VideoData, device, batch: int = 256) -> VideoEmb:
-    """Per-video parts, once, in eval mode (predicted anomaly labels)."""
+    """Per-video parts, once, in eval mode (predicted anomaly labels). `batch` bounds memory only."""
     parts = []
     finer = "finer" in model.cfg.levels
     for s in range(0, len(videos.index), batch):
@@ -137,17 +220,320 @@ def encode_queries(model: VarCMP, feats: dict[str, np.ndarray], device, batch: i
     return QueryEmb.cat(parts)
 
 
+def _trim_tokens(q: QueryEmb) -> QueryEmb:
+    """Drop token positions that are padding in every query of the block (exact: padded tokens weigh
+    0 in every sum and are -inf in every max). Keeps at least one position."""
+    valid = q.token_mask.any(0)
+    n = int(valid.nonzero().max()) + 1 if bool(valid.any()) else 1
+    if n == q.tokens.shape[1]:
+        return q
+    return QueryEmb(glob=q.glob, tokens=q.tokens[:, :n], token_mask=q.token_mask[:, :n],
+                    token_weights=q.token_weights[:, :n])
+
+
 @torch.inference_mode()
-def score_matrix(model: VarCMP, v: VideoEmb, q: QueryEmb, levels=None, chunk: int = 64) -> dict[str, np.ndarray]:
-    """All-pairs similarities, one float32 [V, Q] array per level and "total", computed in blocks
-    of `chunk` videos x `chunk` queries so that memory does not grow with the collection."""
+def score_matrix(model: VarCMP, v: VideoEmb, q: QueryEmb, levels=None,
+                 chunk: int = DEFAULT_CHUNK) -> dict[str, np.ndarray]:
+    """All-pairs similarities through VarCMP.similarity, one float32 [V, Q] array per level and
+    "total", computed in blocks of `chunk` videos x `chunk` queries so that memory does not grow
+    with the collection.
+
+    Peak memory of one block is dominated by the finer level's token-wise similarity, a
+    [chunk, chunk, L, N*M] float32 tensor and its masked copies (VarCMP.token_wise):
+        about 3 * chunk^2 * L * N * M * 4 bytes
+    (L query tokens, N frames, M selected patches per frame); at the production sizes (L = 32,
+    N = 32, M = 4) that is 48 MiB at chunk 32, 192 MiB at 64 (measured: 130-185 MiB) and 768 MiB
+    at 128, on top of the [V, Q]
+    outputs and the per-video/per-query embeddings, which grow with the collection, not with the
+    number of pairs. On 2 CPU cores blocks of 24-32 were the fastest (cache-sized), 64 about 20%
+    slower. Queries are scored in order of their last valid token, and each block drops
+    the token positions that are padding in all of its queries (exact, see _trim_tokens)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    V, Q = len(v), len(q)
+    order = np.zeros(0, dtype=np.int64)
+    if Q:  # queries in order of their last valid token, so that blocks of short queries can be trimmed
+        pos = torch.arange(q.token_mask.shape[1], device=q.token_mask.device)
+        last = torch.where(q.token_mask, pos, -1).amax(1).cpu()
+        order = torch.sort(last, stable=True).indices.numpy()
     out: dict[str, np.ndarray] = {}
-    for vs in range(0, len(v), chunk):
-        vb = v.take(slice(vs, vs + chunk))
-        for qs in range(0, len(q), chunk):
-            block = model.similarity(vb, q.take(slice(qs, qs + chunk)), levels)
+    for qs in range(0, Q, chunk):
+        cols = order[qs:qs + chunk]
+        qb = _trim_tokens(q.take(torch.from_numpy(cols).to(q.glob.device)))
+        for vs in range(0, V, chunk):
+            block = model.similarity(v.take(slice(vs, vs + chunk)), qb, levels)
             for k, s in block.items():
                 if k not in out:
-                    out[k] = np.empty((len(v), len(q)), dtype=np.float32)
-                out[k][vs:vs + chunk, qs:qs + chunk] = s.float().cpu().numpy()
+                    out[k] = np.empty((V, Q), dtype=np.float32)
+                out[k][vs:vs + chunk, cols] = s.float().cpu().numpy()
+    if not out:  # an empty collection: the keys the model would have produced
+        lv = tuple(model.cfg.levels if levels is None else levels)
+        out = {k: np.zeros((V, Q), dtype=np.float32) for k in (*lv, "total")}
     return out
+
+
+# --------------------------------------------------------------------------
+# The command
+
+DIRECTIONS = {"text": (("t2v", "text->video"), ("v2t", "video->text")),
+              "audio": (("a2v", "audio->video"), ("v2a", "video->audio"))}
+SHOWN_DROPPED = 5
+
+
+class UserError(Exception):
+    """Something the user asked for that cannot be done: a one-line message, exit code 2."""
+
+
+def parse_metrics(text) -> tuple[str, ...]:
+    """'r1,r5,r10,mdr' -> ('r1', 'r5', 'r10', 'mdr'); any rK (K >= 1), mdr and mnr."""
+    names = [m.strip().lower() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
+    if not names:
+        raise UserError(f"--metrics: name at least one of {', '.join(METRICS)}")
+    for m in names:
+        if not (m in ("mdr", "mnr") or (m.startswith("r") and m[1:].isdigit() and int(m[1:]) >= 1)):
+            raise UserError(f"--metrics: unknown metric {m!r}; choose from {', '.join(METRICS)} (or any rK)")
+    return tuple(dict.fromkeys(names))
+
+
+def metric_label(m: str) -> str:
+    return {"mdr": "MdR", "mnr": "MnR"}.get(m, f"R@{m[1:]}")
+
+
+def format_metric(m: str, value: float) -> str:
+    """How the table prints a value: R@K and MnR with one decimal, MdR as it is (x or x.5)."""
+    if value != value:  # NaN
+        return "-"
+    return f"{value:.0f}" if m == "mdr" and float(value).is_integer() else f"{value:.1f}"
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name}: not a device (auto, cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here")
+    return dev
+
+
+def zero_shot_model(spec, query: str) -> VarCMP:
+    """Untrained heads with the cache's dims: e_v = mean frame feature, uniform weights, A = 0.5
+    (no video predicted anomalous), patches closest to their frame's [CLS]: the frozen-CLIP
+    baseline. Seeded, so the (unused) random parts are the same on every run."""
+    from .model import ModelConfig
+
+    torch.manual_seed(0)
+    heads = next(h for h in (8, 4, 2, 1) if spec.dim % h == 0)
+    cfg = ModelConfig(query=query, dim=spec.dim, audio_dim=spec.audio_dim, num_frames=spec.num_frames,
+                      num_patches=spec.num_patches, max_words=spec.max_words,
+                      audio_segments=max(1, spec.audio_segments), top_patches=min(4, spec.num_patches), heads=heads)
+    return VarCMP(cfg).eval()
+
+
+def evaluate_split(cache, checkpoint=None, split: str = "test", query: str | None = None, metrics=DEFAULT_METRICS,
+                   zero_shot: bool = False, levels=None, anomaly_weighting: bool | None = None,
+                   chunk: int | None = None, device: str = "auto", post: str | None = None) -> dict:
+    """Everything `varcmp-eval` reports, as a JSON-ready dict. Raises UserError, CacheError or
+    CheckpointError (one-line messages) for what cannot be evaluated."""
+    from .cache_schema import open_cache
+
+    c = open_cache(cache)
+    try:
+        return _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, anomaly_weighting,
+                               chunk, device, post)
+    finally:
+        c.close()
+
+
+def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, anomaly_weighting, chunk, device,
+                    post) -> dict:
+    from . import __version__
+    from .checkpoint import check_compatible, load, read_meta, resolve
+
+    metrics = parse_metrics(metrics)
+    if zero_shot == (checkpoint is not None):
+        raise UserError("give either --checkpoint RUN_DIR_OR_FILE or --zero-shot" if not zero_shot
+                        else "--zero-shot evaluates untrained heads; it cannot be combined with --checkpoint")
+    if query not in (None, "text", "audio"):
+        raise UserError(f"--query {query}: choose text or audio")
+    if post not in (None, *POST):
+        raise UserError(f"--post {post}: choose from {', '.join(POST)}")
+    if chunk is not None and chunk < 1:
+        raise UserError(f"--chunk {chunk}: must be >= 1")
+    dev = _device(device)
+    chunk = chunk or (DEFAULT_CHUNK_CUDA if dev.type == "cuda" else DEFAULT_CHUNK)
+    sp = c.split(split)
+
+    if zero_shot:
+        if query is None:
+            query = "text" if sp.has_text else "audio" if sp.has_audio else None
+            if query is None:
+                raise UserError(f"{c.path}: split '{split}' has neither captions nor audio features to query with")
+        model, ckpt = zero_shot_model(c.spec, query).to(dev), None
+    else:
+        ckpt = resolve(checkpoint)
+        check_compatible(read_meta(ckpt), c, ckpt)
+        model, _ = load(ckpt, dev)
+        if query is not None and query != model.cfg.query:
+            raise UserError(f"{ckpt}: trained for {model.cfg.query} queries, not --query {query}")
+        query = model.cfg.query
+
+    changes = {}
+    if levels:
+        changes["levels"] = tuple(x.strip() for x in (levels.split(",") if isinstance(levels, str) else levels)
+                                  if x.strip())
+    if anomaly_weighting is not None:
+        changes["anomaly_weighting"] = bool(anomaly_weighting)
+    try:
+        model.cfg = dataclasses.replace(model.cfg, **changes)  # ablations: same weights, other settings
+    except ValueError as e:
+        raise UserError(f"--levels: {e}") from None
+    cfg = model.cfg
+    if query == "audio" and c.spec.audio_segments > cfg.audio_segments:
+        raise UserError(f"{ckpt}: trained with {cfg.audio_segments} audio segments, but {c.path} has "
+                        f"{c.spec.audio_segments}")
+
+    data = load_eval_data(sp, query, patches="finer" in cfg.levels)
+    Q, V = len(data.query_video), len(data.videos.index)
+    if Q == 0:
+        raise UserError(f"{c.path}: split '{split}' has no {query} query whose video was extracted"
+                        + (f" ({len(data.dropped)} dropped)" if data.dropped else ""))
+
+    torch.manual_seed(0)
+    model.eval()
+    v = encode_videos(model, data.videos, dev, batch=ENCODE_BATCH)
+    q = encode_queries(model, data.query_feats, dev)
+    sims = score_matrix(model, v, q, chunk=chunk)
+    m_q2v, m_v2q = postprocess(sims["total"], post, cfg.logit_scale)
+    q2v = query_to_video_ranks(m_q2v, data.query_video)
+    v2q, _ = video_to_query_ranks(m_v2q, data.query_video)
+
+    per_video = np.bincount(data.query_video, minlength=V)
+    (kq, lq), (kv, lv) = DIRECTIONS[query]
+    return {
+        "varcmp_version": __version__,
+        "cache": str(c.path),
+        "split": split,
+        "query": query,
+        "checkpoint": None if ckpt is None else str(ckpt),
+        "zero_shot": bool(zero_shot),
+        "levels": list(cfg.levels),
+        "anomaly_weighting": bool(cfg.anomaly_weighting),
+        "post": post,
+        "raw_similarities": post is None,
+        "scores": POST_LABEL[post],
+        "metrics": {
+            kq: {"direction": lq, "ranked": int(len(q2v)), **summarize(q2v, metrics)},
+            kv: {"direction": lv, "ranked": int(len(v2q)), **summarize(v2q, metrics)},
+        },
+        "metric_names": list(metrics),
+        "counts": {
+            "videos": V,
+            "queries": Q,
+            "videos_without_query": int((per_video == 0).sum()),
+            "videos_with_several_queries": int((per_video > 1).sum()),
+            "dropped_queries": len(data.dropped),
+            "predicted_anomalous": int(v.anomalous.sum()),
+        },
+        "dropped": list(data.dropped),
+        "chunk": chunk,
+        "device": str(dev),
+    }
+
+
+def print_report(r: dict, console) -> None:
+    from rich.table import Table
+
+    n = r["counts"]
+    say = lambda text: console.print(text, soft_wrap=True, highlight=False, markup=False)  # noqa: E731
+    model = "zero-shot (untrained heads: the frozen-CLIP baseline)" if r["zero_shot"] else r["checkpoint"]
+    say(f"varcmp-eval | cache {r['cache']} | split {r['split']} | {n['videos']} videos, {n['queries']} {r['query']} "
+        f"queries | model {model} | levels {'+'.join(r['levels'])} | anomaly weighting "
+        f"{'on' if r['anomaly_weighting'] else 'off'} ({n['predicted_anomalous']} predicted anomalous) | "
+        f"post-processing: {r['scores']}")
+    if r["zero_shot"] and r["query"] == "audio":
+        say("note: zero-shot audio uses an untrained audio encoder (CLAP is not aligned with CLIP): "
+            "expect chance level")
+    if n["videos_without_query"]:
+        say(f"{n['videos_without_query']} videos have no {r['query']} query: kept in the gallery as distractors")
+    if n["videos_with_several_queries"]:
+        say(f"{n['videos_with_several_queries']} videos have several queries: each query is ranked "
+            f"({r['query']}->video); video->{r['query']} uses each video's best-scoring one")
+    if n["dropped_queries"]:
+        shown = "; ".join(r["dropped"][:SHOWN_DROPPED])
+        more = n["dropped_queries"] - SHOWN_DROPPED
+        say(f"{n['dropped_queries']} queries dropped (not scored): {shown}"
+            + (f"; and {more} more (all listed by --json)" if more > 0 else ""))
+    table = Table(show_edge=True, header_style="bold")
+    table.add_column("direction")
+    table.add_column("ranked", justify="right")
+    for m in r["metric_names"]:
+        table.add_column(metric_label(m), justify="right")
+    for res in r["metrics"].values():
+        table.add_row(res["direction"], str(res["ranked"]), *(format_metric(m, res[m]) for m in r["metric_names"]))
+    console.print(table)
+
+
+def _main(**kw):
+    from rich.console import Console
+
+    from .checkpoint import CheckpointError, atomic_write
+
+    json_out = kw.pop("json_out")
+    kw["anomaly_weighting"] = False if kw.pop("no_anomaly_weighting") else None
+    try:
+        result = evaluate_split(**kw)
+    except (UserError, CacheError, CheckpointError) as e:
+        click.echo(f"varcmp-eval: error: {e}", err=True)
+        sys.exit(2)
+    print_report(result, Console())
+    if json_out is not None:
+        text = json.dumps(result, indent=2) + "\n"
+        try:
+            atomic_write(Path(json_out), lambda tmp: Path(tmp).write_text(text))
+        except OSError as e:
+            click.echo(f"varcmp-eval: error: --json {json_out}: {e.strerror or e}", err=True)
+            sys.exit(2)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+               epilog="Rank = 1 + the number of OTHER items scoring >= the true one (ties count against "
+                      "the model). A video with several captions: each caption is ranked over the videos "
+                      "(text->video), and video->text ranks the video's best-scoring caption among the "
+                      "other videos' captions. Captions whose video was not extracted are dropped and "
+                      "listed; videos without a query stay in the gallery as distractors. The same "
+                      "command gives the same numbers (eval mode, hard top-k, no dropout).")
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Run directory (its best.safetensors, else last.safetensors) or checkpoint file.")
+@click.option("--split", default="test", help="Split of the cache to evaluate.")
+@click.option("--query", type=click.Choice(["text", "audio"]), default=None,
+              help="Query modality [default: the checkpoint's; zero-shot: text if captions exist].")
+@click.option("--metrics", default=",".join(DEFAULT_METRICS), help=f"Any of {','.join(METRICS)}.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Also write the results as JSON (metrics, counts, settings, dropped queries).")
+@click.option("--zero-shot", is_flag=True, help="No checkpoint: untrained heads, i.e. the frozen-CLIP baseline.")
+@click.option("--levels", default=None, help="Override the checkpoint's levels, e.g. coarse or coarse,fine "
+                                              "(ablation rows; weights unchanged).")
+@click.option("--no-anomaly-weighting", is_flag=True, help="Switch eq. 6-7 off (ablation).")
+@click.option("--chunk", type=int, default=None,
+              help=f"Videos x queries per scoring block [default: {DEFAULT_CHUNK} on CPU, {DEFAULT_CHUNK_CUDA} on "
+                   "CUDA]. Peak memory of a block ~ 3 * chunk^2 * L * N * M * 4 bytes (L query tokens, N frames, "
+                   "M patches/frame): 48 MiB at 32, 768 MiB at 128 with 32 x 32 x 4. Results do not depend on it.")
+@click.option("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1.")
+@click.option("--post", type=click.Choice(list(POST)), default=None,
+              help="Opt-in post-processing, labelled in the output: dsl = dual softmax (CAMoE): sim * "
+                   "softmax(logit_scale * sim) over the other axis; sinkhorn = "
+                   f"{SINKHORN_ITERS} log-domain row/column normalisations of exp(logit_scale * sim). "
+                   "[default: raw similarities]")
+def main(**kw):
+    """Retrieval metrics of a checkpoint (or of zero-shot CLIP) on one split of a feature cache:
+    R@K, median and mean rank, in both directions (text->video and video->text, or audio->video
+    and video->audio), from raw similarities unless --post is given."""
+    _main(**kw)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""Tests of varcmp.evaluate: rank metrics on hand-made matrices, blocked scoring, post-processing
+and the `varcmp-eval` command on the planted cache."""
+import dataclasses
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import ENCODERS, SPEC, write_planted_cache
+
+from varcmp import checkpoint
+from varcmp.cache_schema import CacheWriter, VideoEntry, VideoFeatures, open_cache
+from varcmp.evaluate import (
+    DEFAULT_CHUNK, DEFAULT_METRICS, METRICS, encode_queries, encode_videos, format_metric, load_eval_data, main,
+    metric_label, postprocess, query_to_video_ranks, retrieval_metrics, score_matrix, summarize,
+    video_to_query_ranks, zero_shot_model,
+)
+from varcmp.model import ModelConfig, VarCMP
+
+ALL = ("r1", "r2", "r3", "r5", "r10", "mdr", "mnr")
+
+
+# ----------------------------------------------------------------------------- ranks and metrics
+
+def test_perfect_matrix():
+    sim = np.eye(12) + 0.01 * np.arange(12)[None, :]  # off-diagonal scores differ, true pair always on top
+    qv = np.arange(12)
+    assert query_to_video_ranks(sim, qv).tolist() == [1] * 12
+    ranks, rows = video_to_query_ranks(sim, qv)
+    assert ranks.tolist() == [1] * 12 and rows.tolist() == list(range(12))
+    m = retrieval_metrics(sim, qv, METRICS)
+    for d in ("q2v", "v2q"):
+        assert m[d] == {"r1": 100.0, "r5": 100.0, "r10": 100.0, "r50": 100.0, "mdr": 1.0, "mnr": 1.0}
+
+
+def test_reversed_matrix_gives_worst_ranks():
+    # every true pair scores below every other pair of its row and column
+    sim = np.array([[0.1, 0.5, 0.9],
+                    [0.8, 0.2, 0.4],
+                    [0.6, 0.7, 0.3]])
+    qv = np.arange(3)
+    assert query_to_video_ranks(sim, qv).tolist() == [3, 3, 3]
+    assert video_to_query_ranks(sim, qv)[0].tolist() == [3, 3, 3]
+    sim10 = 1.0 - 2.0 * np.eye(10)
+    m = retrieval_metrics(sim10, np.arange(10), METRICS)
+    for d in ("q2v", "v2q"):
+        assert m[d] == {"r1": 0.0, "r5": 0.0, "r10": 100.0, "r50": 100.0, "mdr": 10.0, "mnr": 10.0}
+
+
+def test_mixed_ranks_mdr_mnr_by_hand():
+    sim = np.array([[0.9, 0.1, 0.3, 0.2],
+                    [0.5, 0.4, 0.6, 0.1],
+                    [0.2, 0.8, 0.5, 0.3],
+                    [0.1, 0.3, 0.7, 0.05]])
+    qv = np.arange(4)
+    # columns: q0 .9 top -> 1; q1 .4 < .8 -> 2; q2 .5 < .6, .7 -> 3; q3 .05 < .2, .1, .3 -> 4
+    assert query_to_video_ranks(sim, qv).tolist() == [1, 2, 3, 4]
+    # rows: v0 .9 top -> 1; v1 .4 < .5, .6 -> 3; v2 .5 < .8 -> 2; v3 .05 < .1, .3, .7 -> 4
+    assert video_to_query_ranks(sim, qv)[0].tolist() == [1, 3, 2, 4]
+    s = summarize([1, 2, 3, 4], ALL)
+    assert s == {"r1": 25.0, "r2": 50.0, "r3": 75.0, "r5": 100.0, "r10": 100.0, "mdr": 2.5, "mnr": 2.5}
+    s = summarize([1, 1, 2, 7, 9], ALL)
+    assert s == {"r1": 40.0, "r2": 60.0, "r3": 60.0, "r5": 60.0, "r10": 100.0, "mdr": 2.0, "mnr": 4.0}
+
+
+def test_ties_count_against_the_model():
+    flat = np.full((5, 5), 0.3)
+    qv = np.arange(5)
+    assert query_to_video_ranks(flat, qv).tolist() == [5] * 5   # rank = number of items
+    assert video_to_query_ranks(flat, qv)[0].tolist() == [5] * 5
+    sim = np.array([[0.7, 0.2, 0.1],
+                    [0.7, 0.9, 0.0],
+                    [0.1, 0.3, 0.5]])
+    qv = np.arange(3)
+    # q0: v1 ties the true v0 at .7 -> 2 (an argsort could report 1); v2t v0: q0 .7, others .2 .1 -> 1
+    assert query_to_video_ranks(sim, qv).tolist() == [2, 1, 1]
+    # v1: own .9; q0 .7 below -> 1. v2: own .5; .1 .3 -> 1
+    assert video_to_query_ranks(sim, qv)[0].tolist() == [1, 1, 1]
+    sim[0, 2] = 0.5  # v0 now ties v2's own caption: v2t for v2 unchanged (a column tie), t2v q2 -> 2
+    assert query_to_video_ranks(sim, qv).tolist() == [2, 1, 2]
+    nan = np.eye(3)
+    nan[1, 1] = np.nan   # a NaN true score ranks last, it never flatters
+    assert query_to_video_ranks(nan, qv).tolist() == [1, 3, 1]
+    assert video_to_query_ranks(nan, qv)[0].tolist() == [1, 3, 1]
+
+
+def test_several_queries_per_video_and_distractors():
+    # videos 0..3 (3 has no query: a distractor), queries 0..4 with their videos:
+    qv = np.array([0, 0, 1, 2, 2])
+    sim = np.array([[0.90, 0.20, 0.50, 0.60, 0.10],
+                    [0.30, 0.80, 0.70, 0.20, 0.40],
+                    [0.10, 0.30, 0.20, 0.90, 0.90],
+                    [0.95, 0.10, 0.10, 0.10, 0.10]])
+    # t2v per caption: q0 .90 < v3 .95 -> 2; q1 .20 < .80 .30 -> 3; q2 .70 top -> 1; q3 .90 top -> 1; q4 .90 -> 1
+    assert query_to_video_ranks(sim, qv).tolist() == [2, 3, 1, 1, 1]
+    ranks, rows = video_to_query_ranks(sim, qv)
+    # v0: best own .90 (q0; own q1 .20 is ignored), others .50 .60 .10 -> 1
+    # v1: own .70; others .30 .80 .20 .40 -> .80 >= -> 2
+    # v2: best own .90, its other own caption ties at .90 and does not count; others .10 .30 .20 -> 1
+    assert rows.tolist() == [0, 1, 2] and ranks.tolist() == [1, 2, 1]
+    m = retrieval_metrics(sim, qv, ("r1", "mdr", "mnr"))
+    assert m["q2v"] == {"r1": 60.0, "mdr": 1.0, "mnr": 8 / 5}
+    assert m["v2q"] == {"r1": pytest.approx(200 / 3), "mdr": 1.0, "mnr": pytest.approx(4 / 3)}
+
+
+def test_vectorised_ranks_match_a_loop():
+    rng = np.random.default_rng(0)
+    for V, Q in ((7, 7), (9, 20), (30, 12)):
+        sim = np.round(rng.random((V, Q)), 1).astype(np.float32)  # many ties
+        qv = rng.integers(0, V, Q)
+        t2v = [1 + sum(sim[u, q] >= sim[qv[q], q] for u in range(V) if u != qv[q]) for q in range(Q)]
+        assert query_to_video_ranks(sim, qv).tolist() == t2v
+        v2t = []
+        for v in sorted(set(qv.tolist())):
+            best = max(sim[v, q] for q in range(Q) if qv[q] == v)
+            v2t.append(1 + sum(sim[v, q] >= best for q in range(Q) if qv[q] != v))
+        assert video_to_query_ranks(sim, qv)[0].tolist() == v2t
+
+
+def test_recall_is_monotone_in_k():
+    rng = np.random.default_rng(1)
+    sim = rng.standard_normal((60, 80))
+    qv = rng.integers(0, 60, 80)
+    for ranks in (query_to_video_ranks(sim, qv), video_to_query_ranks(sim, qv)[0]):
+        ks = [f"r{k}" for k in range(1, 81)]  # ranks are at most 60 (t2v) and 80 (v2t)
+        s = summarize(ranks, ks)
+        values = [s[k] for k in ks]
+        assert values == sorted(values) and values[0] < values[-1] == 100.0
+
+
+def test_metric_names_and_formatting():
+    assert [metric_label(m) for m in METRICS] == ["R@1", "R@5", "R@10", "R@50", "MdR", "MnR"]
+    assert format_metric("mdr", 3.0) == "3" and format_metric("mdr", 2.5) == "2.5"
+    assert format_metric("r1", 100 / 3) == "33.3" and format_metric("mnr", 1e6) == "1000000.0"
+
+
+def test_unknown_metric_and_mismatched_pairing_are_errors():
+    with pytest.raises(ValueError, match="unknown metric"):
+        summarize([1, 2], ("r1", "map"))
+    with pytest.raises(ValueError, match="query_video"):
+        query_to_video_ranks(np.eye(3), np.arange(4))
+    with pytest.raises(ValueError, match="query_video"):
+        video_to_query_ranks(np.eye(3), np.array([0, 1, 3]))
+
+
+# ----------------------------------------------------------------------------- post-processing
+
+def test_postprocessing_definitions():
+    sim = np.array([[0.9, 0.6, 0.1], [0.2, 0.55, 0.1]])
+    raw = postprocess(sim, None)
+    assert np.array_equal(raw[0], sim) and np.array_equal(raw[1], sim)
+    q2v, v2q = postprocess(sim, "dsl", scale=10.0)
+    e = np.exp(10 * sim)
+    assert np.allclose(q2v, sim * e / e.sum(1, keepdims=True))   # prior: each video's softmax over queries
+    assert np.allclose(v2q, sim * e / e.sum(0, keepdims=True))   # prior: each query's softmax over videos
+    # q1's best video is v0 raw; DSL penalises v0 (it prefers q0) and picks v1: a different ranking
+    assert sim[:, 1].argmax() == 0 and q2v[:, 1].argmax() == 1
+    a, b = postprocess(sim, "sinkhorn", scale=10.0)
+    assert a is b
+    assert np.allclose(np.exp(a).sum(0), 1.0)              # columns normalised last
+    with pytest.raises(ValueError, match="unknown post-processing"):
+        postprocess(sim, "qb-norm")
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def planted_model(query="text", seed=0, levels=("coarse", "fine", "finer")):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(query=query, dim=SPEC.dim, audio_dim=SPEC.audio_dim, num_frames=SPEC.num_frames,
+                      num_patches=SPEC.num_patches, max_words=SPEC.max_words, audio_segments=SPEC.audio_segments,
+                      top_patches=2, heads=4, ffn_dim=64, levels=levels)
+    model = VarCMP(cfg)
+    with torch.no_grad():  # leave the zero init: weights are not uniform, A is not 0.5
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return write_planted_cache(tmp_path_factory.mktemp("c") / "planted.zarr", {"train": 20, "test": 16}, fail=2)
+
+
+@pytest.fixture(scope="module")
+def ckpt(cache, tmp_path_factory):
+    path = tmp_path_factory.mktemp("run") / "best.safetensors"
+    checkpoint.save(path, planted_model(), {"cache": checkpoint.cache_fingerprint(open_cache(cache))})
+    return path
+
+
+@pytest.mark.parametrize("query", ["text", "audio"])
+def test_blocked_equals_unblocked(cache, query):
+    model = planted_model(query)
+    data = load_eval_data(open_cache(cache).split("test"), query)
+    v = encode_videos(model, data.videos, "cpu", batch=5)
+    q = encode_queries(model, data.query_feats, "cpu", batch=3)
+    assert len(v) == 14 and len(q) == 14
+    full = score_matrix(model, v, q, chunk=10_000)
+    with torch.inference_mode():
+        direct = {k: s.numpy() for k, s in model.similarity(v, q).items()}
+    for chunk in (1, 3, 5):
+        blocked = score_matrix(model, v, q, chunk=chunk)
+        assert blocked.keys() == full.keys() == {"coarse", "fine", "finer", "total"}
+        for k in full:
+            assert np.allclose(blocked[k], full[k], rtol=0, atol=1e-6)
+            assert np.allclose(direct[k], full[k], rtol=0, atol=1e-6)
+        assert len(np.unique(full["total"])) == full["total"].size  # tie-free, so ranks must agree exactly
+        assert np.array_equal(query_to_video_ranks(blocked["total"], data.query_video),
+                              query_to_video_ranks(full["total"], data.query_video))
+        assert np.array_equal(video_to_query_ranks(blocked["total"], data.query_video)[0],
+                              video_to_query_ranks(full["total"], data.query_video)[0])
+    if query == "text":  # the planted captions have 3..6 words: blocks of short queries are trimmed
+        lengths = data.query_feats["word_mask"].sum(1)
+        assert lengths.min() < lengths.max() == SPEC.max_words
+
+
+def test_zero_shot_is_the_frozen_clip_baseline(cache):
+    model = zero_shot_model(open_cache(cache).spec, "text")
+    data = load_eval_data(open_cache(cache).split("test"), "text")
+    v = encode_videos(model, data.videos, "cpu")
+    q = encode_queries(model, data.query_feats, "cpu")
+    assert not bool(v.anomalous.any())   # A = 0.5 everywhere: no video predicted anomalous
+    s = score_matrix(model, v, q, levels=("coarse",), chunk=4)["coarse"]
+    f = data.videos.frame_feat.astype(np.float64)
+    m = data.videos.frame_mask
+    mean = (f * m[..., None]).sum(1) / m.sum(1, keepdims=True)
+    sent = data.query_feats["sentence"].astype(np.float64)
+    ref = (mean / np.linalg.norm(mean, axis=1, keepdims=True)) @ (sent / np.linalg.norm(sent, axis=1, keepdims=True)).T
+    assert np.allclose(s, ref, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the command
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def table_rows(output):
+    """{direction: [cells after the direction]} from the rich table."""
+    rows = {}
+    for line in output.splitlines():
+        cells = [c.strip() for c in re.split(r"[│┃]", line) if c.strip()]
+        if cells and "->" in cells[0]:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_cli_checkpoint_table_and_json_agree(cache, ckpt, tmp_path):
+    out = tmp_path / "res" / "r.json"
+    metrics = "r1,r5,r10,r50,mdr,mnr"
+    r = run(cache, "--checkpoint", ckpt.parent, "--split", "test", "--metrics", metrics, "--json", out, "--chunk", 4)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["checkpoint"] == str(ckpt) and res["zero_shot"] is False and res["query"] == "text"
+    assert res["levels"] == ["coarse", "fine", "finer"] and res["anomaly_weighting"] is True
+    assert res["post"] is None and res["raw_similarities"] is True
+    assert res["counts"] == {"videos": 14, "queries": 14, "videos_without_query": 0, "videos_with_several_queries": 0,
+                             "dropped_queries": 2, "predicted_anomalous": res["counts"]["predicted_anomalous"]}
+    rows = table_rows(r.output)
+    assert set(rows) == {"text->video", "video->text"}
+    for key, direction in (("t2v", "text->video"), ("v2t", "video->text")):
+        m = res["metrics"][key]
+        assert m["direction"] == direction and m["ranked"] == 14
+        assert rows[direction] == [str(m["ranked"])] + [format_metric(k, m[k]) for k in metrics.split(",")]
+    header = [metric_label(k) for k in metrics.split(",")]
+    assert all(h in r.output for h in header)
+    assert "14 videos" in r.output and "14 text queries" in r.output and str(ckpt) in r.output
+    assert "post-processing: none (raw similarities)" in r.output
+
+    # the numbers are the model's own ranking of the cache, recomputed here step by step
+    model, _ = checkpoint.load(ckpt)
+    data = load_eval_data(open_cache(cache).split("test"), "text")
+    sim = score_matrix(model, encode_videos(model, data.videos, "cpu"), encode_queries(model, data.query_feats, "cpu"))
+    ref = retrieval_metrics(sim["total"], data.query_video, metrics.split(","))
+    assert {k: res["metrics"]["t2v"][k] for k in ref["q2v"]} == pytest.approx(ref["q2v"])
+    assert {k: res["metrics"]["v2t"][k] for k in ref["v2q"]} == pytest.approx(ref["v2q"])
+
+    # the same command twice: the same output, the same JSON
+    out2 = tmp_path / "r2.json"
+    r2 = run(cache, "--checkpoint", ckpt.parent, "--split", "test", "--metrics", metrics, "--json", out2, "--chunk", 4)
+    assert r2.output == r.output and out2.read_text() == out.read_text()
+    # another block size gives the same ranks
+    r3 = run(cache, "--checkpoint", ckpt, "--metrics", metrics, "--chunk", 64)
+    assert table_rows(r3.output) == rows
+
+
+def test_cli_default_metrics_and_ablation_overrides(cache, ckpt, tmp_path):
+    out = tmp_path / "a.json"
+    r = run(cache, "--checkpoint", ckpt, "--levels", "coarse", "--no-anomaly-weighting", "--json", out)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["levels"] == ["coarse"] and res["anomaly_weighting"] is False
+    assert res["metric_names"] == list(DEFAULT_METRICS) and res["chunk"] == DEFAULT_CHUNK and res["device"] == "cpu"
+    assert "levels coarse " in r.output and "anomaly weighting off" in r.output
+    model, _ = checkpoint.load(ckpt)
+    model.cfg = dataclasses.replace(model.cfg, levels=("coarse",), anomaly_weighting=False)
+    data = load_eval_data(open_cache(cache).split("test"), "text", patches=False)
+    sim = score_matrix(model, encode_videos(model, data.videos, "cpu"), encode_queries(model, data.query_feats, "cpu"))
+    assert set(sim) == {"coarse", "total"}
+    ref = retrieval_metrics(sim["total"], data.query_video, DEFAULT_METRICS)
+    assert {k: res["metrics"]["t2v"][k] for k in DEFAULT_METRICS} == pytest.approx(ref["q2v"])
+
+
+def test_cli_zero_shot_and_post_processing_labelled(cache, tmp_path):
+    out = tmp_path / "z.json"
+    r = run(cache, "--zero-shot", "--json", out)
+    assert r.exit_code == 0, r.output
+    raw = json.loads(out.read_text())
+    assert raw["zero_shot"] is True and raw["checkpoint"] is None and raw["counts"]["predicted_anomalous"] == 0
+    assert "zero-shot" in r.output and "raw similarities" in r.output
+    for post, label in (("dsl", "DSL"), ("sinkhorn", "Sinkhorn")):
+        rp = run(cache, "--zero-shot", "--post", post, "--json", out)
+        assert rp.exit_code == 0, rp.output
+        res = json.loads(out.read_text())
+        assert res["post"] == post and res["raw_similarities"] is False
+        assert f"post-processing: {label}" in rp.output and "(not raw similarities)" in rp.output
+        assert "post-processing: none" not in rp.output
+    ra = run(cache, "--zero-shot", "--query", "audio", "--json", out)
+    assert ra.exit_code == 0, ra.output
+    res = json.loads(out.read_text())
+    assert res["query"] == "audio" and set(res["metrics"]) == {"a2v", "v2a"}
+    assert res["counts"]["queries"] == 14 and "audio->video" in ra.output and "video->audio" in ra.output
+
+
+def test_cli_reports_captions_of_failed_videos(cache, tmp_path):
+    out = tmp_path / "d.json"
+    r = run(cache, "--zero-shot", "--json", out)
+    res = json.loads(out.read_text())
+    assert res["counts"]["dropped_queries"] == 2 and len(res["dropped"]) == 2
+    assert all("was not extracted" in d for d in res["dropped"])
+    assert "2 queries dropped" in r.output and "Abuse/test_0015.mp4" in r.output
+
+
+def test_python_m_runs(cache):
+    p = subprocess.run([sys.executable, "-m", "varcmp.evaluate", str(cache), "--zero-shot", "--levels", "coarse"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "text->video" in p.stdout and "video->text" in p.stdout
+
+
+def one_line_error(r, *needles):
+    assert r.exit_code == 2, r.output
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("varcmp-eval: error:"), r.output
+    assert "Traceback" not in r.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_checkpoint_of_other_encoders_or_dims_is_refused(cache, tmp_path):
+    other = tmp_path / "other.zarr"
+    shutil.copytree(cache, other)
+    root = json.loads((other / "zarr.json").read_text())
+    root["attributes"]["varcmp"]["encoders"]["clip"]["weights_hash"] = "sha256:retrained"
+    (other / "zarr.json").write_text(json.dumps(root))
+    fp = checkpoint.cache_fingerprint(open_cache(other))
+    assert fp["encoders"] != checkpoint.cache_fingerprint(open_cache(cache))["encoders"]
+    path = checkpoint.save(tmp_path / "other.safetensors", planted_model(), {"cache": fp})
+    one_line_error(run(cache, "--checkpoint", path), "other encoders")
+    fp = checkpoint.cache_fingerprint(open_cache(cache))
+    fp["spec"] = {**fp["spec"], "dim": 64}
+    path = checkpoint.save(tmp_path / "dims.safetensors", planted_model(), {"cache": fp})
+    one_line_error(run(cache, "--checkpoint", path), "dim=64")
+
+
+def test_user_errors_are_one_line(cache, ckpt, tmp_path):
+    one_line_error(run(cache, "--checkpoint", ckpt, "--split", "val"), "no split 'val'")
+    one_line_error(run(cache, "--checkpoint", tmp_path / "nope"), "no such checkpoint")
+    one_line_error(run(cache, "--checkpoint", ckpt, "--metrics", "r1,map"), "'map'")
+    one_line_error(run(cache, "--checkpoint", ckpt, "--metrics", "r0"), "'r0'")
+    one_line_error(run(cache, "--checkpoint", ckpt, "--levels", "coarse,best"), "unknown level")
+    one_line_error(run(cache, "--checkpoint", ckpt, "--query", "audio"), "trained for text")
+    one_line_error(run(cache, "--checkpoint", ckpt, "--chunk", 0), "--chunk")
+    one_line_error(run(cache, "--checkpoint", ckpt, "--zero-shot"), "--zero-shot")
+    one_line_error(run(cache), "--checkpoint")
+    one_line_error(run(tmp_path / "missing.zarr", "--zero-shot"), "no such cache")
+
+    # a split without captions, queried with text; a cache without audio, queried with audio
+    w = CacheWriter(cache, SPEC, ENCODERS, {"planted": True, "seed": 0})
+    sw = w.split("nocap", [VideoEntry("Abuse/x.mp4")])
+    n, p, c, a = SPEC.num_frames, SPEC.num_patches, SPEC.dim, SPEC.audio_segments
+    sw.write_video(0, VideoFeatures(10.0, 25.0, np.zeros(n, np.float32), np.ones(n, bool), np.ones((n, c)),
+                                    np.ones((n, p, c)), np.ones((a, c)), np.ones(a, bool),
+                                    np.zeros((a, 2), np.float32)))
+    w.finish()
+    one_line_error(run(cache, "--zero-shot", "--split", "nocap", "--query", "text"), "no captions")
+    silent = write_planted_cache(tmp_path / "silent.zarr", {"test": 4},
+                                 spec=dataclasses.replace(SPEC, audio_segments=0))
+    one_line_error(run(silent, "--zero-shot", "--query", "audio"), "no audio")

@@ -327,7 +327,9 @@ class PatchSelector(nn.Module):
 
     def scores(self, patches: Tensor, cls: Tensor) -> Tensor:
         """patches [V, N, P, C], frame [CLS] features cls [V, N, C] -> [V, N, P] (float32)."""
-        cos = torch.einsum("vnpc,vnc->vnp", _l2(patches), _l2(cls))
+        # cos(p, f) as a dot product over the two norms: no normalised copy of every patch
+        norms = patches.norm(dim=-1).clamp_min(1e-12) * cls.norm(dim=-1).clamp_min(1e-12)[..., None]
+        cos = torch.einsum("vnpc,vnc->vnp", patches, cls) / norms
         hidden = F.gelu(self.patch_in(patches) + self.frame_in(cls)[:, :, None, :])
         return _f32(cos) + _f32(self.out(hidden).squeeze(-1))
 
@@ -421,7 +423,9 @@ class VarCMP(nn.Module):
             self._check(patch_feat, (V, N, None, cfg.dim), "patch_feat")
             if patch_feat.shape[2] < M:
                 raise ValueError(f"{patch_feat.shape[2]} patches per frame < top_patches={M}")
-            p = torch.where(mask[..., None, None], patch_feat.to(self._dtype), 0.0)
+            p = patch_feat.to(self._dtype)
+            if not bool(mask.all()):  # a full batch (the common case) needs no masked copy
+                p = torch.where(mask[..., None, None], p, 0.0)
             patches = self.patch_selector(p, f)
             patch_mask = mask.repeat_interleave(M, dim=1)
             patch_w = self.patch_weight(patches, patch_mask)

@@ -1,0 +1,48 @@
+"""The README's main job (`varcmp demo`) end to end at a small size, and the set-up
+commands that the README and CI share."""
+
+import json
+import re
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from varcmp.cli import SETTINGS, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs_end_to_end_and_resumes(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--videos", "40", "--epochs", "1"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["tasks"]) == ["text", "audio"]
+    for task, rows in results["tasks"].items():
+        assert [r["setting"] for r in rows] == [s[0] for s in SETTINGS]
+        for r in rows:
+            for d in r["metrics"].values():
+                assert 0 <= d["r1"] <= d["r10"] <= 100 and d["mdr"] >= 1
+        assert rows[0]["checkpoint"] is None and all(Path(r["checkpoint"]).is_file() for r in rows[1:])
+    for label, *_ in SETTINGS:  # every row of both tables is printed
+        assert len(re.findall(rf"│ {re.escape(label)} +│", res.output)) == 2, label
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second run reuses the benchmark and the finished runs: same numbers
+    mtime = (out / "synthetic.zarr" / "zarr.json").stat().st_mtime_ns
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert (out / "synthetic.zarr" / "zarr.json").stat().st_mtime_ns == mtime
+    assert json.loads((out / "results.json").read_text())["tasks"] == results["tasks"]
+
+
+def test_readme_commands_and_ci_agree():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, flags=re.S)
+    commands = [line for line in blocks[0].splitlines() if line.strip() and not line.startswith("#")]
+    assert len(commands) == 2, commands  # exactly two set-up commands at the top
+    demo, tests = commands
+    assert demo.endswith("varcmp demo") and "torch==2.13.0" in demo and "python3 -m venv .venv" in demo
+    assert "pytest" in tests and "torch==2.13.0" in tests and "python3 -m venv .venv" in tests
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert tests in ci.splitlines()  # CI runs the README's test command verbatim

@@ -23,14 +23,21 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto: CUDA, then MPS, then CPU; a named device is checked to exist here (ValueError,
+    one line, otherwise). The one place every command picks its device."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here (use --device auto or cpu)")
+    if dev.type == "mps" and not mps:
+        raise ValueError(f"--device {name}: MPS is not available here (use --device auto or cpu)")
+    return dev
 
 
 def config_hash(config) -> str:

@@ -307,15 +307,12 @@ def format_metric(m: str, value: float) -> str:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from .encoders import resolve_device
+
     try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f"--device {name}: not a device (auto, cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available here")
-    return dev
+        return resolve_device(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def zero_shot_model(spec, query: str) -> VarCMP:
@@ -522,7 +519,7 @@ def _main(**kw):
               help=f"Videos x queries per scoring block [default: {DEFAULT_CHUNK} on CPU, {DEFAULT_CHUNK_CUDA} on "
                    "CUDA]. Peak memory of a block ~ 3 * chunk^2 * L * N * M * 4 bytes (L query tokens, N frames, "
                    "M patches/frame): 48 MiB at 32, 768 MiB at 128 with 32 x 32 x 4. Results do not depend on it.")
-@click.option("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1.")
+@click.option("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps.")
 @click.option("--post", type=click.Choice(list(POST)), default=None,
               help="Opt-in post-processing, labelled in the output: dsl = dual softmax (CAMoE): sim * "
                    "softmax(logit_scale * sim) over the other axis; sinkhorn = "

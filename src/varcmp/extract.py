@@ -269,10 +269,13 @@ def run(opt: Options, console=None) -> Summary:
 
 
 def _extract(opt: Options, plan: Plan, pool, summary: Summary, stack: ExitStack, console) -> None:
-    from .encoders import ClapEncoder, ClipEncoder, pick_device
+    from .encoders import ClapEncoder, ClipEncoder, resolve_device
 
     sharded = opt.num_shards > 1
-    device = pick_device(opt.device)
+    try:
+        device = resolve_device(opt.device)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     clip = ClipEncoder(opt.clip_model, device)
     clap = ClapEncoder(opt.clap_model, device) if opt.audio else None
     spec = CacheSpec(num_frames=opt.frames, num_patches=clip.num_patches, dim=clip.dim, max_words=opt.max_words,

@@ -58,6 +58,7 @@ import torch
 
 from .cache_schema import DONE, CacheError, Split, open_cache
 from .checkpoint import CheckpointError, atomic_write, cache_fingerprint, check_compatible, save
+from .encoders import resolve_device
 from .evaluate import EvalData, encode_queries, encode_videos, retrieval_metrics, score_matrix
 from .model import LEVELS, QUERIES, ModelConfig, VarCMP
 
@@ -146,24 +147,6 @@ class Runtime:
     device: str = "auto"     # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     data: str = "auto"       # auto | memory | stream
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto: CUDA, then MPS, then CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise TrainError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:1, mps)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"--device {name}: CUDA is not available here (use --device auto or cpu)")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise TrainError(f"--device {name}: MPS is not available here (use --device auto or cpu)")
-    return dev
 
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -544,7 +527,10 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
         raise TrainError(f"{out}: exists and is not a directory")
     cache = open_cache(cache_path)
     split = cache.split(opts.split)
-    device = resolve_device(runtime.device)
+    try:
+        device = resolve_device(runtime.device)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     amp_dtype, use_scaler = resolve_precision(runtime.precision, device)
     if runtime.data not in ("auto", "memory", "stream"):
         raise TrainError(f"--data must be auto, memory or stream, got {runtime.data!r}")

@@ -6,7 +6,8 @@ frame whose timestamp is <= it). A video with fewer than `N` frames yields
 each of its frames once. Every frame is decoded at most once: a packet-level
 index of the stream (timestamps and keyframes, no decoding) lets the decoder
 jump to the keyframe before a target whenever that skips frames, and decode
-straight on otherwise.
+straight on otherwise; frames between targets that no other frame refers to are
+not decoded at all.
 """
 
 from __future__ import annotations
@@ -107,12 +108,12 @@ def read_frames(path: str | os.PathLike, n: int) -> Frames:
 
         images, times = [], []
         decoder, last = None, None
+        wanted = set(int(p) for p in chosen)
         try:
             for want in chosen:
                 key = keys[np.searchsorted(keys, want, side="right") - 1]
                 if decoder is None or last is None or key > last:
-                    container.seek(int(key), stream=stream, backward=True, any_frame=False)
-                    decoder = container.decode(stream)
+                    decoder = _decode_from(container, stream, int(key), wanted)
                 for frame in decoder:
                     fpts = frame.pts if frame.pts is not None else (last + step if last is not None else start)
                     last = fpts
@@ -129,6 +130,17 @@ def read_frames(path: str | os.PathLike, n: int) -> Frames:
         if not images:
             raise MediaError("no decodable video frames")
         return Frames(images, (np.asarray(times, dtype=np.float64) - start) * tb, float(duration), float(fps), len(pts))
+
+
+def _decode_from(container, stream, key: int, wanted: set[int]):
+    """Frames from keyframe `key` on. Packets of frames that are not wanted are decoded with
+    skip_frame=NONREF: a frame no other frame refers to is then not decoded at all (most
+    B-frames), one that others need still is, so every wanted frame comes out exactly."""
+    container.seek(key, stream=stream, backward=True, any_frame=False)
+    ctx = stream.codec_context
+    for pkt in container.demux(stream):
+        ctx.skip_frame = "DEFAULT" if pkt.pts is None or pkt.pts in wanted else "NONREF"
+        yield from pkt.decode()
 
 
 def read_audio(path: str | os.PathLike, rate: int = AUDIO_RATE) -> tuple[np.ndarray, float] | None:

@@ -192,7 +192,9 @@ def assert_same_split(a_path, b_path, split):
         np.testing.assert_array_equal(ta.done, tb.done)
 
 
-def test_kill_9_mid_run_resumes_to_the_same_store(tmp_path, tiny_clip):
+@pytest.mark.parametrize("sig,code", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 130)])
+def test_killed_mid_run_resumes_to_the_same_store(tmp_path, tiny_clip, sig, code):
+    """kill -9, or Ctrl-C (which exits 130 after saving what is finished)."""
     root = tmp_path / "videos"
     root.mkdir()
     for i in range(14):
@@ -212,12 +214,12 @@ def test_kill_9_mid_run_resumes_to_the_same_store(tmp_path, tiny_clip):
             except Exception:  # noqa: BLE001 - the store may not exist yet
                 status = None
             if status is not None and (status == DONE).sum() >= 2:
-                proc.send_signal(signal.SIGKILL)
+                proc.send_signal(sig)
                 break
             time.sleep(0.01)
         proc.wait()
         after = open_cache(killed).split("train").status
-        if proc.returncode == -signal.SIGKILL and (after != DONE).any():
+        if proc.returncode == code and (after != DONE).any():
             break
         import shutil
 

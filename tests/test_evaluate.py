@@ -346,7 +346,7 @@ def test_python_m_runs(cache):
 def one_line_error(r, *needles):
     assert r.exit_code == 2, r.output
     lines = [x for x in r.output.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("varcmp-eval: error:"), r.output
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
     assert "Traceback" not in r.output
     for n in needles:
         assert n in lines[0], lines[0]

@@ -30,6 +30,27 @@ METRICS = ("r1", "r10", "mdr")
 TASKS = {"text": ("t2v", "v2t"), "audio": ("a2v", "v2a")}
 
 
+class CommandError(click.ClickException):
+    """A user error of a varcmp command: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class OneLineErrors(click.Command):
+    """A click command whose usage errors (a bad option value, a missing argument) are one line
+    on stderr with exit code 2, like every other error of varcmp's commands, instead of click's
+    usage block."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as e:
+            raise CommandError(" ".join(e.format_message().split()) + " (see --help)") from None
+
+
 def _run_name(levels, weighting) -> str:
     return "-".join(levels) + ("" if weighting else "-noweight")
 

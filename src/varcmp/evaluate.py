@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .cache_schema import CacheError, Split, VideoData
+from .cli import OneLineErrors
 from .model import QueryEmb, VarCMP, VideoEmb
 
 METRICS = ("r1", "r5", "r10", "r50", "mdr", "mnr")
@@ -483,7 +484,7 @@ def _main(**kw):
     try:
         result = evaluate_split(**kw)
     except (UserError, CacheError, CheckpointError) as e:
-        click.echo(f"varcmp-eval: error: {e}", err=True)
+        click.echo(f"error: {e}", err=True)
         sys.exit(2)
     print_report(result, Console())
     if json_out is not None:
@@ -491,11 +492,11 @@ def _main(**kw):
         try:
             atomic_write(Path(json_out), lambda tmp: Path(tmp).write_text(text))
         except OSError as e:
-            click.echo(f"varcmp-eval: error: --json {json_out}: {e.strerror or e}", err=True)
+            click.echo(f"error: --json {json_out}: {e.strerror or e}", err=True)
             sys.exit(2)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
                epilog="Rank = 1 + the number of OTHER items scoring >= the true one (ties count against "
                       "the model). A video with several captions: each caption is ranked over the videos "
                       "(text->video), and video->text ranks the video's best-scoring caption among the "

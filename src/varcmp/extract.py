@@ -23,6 +23,7 @@ import numpy as np
 from .annotations import AnnotationError, label_from_path, read_captions, safe_relative
 from .cache_schema import (DONE, FAILED, LOCK_NAME, TEXT_CHUNK, CacheError, CacheSpec, CacheWriter, QueryEntry, VideoEntry,
                            VideoFeatures, is_hdf5)
+from .cli import OneLineErrors
 from .media import AUDIO_EXTENSIONS, AUDIO_RATE, MediaError, audio_windows, find_videos, read_audio, read_frames
 
 # --------------------------------------------------------------------------
@@ -483,7 +484,7 @@ def report(summary: Summary, opt: Options, console) -> int:
     return 1 if (summary.failed or plan.rejected or plan.missing) else 0
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("videos", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
               help="Cache to write or add to: a Zarr directory, or NAME.h5 for HDF5.")

@@ -107,6 +107,7 @@ import numpy as np
 
 from .annotations import AnnotationError, label_from_path
 from .cache_schema import TEXT_CHUNK, CacheError, CacheSpec, CacheWriter, QueryEntry, VideoEntry, VideoFeatures
+from .cli import CommandError, OneLineErrors
 
 # --------------------------------------------------------------------------
 # Vocabulary of the world
@@ -851,23 +852,6 @@ def make_media_cache(out, media_dir, videos: int = 40, seed: int = 0, overwrite:
 # CLI
 
 
-class _Fail(click.ClickException):
-    """A bad argument: one line on stderr, exit status 2."""
-
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        click.echo(f"varcmp-synth: error: {self.format_message()}", err=True)
-
-
-class _Command(click.Command):
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent, **extra)
-        except click.UsageError as e:
-            raise _Fail(" ".join(e.format_message().split())) from None
-
-
 _KNOB_OPTIONS = [
     ("--span", click.IntRange(1), "Length of the anomalous span, in sampled frames."),
     ("--normal-share", click.FloatRange(0, 1), "Share of normal videos."),
@@ -898,7 +882,7 @@ def _knob_options(f):
     return f
 
 
-@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--videos", "-n", type=click.IntRange(2), default=_DEFAULTS.videos, show_default=True,
               help="Number of videos (train + test).")
@@ -940,18 +924,18 @@ def main(out, videos, seed, media, clip_model, clap_model, overwrite, **knobs):
             src = click.get_current_context().get_parameter_source
             fixed = [k for k in ("dim", "patches") if src(k) != click.core.ParameterSource.DEFAULT]
             if fixed:
-                raise _Fail(f"--{fixed[0]} cannot be used with --media (the encoders fix it)")
+                raise CommandError(f"--{fixed[0]} cannot be used with --media (the encoders fix it)")
             if media.exists() and any(media.iterdir()) and not overwrite:
-                raise _Fail(f"{media}: exists and is not empty; pass --overwrite or choose another --media folder")
+                raise CommandError(f"{media}: exists and is not empty; pass --overwrite or choose another --media folder")
             params = {k: v for k, v in knobs.items() if k not in ("dim", "patches")}
             make_media_cache(out, media, videos=videos, seed=seed, overwrite=overwrite, progress=True,
                              clip_model=clip_model, clap_model=clap_model, console=console, **params)
         else:
             if clip_model or clap_model:
-                raise _Fail("--clip-model / --clap-model only apply with --media")
+                raise CommandError("--clip-model / --clap-model only apply with --media")
             make_synthetic_cache(out, videos=videos, seed=seed, overwrite=overwrite, progress=True, **knobs)
     except (ValueError, CacheError) as e:
-        raise _Fail(str(e).splitlines()[0]) from None
+        raise CommandError(str(e).splitlines()[0]) from None
     except (RuntimeError, AnnotationError, click.UsageError) as e:  # the --media extraction went wrong
         msg = e.format_message() if isinstance(e, click.UsageError) else str(e)
         click.echo(f"varcmp-synth: error: {' '.join(msg.split())}", err=True)

@@ -58,6 +58,7 @@ import torch
 
 from .cache_schema import DONE, CacheError, Split, open_cache
 from .checkpoint import CheckpointError, atomic_write, cache_fingerprint, check_compatible, save
+from .cli import OneLineErrors
 from .encoders import resolve_device
 from .evaluate import EvalData, encode_queries, encode_videos, retrieval_metrics, score_matrix
 from .model import LEVELS, QUERIES, ModelConfig, VarCMP
@@ -720,27 +721,10 @@ def report(summary: RunSummary, console) -> None:
                   f"{summary.out / STATE_NAME}; history {summary.out / HISTORY_NAME}", highlight=False, soft_wrap=True)
 
 
-class _OneLineErrors(click.Command):
-    """Usage errors as one line on stderr (exit code 2), like every other error of this command."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.ClickException as e:
-            click.echo(f"error: {e.format_message()} (see varcmp-train --help)", err=True)
-            sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("aborted", err=True)
-            sys.exit(1)
-        if not standalone_mode:
-            return rv
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-
 D = TrainOptions()
 
 
-@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
               help="Run directory: checkpoints, resume state and history.json.")

@@ -257,3 +257,33 @@ def test_help():
     for opt in ("--annotations", "--split", "--audio", "--clip-model", "--clap-model", "--frames", "--max-words",
                 "--audio-segments", "--batch-size", "--device", "--workers", "--overwrite", "--num-shards"):
         assert opt in result.output
+
+
+def test_audio_from_a_folder_of_files_named_by_video_stem(tmp_path, video_root, tiny_clip, tiny_clap):
+    import av
+
+    audio_dir = tmp_path / "audio"
+    audio_dir.mkdir()
+    samples = tone(3.0, 500).reshape(1, -1)
+    with av.open(str(audio_dir / "Fighting002_x264.wav"), "w") as c:  # the stem of Fighting/Fighting002_x264.mp4
+        s = c.add_stream("pcm_s16le", rate=48000)
+        s.layout = "mono"
+        fr = av.AudioFrame.from_ndarray((samples * 32767).astype(np.int16), format="s16", layout="mono")
+        fr.sample_rate = 48000
+        for p in s.encode(fr):
+            c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    out = tmp_path / "c.zarr"
+    code, log = extract(video_root / "Fighting", "--out", out, "--audio", audio_dir, "--clip-model", tiny_clip,
+                        "--clap-model", tiny_clap, "--workers", 0, "--frames", 8, "--audio-segments", 4)
+    assert code == 0, log
+    v = open_cache(out).split("train").load_videos()
+    assert v.paths.tolist() == ["Fighting002_x264.mp4"] and v.audio_mask[0].all() and v.audio_feat[0].any()
+    # a video whose folder has no file of its stem: recorded, not fatal
+    code, log = extract(video_root / "Arson", "--out", tmp_path / "d.zarr", "--audio", audio_dir,
+                        "--clip-model", tiny_clip, "--clap-model", tiny_clap, "--workers", 0, "--frames", 8,
+                        "--audio-segments", 4)
+    s = open_cache(tmp_path / "d.zarr").split("train")
+    assert code == 0 and s.notes.tolist() == ["no audio file"]
+    assert not s.load_videos().audio_mask.any()

@@ -1,0 +1,387 @@
+"""`varcmp-search` at scale: exhaustive against two-stage search on generated collections of 10k
+and 100k videos, in one run.
+
+    .venv/bin/python benchmarks/search.py                       # 10k and 100k (about 13 min on 2 CPU cores)
+    .venv/bin/python benchmarks/search.py --sizes 10000 --queries 16
+    .venv/bin/python benchmarks/search.py --checkpoint runs/mine  # trained heads (512-d, 32 frames, 49 patches)
+
+The collection. Production shapes (32 frames, 49 patches, 512-d, 32-token queries), far too big
+to store at 100k (160 GB at float16), so features are generated on demand and never kept:
+varcmp-synth's world (`varcmp.synth.World`: concepts with families, Zipf-distributed subjects,
+16 scenes, 13 anomalous actions and 10 normal activities, a camera vector per video, bystanders,
+an anomalous event filling a 4-frame span of 32 and a few moving patches) fixes what each video
+shows and each caption says; `WorldVideos` renders a video's frame and patch features from it
+with the amplitudes of `synth.AMP` (the same recipe as `World.video_features`). Two changes make
+rendering ~10x cheaper than `World.video_features` (which would take 20 minutes at 100k): the
+patch noise is drawn in a random 16-dimensional subspace per video (coefficients x 16 random
+directions, the same expected norm) instead of fresh 512-d noise per patch, and features stay
+float32. Every video's random draws come from its own seed (seed, video id), so any video can be
+rendered again alone (the rerank reads its candidates one by one) and identically; videos are
+rendered in blocks of --chunk. The collection is structured (many videos share a scene, an action
+and a subject; 100k videos of 16 x 13 x 12 combinations), so the exhaustive top 10 of a query
+holds near-ties and the coarse level must rank the videos that describe the query well for the
+two-stage mode to keep them.
+
+Queries are the world's captions of videos spread over the collection (`World.text_features`:
+words and sentence of the caption of a video, so each query has a "source" video; the exhaustive
+hit rate of the source shows that the ranking is meaningful).
+
+The model: zero-shot heads (`evaluate.zero_shot_model`: e_v = mean frame feature, uniform weights,
+the frozen-CLIP baseline) unless --checkpoint gives trained ones. Trained heads change how well
+the coarse level predicts the full score, so the share kept depends on them.
+
+What is timed (generation, standing in for reading the cache, is excluded from both modes and
+reported separately; reading a production video from a Zarr cache costs ~5 ms, see DESIGN.md):
+
+- exhaustive, one query: encoding every video (VarCMP.encode_videos, all levels) + scoring them
+  (evaluate.score_matrix), through `search.rank(..., candidates=None)`, the code `varcmp-search
+  --mode exhaustive` runs. The collection is encoded once for all timed queries; the latency of one
+  query is that encoding time plus the scoring time divided by the number of queries (scoring one
+  query alone per pass is a little slower per pair, so this is a lower bound: the ratio below is
+  conservative).
+- two-stage, one query: faiss search of the stored index (IndexFlatIP over the normalised e_v) for
+  K candidates + encoding and scoring those K (`search.index_candidates` then `search.rank`
+  with the candidates), each query alone, median over the queries.
+- kept: the share of the exhaustive top 10 that the two-stage top 10 holds (same videos), over all
+  timed queries; also given for smaller pools, from the same rerank (the top 10 among the first K'
+  candidates of the coarse ranking).
+- index build: the index vectors are the exhaustive pass's own e_v (equal to what `varcmp-search`
+  builds, checked on the first videos); building it for the CLI costs one coarse-only encode per
+  video, timed on a sample and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from varcmp.cache_schema import CacheSpec, VideoData  # noqa: E402
+from varcmp.evaluate import encode_queries, zero_shot_model  # noqa: E402
+from varcmp.search import (  # noqa: E402
+    default_pool, first_stage, flat_index, index_candidates, index_vectors, query_vectors, rank, video_vectors,
+)
+from varcmp.synth import AMP, SynthParams, World  # noqa: E402
+
+NOISE_RANK = 24
+
+
+class WorldVideos:
+    """The videos of a synth World as a `search.rank` source: features rendered on demand."""
+
+    def __init__(self, world: World):
+        p = world.params
+        self.world, self.p, self.n = world, p, p.videos
+        self.C, self.N, self.P = p.dim, p.frames, p.patches
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+        self.subj, self.verb, self.scene_v = t(world.visual["subject"]), t(world.visual["verb"]), t(world.visual["scene"])
+        self.off = t(AMP["offset"] * world.offset_img)
+        self._buf = None  # patch output, reused: read()'s patch array is valid until the next read()
+        n = self.n
+        self.scene = np.zeros(n, np.int64)
+        self.bg = np.zeros((n, 2), np.int64)        # background event: subject, verb
+        self.an = np.full((n, 4), -1, np.int64)      # anomaly: subject, verb, start, stop (-1: none)
+        self.by = np.zeros((n, p.bystanders), np.int64)
+        for i, v in enumerate(world.videos):
+            self.scene[i] = v.scene
+            b = v.events[0]
+            self.bg[i] = (b.subject, b.verb)
+            if len(v.events) > 1:
+                a = v.events[1]
+                self.an[i] = (a.subject, a.verb, a.start, a.stop)
+            self.by[i] = v.bystanders
+
+    def _draws(self, i: int):
+        """Every random draw of video i, from its own seed: camera, frame noise, textures, patch
+        noise coefficients, noise directions, object positions."""
+        g = torch.Generator().manual_seed(int(self.p.seed) * 1_000_003 + int(i))
+        N, P, C, R = self.N, self.P, self.C, NOISE_RANK
+        sizes = (C, N * C, P * R, N * P * R, R * C)
+        z = torch.randn(sum(sizes), generator=g).split(sizes)
+        where = torch.rand(N, P, generator=g).argsort(dim=1)
+        return (torch.nn.functional.normalize(z[0], dim=0), z[1].view(N, C), z[2].view(P, R), z[3].view(N, P, R),
+                z[4].view(R, C), where)
+
+    def _objects(self, pos):
+        """Per video: object vectors' concept ids (subject/verb table, index), their slot in the
+        position table (World's layout: event e part x at slot 2e + x, then bystanders) and frames."""
+        N, nb = self.N, self.p.bystanders
+        O = 4 + nb
+        kind = np.zeros((len(pos), O), np.int64)      # 0 subject, 1 verb
+        cid = np.zeros((len(pos), O), np.int64)
+        slot = np.zeros((len(pos), O), np.int64)
+        s0 = np.zeros((len(pos), O), np.int64)
+        s1 = np.zeros((len(pos), O), np.int64)        # s1 = s0: unused object
+        for b, i in enumerate(pos):
+            objs = [(0, self.bg[i, 0], 0, N), (1, self.bg[i, 1], 0, N)]
+            if self.an[i, 0] >= 0:
+                objs += [(0, self.an[i, 0], self.an[i, 2], self.an[i, 3]), (1, self.an[i, 1], self.an[i, 2], self.an[i, 3])]
+            objs += [(0, s, 0, N) for s in self.by[i]]
+            for o, (kd, c, a, z) in enumerate(objs):
+                kind[b, o], cid[b, o], slot[b, o], s0[b, o], s1[b, o] = kd, c, o, a, z
+        return kind, cid, slot, s0, s1
+
+    def _patches(self, pos, draws, cam, scene_v) -> np.ndarray:
+        """Unit patch features [B, N, P, C] as one product coef @ atoms per video, normalised through
+        the atoms' Gram matrix before the product (the big tensor is written once). Atoms: the
+        background (offset + scene + camera), NOISE_RANK random directions (of expected norm 1 for
+        a standard normal coefficient vector) and one object vector per event part or bystander.
+        A background patch is background + its position's texture (amplitude patch_texture,
+        fixed over frames) + noise (patch_noise, fresh per patch), both drawn in the span of the
+        random directions; an object patch is its object vector (offset + concept + a little scene,
+        as World.video_features) + noise."""
+        B, N, P, C, k, R = len(pos), self.N, self.P, self.C, self.p.object_patches, NOISE_RANK
+        kind, cid, slot, s0, s1 = self._objects(pos)
+        O = kind.shape[1]
+        o0 = 1 + R
+        atoms = torch.empty(B, o0 + O, C)
+        atoms[:, 0] = self.off + AMP["patch_scene"] * scene_v + AMP["patch_camera"] * cam
+        atoms[:, 1:o0] = torch.stack([d[4] for d in draws]) / np.sqrt(R * C)
+        c = torch.from_numpy(cid)
+        concept = torch.where(torch.from_numpy(kind == 0)[..., None], self.subj[c.clamp(max=len(self.subj) - 1)],
+                              self.verb[c.clamp(max=len(self.verb) - 1)])
+        atoms[:, o0:] = self.off + AMP["object"] * concept + AMP["object_scene"] * scene_v[:, None]
+        noise = torch.stack([d[3] for d in draws]) * (AMP["patch_noise"] * self.p.noise)            # [B, N, P, R]
+        coef = torch.zeros(B, N, P, o0 + O)
+        coef[..., 0] = 1.0
+        coef[..., 1:o0] = noise + AMP["patch_texture"] * torch.stack([d[2] for d in draws])[:, None]
+        # object patches: (video, frame, object, j) -> patch column where[video][frame, slot * k + j]
+        where = torch.stack([d[5] for d in draws])                                                  # [B, N, P]
+        n_idx = np.arange(N)
+        active = (n_idx[None, :, None] >= s0[:, None, :]) & (n_idx[None, :, None] < s1[:, None, :])  # [B, N, O]
+        bb, nn, oo = (torch.from_numpy(x) for x in np.nonzero(active))
+        bb, nn, oo = (x.repeat_interleave(k) for x in (bb, nn, oo))
+        jj = torch.arange(k).repeat(len(bb) // k)
+        cc = where[bb, nn, torch.from_numpy(slot)[bb, oo] * k + jj]
+        coef[bb, nn, cc, 0] = 0.0                                     # no background
+        coef[bb, nn, cc, 1:o0] = noise[bb, nn, cc]                    # noise, no texture
+        coef[bb, nn, cc, o0 + oo] = 1.0
+        coef = coef.view(B, N * P, o0 + O)
+        gram = torch.bmm(atoms, atoms.transpose(1, 2))
+        norm = (torch.bmm(coef, gram) * coef).sum(-1).clamp_min(1e-12).sqrt()  # |coef @ atoms| per patch
+        if self._buf is None or len(self._buf) < B:
+            self._buf = torch.empty(B, N * P, C)      # reused: fresh pages cost more than the product
+        out = self._buf[:B]
+        torch.bmm(coef / norm[..., None], atoms, out=out)
+        return out.view(B, N, P, C).numpy()
+
+    def read(self, pos, patches: bool) -> VideoData:
+        pos = np.asarray(pos, np.int64)
+        B, N, P, C, k = len(pos), self.N, self.P, self.C, self.p.object_patches
+        draws = [self._draws(i) for i in pos]
+        cam = torch.stack([d[0] for d in draws])
+        sc = torch.from_numpy(self.scene[pos])
+        scene_v = self.scene_v[sc]
+        sal = self.p.salience  # as in World.video_features
+        frames = (self.off + AMP["frame_scene"] * scene_v + AMP["frame_camera"] * cam)[:, None, :].repeat(1, N, 1)
+        bg = torch.from_numpy(self.bg[pos])
+        frames += sal * (self.subj[bg[:, 0]] + self.verb[bg[:, 1]])[:, None, :]
+        by = torch.from_numpy(self.by[pos])
+        frames += sal * self.subj[by].sum(1)[:, None, :]
+        an = self.an[pos]
+        has = an[:, 0] >= 0
+        if has.any():
+            span = torch.from_numpy((np.arange(N)[None] >= an[:, 2:3]) & (np.arange(N)[None] < an[:, 3:4]) & has[:, None])
+            vec = torch.zeros(B, C)
+            vec[torch.from_numpy(has)] = self.subj[torch.from_numpy(an[has, 0])] + self.verb[torch.from_numpy(an[has, 1])]
+            frames += sal * span[..., None].float() * vec[:, None, :]
+        frames += torch.stack([d[1] for d in draws]) * (AMP["frame_noise"] * self.p.noise / np.sqrt(C))
+        frames = torch.nn.functional.normalize(frames, dim=-1)
+        patch = None
+        if patches:
+            patch = self._patches(pos, draws, cam, scene_v)
+        return VideoData(index=pos, paths=np.array([self.world.videos[i].path for i in pos], dtype=object),
+                         labels=np.array([self.world.videos[i].label for i in pos], np.int8),
+                         categories=np.full(B, "", object), frame_feat=frames.numpy(),
+                         frame_mask=np.ones((B, N), bool), frame_time=np.zeros((B, N), np.float32), patch_feat=patch)
+
+
+def kept(exh: np.ndarray, two: np.ndarray) -> float:
+    return len(set(exh.tolist()) & set(two.tolist())) / max(len(exh), 1)
+
+
+def trained_heads(seed: int, videos: int, epochs: int, say):
+    """Heads trained by varcmp-train on a small cache of the same world (same concept vectors:
+    the world's feature space depends on the seed and the vocabulary, not on the number of videos)."""
+    import tempfile
+
+    from rich.console import Console
+
+    from varcmp.checkpoint import load
+    from varcmp.synth import make_synthetic_cache
+    from varcmp.train import Runtime, TrainOptions, train
+
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="varcmp-bench-search-"))
+    make_synthetic_cache(tmp / "world.zarr", videos=videos, seed=seed)
+    quiet = Console(file=open(os.devnull, "w"))
+    s = train(tmp / "world.zarr", tmp / "run", TrainOptions(epochs=epochs, seed=seed), Runtime(device="cpu"),
+              console=quiet, quiet=True)
+    model, _ = load(tmp / "run")
+    best = s.history[s.best_epoch].get("val", {}) if s.best_epoch is not None else {}
+    say(f"heads: trained by varcmp-train on a {videos}-video cache of the world (seed {seed}), {epochs} epochs, "
+        f"best epoch {s.best_epoch} (validation {json.dumps(best)[:120]}), in {time.perf_counter() - t0:.0f} s")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return model
+
+
+def bench_size(V: int, n_queries: int, n_two: int, pools: list[int], model, seed: int, chunk: int, say) -> dict:
+    t0 = time.perf_counter()
+    world = World(SynthParams(videos=V, seed=seed, test_share=0.2))
+    src = WorldVideos(world)
+    qids = np.random.default_rng([seed, 7]).choice(V, n_queries, replace=False)
+    words, mask, sentence = world.text_features(qids.tolist())
+    q = encode_queries(model, {"word_feat": words, "word_mask": mask, "sentence": sentence}, "cpu")
+    say(f"\n== {V:,} videos: world planned in {time.perf_counter() - t0:.1f} s; {n_queries} queries "
+        f"(captions of videos {qids[:4].tolist()}...)")
+
+    # ---- exhaustive: every video encoded once, every query scored against it; the pass also
+    #      keeps each video's index vector (first stage) and its coarse vector ~e_v
+    first = np.zeros((V, model.cfg.dim), np.float32)
+    coarse = np.zeros((V, model.cfg.dim), np.float32)
+
+    def keep(pos, v):
+        first[pos] = video_vectors(model, v).numpy()
+        coarse[pos] = torch.nn.functional.normalize(v.video.float(), dim=-1).numpy()
+
+    stats: dict = {}
+    t0 = time.perf_counter()
+    ex = rank(model, src, q, 10, None, chunk, "cpu", stats=stats, on_page=keep)
+    wall = time.perf_counter() - t0
+    E, S, G = stats["encode"], stats["score"], stats["read"]
+    ex_latency = E + S / n_queries
+    say(f"exhaustive pass {wall:.0f} s: generating {G:.0f} s (excluded), encoding {E:.0f} s "
+        f"({1e3 * E / V:.2f} ms/video), scoring {S:.0f} s for {n_queries} queries ({1e6 * S / V / n_queries:.0f} "
+        f"us/pair)")
+    check = index_vectors(model, src, "cpu", pos=np.arange(min(64, V)))
+    assert np.allclose(check, first[:len(check)], atol=1e-5), "pass vectors differ from the CLI's index vectors"
+
+    # ---- is the ranking meaningful? the exhaustive hits show what the caption says far more
+    #      often than a random video does
+    verbs = [{e.verb for e in v.events} for v in world.videos]
+    scenes = np.array([v.scene for v in world.videos])
+    said = [(world.videos[i].described.verb, world.videos[i].scene) for i in qids]
+    hit_verb = np.mean([said[i][0] in verbs[h] for i in range(n_queries) for h in ex.pos[i]])
+    hit_both = np.mean([said[i][0] in verbs[h] and scenes[h] == said[i][1] for i in range(n_queries) for h in ex.pos[i]])
+    chance_verb = np.mean([np.mean([vb in vs for vs in verbs]) for vb, _ in said])
+    chance_both = np.mean([np.mean([(vb in vs) and sc == sn for vs, sc in zip(verbs, scenes)]) for vb, sn in said])
+    say(f"exhaustive top-10 hits showing the caption's action/activity: {100 * hit_verb:.0f}% (a random video: "
+        f"{100 * chance_verb:.0f}%); that action in the caption's scene: {100 * hit_both:.0f}% (random: "
+        f"{100 * chance_both:.1f}%)")
+
+    # ---- kept by pool size, for the first stage of varcmp-search and for the coarse level alone:
+    #      the two-stage top 10 keeps exactly the exhaustive top-10 videos that are in the pool
+    qv = query_vectors(q)
+    pools = [k for k in pools if k <= V]
+    curves = {}
+    for name, vec in (("first stage", first), ("coarse only", coarse)):
+        sc = vec @ qv.T                                                      # [V, Q]
+        order = np.argsort(-sc, axis=0, kind="stable")
+        curves[name] = {k: float(np.mean([kept(ex.pos[i], order[:k, i]) for i in range(n_queries)])) for k in pools}
+        say(f"kept by pool size, {name}: " + ", ".join(f"K={k}: {100 * v:.1f}%" for k, v in curves[name].items()))
+
+    # ---- index build cost (the CLI's index_vectors: an encode without the patch levels)
+    sample = np.arange(min(1024, V))
+    gen0 = time.perf_counter()
+    for s0 in range(0, len(sample), 256):
+        src.read(sample[s0:s0 + 256], patches=False)
+    gen_frames = time.perf_counter() - gen0
+    t0 = time.perf_counter()
+    index_vectors(model, src, "cpu", pos=sample)
+    build_per_video = max(time.perf_counter() - t0 - gen_frames, 0.0) / len(sample)
+    t0 = time.perf_counter()
+    index = flat_index(first)
+    add = time.perf_counter() - t0
+    say(f"index build for varcmp-search: ~{build_per_video * V + add:.0f} s (encode without the patch levels "
+        f"{1e3 * build_per_video:.2f} ms/video, measured on {len(sample)} videos; faiss add {add:.2f} s)")
+
+    # ---- two-stage, each query alone, at the CLI's default pool
+    K = default_pool(V)
+    lat, faiss_t, kept_real = [], [], []
+    for i in range(n_two):
+        qi = q.take(slice(i, i + 1))
+        st: dict = {}
+        t0 = time.perf_counter()
+        cands = index_candidates(index, qi, K)
+        t1 = time.perf_counter()
+        r = rank(model, src, qi, 10, cands, chunk, "cpu", stats=st)
+        t2 = time.perf_counter()
+        lat.append(t2 - t0 - st["read"])
+        faiss_t.append(t1 - t0)
+        kept_real.append(kept(ex.pos[i], r.pos[0]))
+    two = float(np.median(lat))
+    res = {"videos": V, "queries": n_queries, "two_stage_queries": n_two, "pool": K, "exhaustive_s": ex_latency,
+           "two_stage_s": two, "faiss_ms": 1e3 * float(np.median(faiss_t)), "ratio": ex_latency / two,
+           "kept": float(np.mean(kept_real)), "kept_min": float(np.min(kept_real)),
+           "kept_curve_at_pool": curves["first stage"].get(K), "curves": curves, "hits_action": float(hit_verb),
+           "hits_action_scene": float(hit_both), "generation_s": G, "index_build_s_est": build_per_video * V + add}
+    say(f"two-stage at the default pool K={K} ({n_two} queries run alone): median {two:.2f} s "
+        f"(faiss {res['faiss_ms']:.1f} ms), kept {100 * res['kept']:.1f}% of the exhaustive top 10")
+    return res
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--sizes", default="10000,100000", help="Collection sizes, comma-separated.")
+@click.option("--queries", "n_queries", default="16,16",
+              help="Queries per size for the exhaustive pass and the kept shares (one value, or one per size).")
+@click.option("--two-stage-queries", "n_two", default="8,4",
+              help="Of those, how many are also run through two-stage alone, timed (one value, or one per size).")
+@click.option("--pools", default="100,200,500,1000,2000,5000,10000", help="Pool sizes K for the kept curves.")
+@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Heads to use (production dims) instead of training them first.")
+@click.option("--zero-shot", is_flag=True, help="Untrained heads (the frozen-CLIP baseline) instead of training.")
+@click.option("--train-videos", default=400, help="Videos of the world cache the heads are trained on.")
+@click.option("--epochs", default=8, help="Training epochs of the heads.")
+@click.option("--seed", default=0)
+@click.option("--chunk", default=32, help="Videos per page (as varcmp-search --chunk).")
+def main(sizes, n_queries, n_two, pools, checkpoint, zero_shot, train_videos, epochs, seed, chunk):
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 120))
+    say = lambda s: console.print(s, highlight=False, soft_wrap=True)  # noqa: E731
+    sizes = [int(s) for s in sizes.split(",")]
+    per = lambda text: (lambda v: v * len(sizes) if len(v) == 1 else v)([int(x) for x in text.split(",")])  # noqa: E731
+    qs, twos = per(n_queries), per(n_two)
+    pools = sorted(int(k) for k in pools.split(","))
+    t_all = time.perf_counter()
+    say(f"varcmp-search benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if checkpoint is not None:
+        from varcmp.checkpoint import load
+
+        model, _ = load(checkpoint)
+        say(f"heads: {checkpoint}")
+    elif zero_shot:
+        model = zero_shot_model(CacheSpec(), "text")
+        say("heads: zero-shot (untrained VarCMP: the frozen-CLIP baseline)")
+    else:
+        model = trained_heads(seed, train_videos, epochs, say)
+    model.eval()
+    say(f"levels {'+'.join(model.cfg.levels)}; first stage: {first_stage(model)}")
+    results = [bench_size(V, nq, min(nt, nq), pools, model, seed, chunk, say) for V, nq, nt in zip(sizes, qs, twos)]
+    t = Table(title="exhaustive vs two-stage, one query (generation excluded)", header_style="bold")
+    for col in ("videos", "pool K", "exhaustive", "two-stage", "faiss", "ratio", "kept top-10 (run)",
+                "worst query", "kept top-10 (all queries)", "coarse only"):
+        t.add_column(col, justify="right")
+    for r in results:
+        K = r["pool"]
+        t.add_row(f"{r['videos']:,}", f"{K:,}", f"{r['exhaustive_s']:.1f} s", f"{r['two_stage_s']:.2f} s",
+                  f"{r['faiss_ms']:.1f} ms", f"{r['ratio']:.0f}x",
+                  f"{100 * r['kept']:.1f}% ({r['two_stage_queries']} q)", f"{100 * r['kept_min']:.0f}%",
+                  f"{100 * r['curves']['first stage'][K]:.1f}% ({r['queries']} q)" if K in r["curves"]["first stage"]
+                  else "-", f"{100 * r['curves']['coarse only'][K]:.1f}%" if K in r["curves"]["coarse only"] else "-")
+    console.print(t)
+    say(f"whole run {(time.perf_counter() - t_all) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

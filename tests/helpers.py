@@ -83,3 +83,14 @@ def write_planted_cache(path: str | Path, splits: dict[str, int] | None = None, 
             sw.write_text(s, words[s:s + 64], wmask[s:s + 64], sentence[s:s + 64])
     w.finish()
     return Path(path)
+
+
+def one_line_error(r, *needles):
+    """A click result that failed as every varcmp command must: exit code 2 and one 'error:' line
+    holding each of `needles`, no traceback."""
+    assert r.exit_code == 2, r.output
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
+    assert "Traceback" not in r.output
+    for n in needles:
+        assert n in lines[0], lines[0]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import ENCODERS, SPEC, write_planted_cache
+from helpers import ENCODERS, SPEC, one_line_error, write_planted_cache
 
 from varcmp import checkpoint
 from varcmp.cache_schema import CacheWriter, VideoEntry, VideoFeatures, open_cache
@@ -341,15 +341,6 @@ def test_python_m_runs(cache):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "text->video" in p.stdout and "video->text" in p.stdout
-
-
-def one_line_error(r, *needles):
-    assert r.exit_code == 2, r.output
-    lines = [x for x in r.output.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
-    assert "Traceback" not in r.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_checkpoint_of_other_encoders_or_dims_is_refused(cache, tmp_path):

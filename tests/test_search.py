@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import SPEC, write_planted_cache
+from helpers import SPEC, one_line_error, write_planted_cache
 
 from varcmp import checkpoint
 from varcmp.cache_schema import open_cache
@@ -67,15 +67,6 @@ def captions(cache_path: Path, split: str = "test") -> tuple[dict, list[str], np
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(r, *needles):
-    assert r.exit_code == 2, r.output
-    lines = [x for x in r.output.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
-    assert "Traceback" not in r.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 # ----------------------------------------------------------------------------- ranking and spans

@@ -590,9 +590,24 @@ class Searcher:
         self.close()
 
     # ---- queries -----------------------------------------------------------------------------
+    def _encoder(self, cls, which: str, override: str | None):
+        """The cache's recorded encoder (`which`: clip or clap), loaded from `override` or the
+        recorded name, refused unless its config and weights hash as the cache records."""
+        from .encoders import quiet_transformers
+
+        rec = _encoder_record(self.cache, which)
+        name = override or rec.get("name")
+        quiet_transformers()
+        try:
+            enc = cls(str(name), self.device)
+        except RuntimeError as e:
+            raise UserError(str(e)) from None
+        _check_encoder(enc.info(), rec, f"--{which}-model", name, self.cache.path)
+        return enc
+
     def text_features(self, texts: list[str], clip_model: str | None = None) -> dict[str, np.ndarray]:
         """CLIP word features, mask and sentence of `texts`, as extraction computes captions."""
-        from .encoders import ClipEncoder, quiet_transformers
+        from .encoders import ClipEncoder
 
         if self.kind != "text":
             raise UserError(f"{self.checkpoint}: trained for audio queries; pass --audio FILE (or a --queries file "
@@ -601,14 +616,7 @@ class Searcher:
         for i, t in enumerate(texts):
             if not t.strip():
                 raise UserError(f"empty query (query {i + 1}): give words to search for")
-        rec = _encoder_record(self.cache, "clip")
-        name = clip_model or rec.get("name")
-        quiet_transformers()
-        try:
-            clip = ClipEncoder(str(name), self.device)
-        except RuntimeError as e:
-            raise UserError(str(e)) from None
-        _check_encoder(clip.info(), rec, "--clip-model", name, self.cache.path)
+        clip = self._encoder(ClipEncoder, "clip", clip_model)
         L = self.cache.spec.max_words
         long = [i + 1 for i, n in enumerate(len(x) for x in clip.tokenizer(texts)["input_ids"]) if n > L]
         if long and self.console is not None:
@@ -621,7 +629,7 @@ class Searcher:
 
     def audio_features(self, files: list, clap_model: str | None = None) -> dict[str, np.ndarray]:
         """CLAP embeddings of the extraction's windows of each audio clip, and their mask."""
-        from .encoders import ClapEncoder, preprocess_audio, quiet_transformers
+        from .encoders import ClapEncoder, preprocess_audio
         from .media import AUDIO_RATE
 
         if self.kind != "audio":
@@ -632,14 +640,7 @@ class Searcher:
             raise UserError(f"{self.checkpoint}: trained with {self.model.cfg.audio_segments} audio segments, but "
                             f"{self.cache.path} has {na}")
         clips = [read_query_audio(f, na) for f in files]        # bad files fail before any model loads
-        rec = _encoder_record(self.cache, "clap")
-        name = clap_model or rec.get("name")
-        quiet_transformers()
-        try:
-            clap = ClapEncoder(str(name), self.device)
-        except RuntimeError as e:
-            raise UserError(str(e)) from None
-        _check_encoder(clap.info(), rec, "--clap-model", name, self.cache.path)
+        clap = self._encoder(ClapEncoder, "clap", clap_model)
         feat = np.zeros((len(clips), na, clap.dim), np.float32)
         for i, c in enumerate(clips):
             x = preprocess_audio(clap.extractor, c["windows"], AUDIO_RATE)

@@ -4,6 +4,7 @@
     varcmp-train cache.zarr --out runs/xd --query audio          # audio queries (XDViolence-AR)
     varcmp-train cache.zarr --out runs/abl --levels coarse,fine --no-anomaly-weighting
     varcmp-train cache.zarr --out runs/ucf --resume              # continue an interrupted run
+    torchrun --nproc-per-node 4 -m varcmp.train cache.zarr --out runs/ucf   # DDP, 4 GPUs (batch 8 = 4 x 2)
 
 Decisions (the paper gives the loss, AdamW, lr 1e-4, batch 8, 15 epochs, M = 4; the rest is ours):
 
@@ -36,6 +37,27 @@ Decisions (the paper gives the loss, AdamW, lr 1e-4, batch 8, 15 epochs, M = 4; 
   history; plain tensors and Python values only, read back with torch.load(weights_only=True),
   so loading never executes code); history.json. A non-finite loss stops the run at once: nothing
   of that epoch is written.
+- Faults. Every file is written to a temp file, fsynced and renamed (`checkpoint.atomic_write`):
+  a `kill -9`, a crash or a full disk leaves the old file or the new one, never a partial one.
+  Each epoch writes last.state.pt FIRST: it commits the epoch; best/last/history follow, and
+  --resume rewrites from the state any of them that a kill or a full disk kept from being written,
+  so a resumed run ends with the uninterrupted run's files (and temp files of killed writers are
+  removed). The run directory is proven writable before any work (a one-line error otherwise); a
+  write that fails mid-run (disk full) stops with one line naming the file and what is kept (exit
+  code 1). A video whose features hold NaN / infinity, or whose chunk cannot be read (decompression
+  fails), is a one-line error naming it: checked when read into memory, and on each streamed batch
+  (a float64 sum per row, ~0.6 s per GiB). Garbled bytes that still decompress into finite numbers
+  cannot be told from features (the cache holds no checksums).
+- Several processes (DDP): under `torchrun` (WORLD_SIZE > 1) each process takes one device, CUDA:
+  cuda:LOCAL_RANK with NCCL, else the CPU with gloo; without WORLD_SIZE (or WORLD_SIZE=1) nothing
+  changes. --batch-size is the GLOBAL batch (the paper's 8): every process builds the same batches
+  (seeded by (seed, epoch)), encodes its contiguous share (batch / world_size pairs, the uneven
+  trailing batch padded), and all-gathers the video and query embeddings, so the InfoNCE is over the
+  whole batch; the gradient then equals one process's on the same batch (see TrainStep). Dropout and
+  the perturbed top-k draw per process, seeded by (seed, epoch, rank): a resumed DDP run redraws the
+  same. Process 0 alone validates, writes the run directory and prints; every epoch the processes
+  compare a hash of their weights (recorded in history.json) and stop if they differ. All processes
+  must see the same cache and the same run directory (a shared filesystem across nodes): checked.
 """
 from __future__ import annotations
 
@@ -44,7 +66,9 @@ import json
 import math
 import os
 import random
+import re
 import sys
+import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -57,9 +81,12 @@ import numpy as np
 import torch
 
 from .cache_schema import DONE, CacheError, Split, open_cache
-from .checkpoint import CheckpointError, atomic_write, cache_fingerprint, check_compatible, save
+from .checkpoint import (CheckpointError, atomic_write, cache_fingerprint, check_compatible, read_meta, save,
+                         stale_temp_files)
 from .cli import OneLineErrors
-from .encoders import resolve_device
+from .distributed import (DistInfo, DistSetupError, all_gather_object, barrier, distributed, env_int_or, first_line,
+                          gather_rows, is_dist_error, local_rows, rank_seed)
+from .encoders import resolve_device, weights_hash
 from .evaluate import EvalData, encode_queries, encode_videos, retrieval_metrics, score_matrix
 from .model import LEVELS, QUERIES, ModelConfig, VarCMP
 
@@ -77,6 +104,10 @@ class TrainError(Exception):
 
 class NonFiniteLoss(TrainError):
     """The loss became NaN or infinite."""
+
+
+class OutputError(TrainError):
+    """A file of the run directory could not be written mid-run (disk full, permissions)."""
 
 
 # ----------------------------------------------------------------------------- options
@@ -331,24 +362,85 @@ def read_rows(arr, rows) -> np.ndarray:
     return out if np.array_equal(uniq, rows) else out[inv.reshape(-1)]
 
 
+DAMAGED = "the cache is damaged there: restore it from a copy, or extract it again (varcmp-extract --overwrite)"
+
+
+def _finite_rows(a: np.ndarray) -> np.ndarray:
+    """[n] bool: row i of `a` holds only finite values. One float64 sum per row (a NaN or an
+    infinity makes the sum non-finite; +inf and -inf together give NaN), no temporary the size
+    of `a`: cheap enough for every read."""
+    if a.dtype.kind not in "fc" or len(a) == 0:
+        return np.ones(len(a), dtype=bool)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.isfinite(a.reshape(len(a), -1).sum(axis=1, dtype=np.float64))
+
+
+def check_finite(a: np.ndarray, rows: np.ndarray, key: str, describe) -> None:
+    """TrainError naming the first row of `rows` whose data in `a` is NaN or infinite."""
+    ok = _finite_rows(a)
+    if not ok.all():
+        bad = np.flatnonzero(~ok)
+        more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
+        raise TrainError(f"{describe(int(np.asarray(rows)[bad[0]]))}: its {key} holds NaN or infinite values"
+                         f"{more}; {DAMAGED}")
+
+
+def read_checked(arr, rows, key: str, describe) -> np.ndarray:
+    """read_rows, with one-line TrainErrors naming the video (describe(row) -> text) whose data
+    cannot be read (a corrupt chunk: decompression fails) or is NaN / infinite."""
+    rows = np.asarray(rows, dtype=np.int64)
+    try:
+        out = read_rows(arr, rows)
+    except Exception:  # noqa: BLE001 - any backend failure: find the row, else re-raise
+        for r in np.unique(rows):
+            try:
+                np.asarray(arr[int(r)])
+            except Exception as e1:  # noqa: BLE001
+                raise TrainError(f"{describe(int(r))}: its {key} cannot be read ({first_line(e1)}); "
+                                 f"{DAMAGED}") from None
+        raise  # every row reads alone (e.g. out of memory): not a damaged chunk
+    check_finite(out, rows, key, describe)
+    return out
+
+
 class Rows:
     """Some arrays of a split restricted to `rows`: in memory (tensors, on `device`, indexed per
-    batch) or read from the cache per batch."""
+    batch) or read from the cache per batch. Every read is checked (read_checked): a corrupt
+    chunk or a NaN is a one-line TrainError naming the video (`describe(row)`), at load time in
+    memory, at the batch's read when streamed."""
 
-    def __init__(self, split: Split, keys: list[str], rows: np.ndarray, memory: bool, device: torch.device):
+    def __init__(self, split: Split, keys: list[str], rows: np.ndarray, memory: bool, device: torch.device,
+                 describe=None):
         self.memory, self.device = memory, device
+        self.describe = describe or (lambda r: f"{split.cache.path}: row {r} of split '{split.name}'")
         self.lazy = {k.split("/")[-1]: split.array(k) for k in keys}
+        self.keys = {k.split("/")[-1]: k for k in keys}
         self.lookup = np.full(int(rows.max()) + 1 if len(rows) else 0, -1, dtype=np.int64)
         self.lookup[rows] = np.arange(len(rows))
         self.data = {}
         if memory:
-            self.data = {k: torch.from_numpy(read_rows(a, rows)).to(device) for k, a in self.lazy.items()}
+            self.data = {k: torch.from_numpy(read_checked(a, rows, self.keys[k], self.describe)).to(device)
+                         for k, a in self.lazy.items()}
 
     def get(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         if self.memory:
             idx = torch.from_numpy(self.lookup[rows]).to(self.device)
             return {k: t.index_select(0, idx) for k, t in self.data.items()}
-        return {k: torch.from_numpy(read_rows(a, rows)) for k, a in self.lazy.items()}
+        return {k: torch.from_numpy(read_checked(a, rows, self.keys[k], self.describe)) for k, a in self.lazy.items()}
+
+
+def describe_video(split: Split, paths: np.ndarray):
+    """describe(row) for video rows: the video's path, its row and split, the cache."""
+    return lambda r: f"{split.cache.path}: video {paths[r]} (row {r} of split '{split.name}')"
+
+
+def describe_caption(split: Split, plan: "Plan"):
+    """describe(row) for caption rows: the caption's row and its video's path."""
+    def describe(r):
+        hit = np.flatnonzero(plan.cap_rows == r) if plan.cap_rows is not None else []
+        video = f", video {plan.paths[plan.cap_video[hit[0]]]}" if len(hit) else ""
+        return f"{split.cache.path}: caption {r} of split '{split.name}'{video}"
+    return describe
 
 
 def video_keys(cfg: ModelConfig) -> list[str]:
@@ -375,14 +467,26 @@ def bytes_needed(split: Split, plan: Plan, cfg: ModelConfig) -> int:
 
 
 def load_validation(split: Split, plan: Plan, cfg: ModelConfig) -> EvalData | None:
-    """The validation subset as evaluate's EvalData (in memory)."""
+    """The validation subset as evaluate's EvalData (in memory), checked like the training data
+    (a corrupt chunk or a NaN is a one-line TrainError naming the video)."""
     if len(plan.val_rows) == 0:
         return None
-    videos = split.load_videos(index=plan.val_rows, patches="finer" in cfg.levels, audio=cfg.query == "audio")
+    vdesc = describe_video(split, plan.paths)
+    try:
+        videos = split.load_videos(index=plan.val_rows, patches="finer" in cfg.levels, audio=cfg.query == "audio")
+    except Exception:  # noqa: BLE001 - name the damaged video if there is one, else the original error
+        for key in video_keys(cfg) + ["videos/frame_time"] + (["videos/audio_time"] if cfg.query == "audio" else []):
+            read_checked(split.array(key), plan.val_rows, key, vdesc)
+        raise
+    for key, a in (("videos/frame_feat", videos.frame_feat), ("videos/patch_feat", videos.patch_feat),
+                   ("videos/audio_feat", videos.audio_feat)):
+        if a is not None:
+            check_finite(a, plan.val_rows, key, vdesc)
     qrows, qvid = plan.val_queries()
     qv = np.searchsorted(plan.val_rows, qvid).astype(np.int64)
     if cfg.query == "text":
-        feats = {k.split("/")[-1]: read_rows(split.array(k), qrows) for k in TEXT_KEYS}
+        cdesc = describe_caption(split, plan)
+        feats = {k.split("/")[-1]: read_checked(split.array(k), qrows, k, cdesc) for k in TEXT_KEYS}
         texts = [str(t) for t in split.cache.store.read_str(f"{split.name}/text/text", qrows)]
     else:
         feats = {"seg_feat": videos.audio_feat, "seg_mask": videos.audio_mask}
@@ -474,6 +578,39 @@ def _check_resume(st: dict, path: Path, cache, opts: TrainOptions, plan: Plan) -
                          "started with (another cache?); use --overwrite to start over")
 
 
+# ----------------------------------------------------------------------------- the training step (DDP-aware)
+
+class TrainStep(torch.nn.Module):
+    """The forward of one training step: encode this process's rows, gather the global batch's
+    embeddings (several processes), the loss of eq. 12 (VarCMP.loss's parts) plus "backward", what to
+    backpropagate. DistributedDataParallel wraps this module, so that it sees the whole forward.
+
+    Gradient scale: every process computes the same global loss L, but its backward reaches the
+    parameters only through its own rows, giving g_r with sum_r g_r = dL/dtheta, the one-process
+    gradient. DDP averages, (1/N) sum_r: so "backward" is N * L, and the averaged gradient is exactly
+    one process's on the global batch. With one process "backward" is the loss itself."""
+
+    def __init__(self, model: VarCMP, dist: DistInfo | None = None):
+        super().__init__()
+        self.model = model
+        self.rank = 0 if dist is None else dist.rank
+        self.world = 1 if dist is None else dist.world_size
+
+    def forward(self, vb: dict, qb: dict | None, labels: torch.Tensor, sizes: list[int] | None,
+                batch_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        m = self.model
+        v = m.encode_videos(vb["frame_feat"], vb["frame_mask"], vb.get("patch_feat"), labels=labels)
+        if qb is not None:
+            q = m.encode_text(qb["word_feat"], qb["word_mask"], qb["sentence"])
+        else:
+            q = m.encode_audio(vb["audio_feat"], vb["audio_mask"])
+        if sizes is not None:
+            v, q = gather_rows(v, sizes, self.rank), gather_rows(q, sizes, self.rank)
+        parts = m.loss(v, q, batch_labels)
+        parts["backward"] = parts["loss"] if sizes is None else parts["loss"] * self.world
+        return parts
+
+
 # ----------------------------------------------------------------------------- training
 
 @dataclass
@@ -487,6 +624,7 @@ class RunSummary:
     resumed_from: int = 0
     notes: list[str] = field(default_factory=list)
     model: VarCMP | None = None  # the model after the last epoch (eval mode)
+    world_size: int = 1
 
 
 def _progress(console, disable: bool):
@@ -515,23 +653,103 @@ def _dirs(query: str) -> tuple[str, str]:
     return ("t2v", "v2t") if query == "text" else ("a2v", "v2a")
 
 
-def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime = Runtime(), *,
-          resume: bool = False, overwrite: bool = False, console=None, quiet: bool = False) -> RunSummary:
-    """Train VarCMP's heads on split `opts.split` of the cache; write checkpoints into `out`."""
-    from rich.console import Console
+PROBE = "varcmp-train-probe"  # the name of the writability probe's temp files
 
+
+def _prepare_out(out: Path, remove: list[str]) -> None:
+    """Create `out`, prove it writable (a small file written, fsynced and removed), then remove
+    `remove` (--overwrite) and the temp files of writers killed mid-write: one-line TrainErrors."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"{out}: cannot create the run directory ({e.strerror or first_line(e)})") from None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{PROBE}.", suffix=".tmp", dir=out)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as e:
+        raise TrainError(f"{out}: cannot write in the run directory ({e.strerror or first_line(e)})") from None
+    try:
+        for name in remove:
+            (out / name).unlink(missing_ok=True)
+        for stale in stale_temp_files(out, RUN_FILES + (PROBE,)):
+            stale.unlink(missing_ok=True)
+    except OSError as e:
+        raise TrainError(f"{out}: cannot remove {e.filename} ({e.strerror})") from None
+
+
+def _save_state(state: dict, path) -> None:
+    """torch.save through a Python file object: a failing write (disk full) then surfaces as the OSError
+    it is, where torch's own file writer reports only "unexpected pos"."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+
+
+def _io_reason(e: BaseException) -> str:
+    """Why a write failed, in words: the OSError's text (also inside safetensors' "(os error N)")."""
+    x = e
+    while x is not None:
+        if isinstance(x, OSError) and x.strerror:
+            return x.strerror
+        x = x.__cause__ or x.__context__
+    text = first_line(e)
+    code = re.search(r"os error (\d+)", text)
+    return os.strerror(int(code.group(1))) if code else text
+
+
+def _holds_epoch(path: Path, epoch, plan_digest: str) -> bool:
+    """Whether checkpoint `path` and its .json copy both hold `epoch` of this run's data plan."""
+    try:
+        meta = read_meta(path)
+        copy = json.loads(path.with_suffix(".json").read_text())
+    except Exception:  # noqa: BLE001 - missing or foreign: not the epoch asked for
+        return False
+    return (meta.get("epoch") == epoch and copy.get("epoch") == epoch
+            and (meta.get("data") or {}).get("plan") == plan_digest)
+
+
+def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime = Runtime(), *,
+          resume: bool = False, overwrite: bool = False, console=None, quiet: bool = False,
+          dist: DistInfo | None = None) -> RunSummary:
+    """Train VarCMP's heads on split `opts.split` of the cache; write checkpoints into `out`.
+
+    Several processes (DDP): every process calls this with the same arguments and its `dist`
+    (from `distributed()`); opts.batch_size is the global batch, split across the processes;
+    process 0 alone validates, writes the run directory and prints."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    main_rank = dist is None or dist.rank == 0
+    world = 1 if dist is None else dist.world_size
     console = console or Console(stderr=True)
+    if not main_rank:
+        console, quiet = Console(stderr=True, quiet=True), True
     out = Path(out)
     if resume and overwrite:
         raise TrainError("--resume continues a run and --overwrite replaces it: pass one of them")
     if out.exists() and not out.is_dir():
         raise TrainError(f"{out}: exists and is not a directory")
+    if opts.batch_size % world:
+        raise TrainError(f"--batch-size {opts.batch_size} is the global batch and must be divisible by the {world} "
+                         f"processes (each encodes batch-size / {world} pairs of every step)")
     cache = open_cache(cache_path)
     split = cache.split(opts.split)
-    try:
-        device = resolve_device(runtime.device)
-    except ValueError as e:
-        raise TrainError(str(e)) from None
+    if dist is not None:
+        device = dist.device
+    else:
+        try:
+            device = resolve_device(runtime.device)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
     amp_dtype, use_scaler = resolve_precision(runtime.precision, device)
     if runtime.data not in ("auto", "memory", "stream"):
         raise TrainError(f"--data must be auto, memory or stream, got {runtime.data!r}")
@@ -543,6 +761,7 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
 
     existing = [f for f in RUN_FILES if (out / f).exists()]
     state = None
+    remove = []
     if resume:
         if (out / STATE_NAME).exists():
             state = load_state(out / STATE_NAME)
@@ -556,9 +775,9 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
         if not overwrite:
             raise TrainError(f"{out}: holds a previous run ({', '.join(existing)}); pass --resume to continue "
                              "it or --overwrite to replace it")
-        for f in existing:
-            (out / f).unlink()
-    out.mkdir(parents=True, exist_ok=True)
+        remove = existing
+    if main_rank:
+        _prepare_out(out, remove)
     for line in plan.notes:
         console.print(("[yellow]" if line.startswith("warning") else "[dim]") + line, highlight=False, soft_wrap=True)
 
@@ -566,20 +785,26 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
     t_load = time.perf_counter()
     need = bytes_needed(split, plan, cfg)
     avail = available_memory()
-    memory = runtime.data == "memory" or (runtime.data == "auto" and (avail is None or need < 0.5 * avail))
+    per_node = 1 if dist is None else max(1, dist.local_world_size)  # each process holds its own copy
+    memory = runtime.data == "memory" or (runtime.data == "auto" and (avail is None or need * per_node < 0.5 * avail))
     data_device = torch.device("cpu")
     if memory and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         data_device = device if need < 0.5 * free else data_device
-    vsrc = Rows(split, video_keys(cfg), plan.train_rows, memory, data_device)
-    qsrc = Rows(split, TEXT_KEYS, plan.train_queries, memory, data_device) if opts.query == "text" else None
-    ev = load_validation(split, plan, cfg)
+    vsrc = Rows(split, video_keys(cfg), plan.train_rows, memory, data_device, describe_video(split, plan.paths))
+    qsrc = (Rows(split, TEXT_KEYS, plan.train_queries, memory, data_device, describe_caption(split, plan))
+            if opts.query == "text" else None)
+    ev = load_validation(split, plan, cfg) if main_rank else None  # validation runs in process 0 only
     load_seconds = time.perf_counter() - t_load
     labels_all = torch.from_numpy(plan.labels)
     precision = str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
+    where = f"device {device}, {precision}"
+    if dist is not None:
+        where = (f"{world} processes ({dist.backend}), device {device} in process 0, {precision}; global batch "
+                 f"{opts.batch_size} = {opts.batch_size // world} pairs per process")
     console.print(f"[dim]{len(plan.train_rows)} training and {len(plan.val_rows)} validation videos of "
                   f"'{opts.split}' ({need / 2**30:.2f} GiB, {'in memory' if memory else 'streamed'}, read in "
-                  f"{load_seconds:.1f} s); device {device}, {precision}", highlight=False, soft_wrap=True)
+                  f"{load_seconds:.1f} s); {where}", highlight=False, soft_wrap=True)
 
     # ---- model, optimiser, state
     torch.manual_seed(opts.seed)
@@ -592,22 +817,6 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
     history: list[dict] = []
     best = {"epoch": None, "score": -math.inf}
     start = 1
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if use_scaler and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"], device)
-        history, best = list(state["history"]), dict(state["best"])
-        start = int(state["epoch"]) + 1
-        console.print(f"resuming {out} after epoch {state['epoch']}", highlight=False)
-    elif ev is not None:
-        t0 = time.perf_counter()
-        m = validate(model, ev, device, amp_dtype)
-        history.append({"epoch": 0, "val": m, "val_r1": val_score(m), "val_seconds": time.perf_counter() - t0})
-        q, v = _dirs(opts.query)
-        console.print(f"epoch 0 (untrained): val R@1 {q} {m['q2v']['r1']:.1f} {v} {m['v2q']['r1']:.1f}",
-                      highlight=False)
 
     def meta(epoch, metrics):
         return {"cache": fingerprint, "train": opts.jsonable(), "epoch": epoch, "val": metrics,
@@ -616,44 +825,109 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
 
     def write_history():
         doc = {"cache": str(cache.path), "split": opts.split, "train": opts.jsonable(),
-               "runtime": {"device": str(device), "precision": precision, "data": "memory" if memory else "stream"},
+               "runtime": {"device": str(device), "precision": precision, "data": "memory" if memory else "stream",
+                           "world_size": world},
                "best_epoch": best["epoch"], "epochs": history,
                "training_videos": [str(p) for p in plan.paths[plan.train_rows]],
                "validation_videos": [str(p) for p in plan.paths[plan.val_rows]]}
         text = json.dumps(doc, indent=1, default=float)
         atomic_write(out / HISTORY_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
 
+    def write(path: Path, fn, epoch: int, committed: bool):
+        """fn() writes `path`; a failure (disk full, permissions) stops the run with one line."""
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - OSError, safetensors' and torch's own write errors
+            reason = _io_reason(e)
+            kept = (f"epoch {epoch} is saved in {STATE_NAME}" if committed
+                    else f"the run keeps epoch {epoch - 1}" if epoch > 1 else "nothing of the run was saved")
+            raise OutputError(f"cannot write {path} ({reason}): stopped at epoch {epoch}, {kept}; make room (or fix "
+                              "the permissions) and run the same command with --resume") from None
+
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if use_scaler and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"], device)
+        history, best = list(state["history"]), dict(state["best"])
+        start = int(state["epoch"]) + 1
+        console.print(f"resuming {out} after epoch {state['epoch']}", highlight=False, soft_wrap=True)
+        if main_rank:
+            # the state is the run's commit point (written first each epoch): restore whatever a kill or a full
+            # disk kept from being written after it; best is then either on disk or this last epoch
+            done = int(state["epoch"])
+            metrics = next((r.get("val") for r in history if r["epoch"] == done), None)
+            for name, epoch_of in (("last", done), ("best", best["epoch"])):
+                path = out / f"{name}.safetensors"
+                if _holds_epoch(path, epoch_of, plan.digest()):
+                    continue
+                if epoch_of == done:
+                    write(path, lambda p=path: save(p, model, meta(done, metrics)), done, True)
+                    console.print(f"[dim]restored {escape(str(path))} (epoch {done}) from {STATE_NAME}",
+                                  highlight=False, soft_wrap=True)
+                else:
+                    console.print(f"[yellow]warning: {escape(str(path))} does not hold epoch {epoch_of}, the best "
+                                  f"epoch recorded in {STATE_NAME}", highlight=False, soft_wrap=True)
+            write(out / HISTORY_NAME, write_history, done, True)
+    elif ev is not None:
+        t0 = time.perf_counter()
+        m = validate(model, ev, device, amp_dtype)
+        history.append({"epoch": 0, "val": m, "val_r1": val_score(m), "val_seconds": time.perf_counter() - t0})
+        q, v = _dirs(opts.query)
+        console.print(f"epoch 0 (untrained): val R@1 {q} {m['q2v']['r1']:.1f} {v} {m['v2q']['r1']:.1f}",
+                      highlight=False)
+
+    step_fn = TrainStep(model, dist)
+    if dist is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # every process must start from the same epoch of the same run (out on a filesystem that all nodes share,
+        # the same cache everywhere): a difference would deadlock or silently diverge
+        mine = {"start": start, "plan": plan.digest(), "cache": fingerprint, "resumed": state is not None}
+        seen = all_gather_object(mine)
+        for r, theirs in enumerate(seen):
+            if theirs != mine:
+                diff = ", ".join(f"{k}: {theirs[k]!r} in process {r}, {mine[k]!r} here"
+                                 for k in mine if theirs[k] != mine[k])
+                raise TrainError(f"the processes disagree ({diff}): every node must see the same cache and the same "
+                                 f"run directory {out} (a shared filesystem)")
+        # static_graph: the parameters used are fixed by the settings (--levels, --query), not by the data, so
+        # DDP learns once which are unused (e.g. patch selection without "finer")
+        step_fn = DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None,
+                                          static_graph=True)
+
     model.train()
 
     def fetch(vrows, qrows):
-        return vrows, vsrc.get(vrows), (qsrc.get(qrows) if qsrc is not None else None)
+        lv, lq, sizes = local_rows(vrows, qrows, dist)
+        return vrows, lv, sizes, vsrc.get(lv), (qsrc.get(lq) if qsrc is not None else None)
 
     with _progress(console, quiet) as progress:
         for epoch in range(start, opts.epochs + 1):
-            batches = epoch_batches(plan, epoch, opts.seed, opts.batch_size)
+            batches = epoch_batches(plan, epoch, opts.seed, opts.batch_size)  # global batches, the same everywhere
+            if dist is not None:
+                torch.manual_seed(rank_seed(opts.seed, epoch, dist.rank))
             task = progress.add_task(f"epoch {epoch}/{opts.epochs}", total=len(batches), loss=float("nan"), rate=0.0)
             thunks = (lambda b=b: fetch(*b) for b in batches)
             it = (fn() for fn in thunks) if memory else _prefetch(thunks, 2)
             sums = torch.zeros(5, dtype=torch.float64)
             t0 = time.perf_counter()
-            for step, (vrows, vb, qb) in enumerate(it, 1):
+            for step, (vrows, lrows, sizes, vb, qb) in enumerate(it, 1):
                 vb = {k: t.to(device, non_blocking=True) for k, t in vb.items()}
-                labels = labels_all[vrows].to(device)
+                labels = labels_all[lrows].to(device)
+                batch_labels = labels if sizes is None else labels_all[vrows].to(device)
+                if qb is not None:
+                    qb = {k: t.to(device, non_blocking=True) for k, t in qb.items()}
                 with _amp(device, amp_dtype):
-                    v = model.encode_videos(vb["frame_feat"], vb["frame_mask"], vb.get("patch_feat"), labels=labels)
-                    if qb is not None:
-                        qb = {k: t.to(device, non_blocking=True) for k, t in qb.items()}
-                        q = model.encode_text(qb["word_feat"], qb["word_mask"], qb["sentence"])
-                    else:
-                        q = model.encode_audio(vb["audio_feat"], vb["audio_mask"])
-                    parts = model.loss(v, q, labels)
+                    parts = step_fn(vb, qb, labels, sizes, batch_labels)
                 vals = torch.stack([parts[k].detach().float() for k in PARTS]).cpu()  # one sync per step
-                if not torch.isfinite(vals[0]):
+                if not torch.isfinite(vals[0]):  # the same value in every process: all stop here
                     raise NonFiniteLoss(
                         f"the loss became {vals[0].item()} at epoch {epoch}, step {step}/{len(batches)}: stopped; "
                         f"{out} keeps epoch {epoch - 1} (nothing of epoch {epoch} was written); try a lower --lr")
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(parts["loss"]).backward()
+                scaler.scale(parts["backward"]).backward()  # the loss, x world size under DDP (see TrainStep)
                 scaler.step(optimizer)
                 scaler.update()
                 sums += vals.double()
@@ -663,6 +937,16 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
             mean = (sums / len(batches)).tolist()
             rec = {"epoch": epoch, "loss": mean[0], "v2q": mean[1], "q2v": mean[2], "bce": mean[3],
                    "sim_total": mean[4], "steps": len(batches), "seconds": train_seconds}
+            if dist is not None:
+                digests = all_gather_object(weights_hash(model))
+                if len(set(digests)) > 1:
+                    raise TrainError(f"the {world} processes hold different weights after epoch {epoch} "
+                                     f"({', '.join(digests)}): stopped, nothing of epoch {epoch} was written")
+                rec["ranks"] = {"world_size": world, "weights_sha256": digests}
+            if not main_rank:
+                history.append(rec)
+                barrier(dist)  # process 0 validates and writes
+                continue
             metrics = None
             if ev is not None:
                 t1 = time.perf_counter()
@@ -672,27 +956,33 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
             improved = ev is None or score > best["score"]
             if improved:
                 best = {"epoch": epoch, "score": score if ev is not None else -math.inf}
-                save(out / "best.safetensors", model, meta(epoch, metrics))
             rec["best"] = improved
             history.append(rec)
-            save(out / "last.safetensors", model, meta(epoch, metrics))
+            # the state first: it commits the epoch (--resume restores the files below from it if they are not
+            # written); each file is written whole or not at all (atomic_write)
             st = {"format": STATE_FORMAT, "epoch": epoch,
                   "model": {k: t.detach().cpu() for k, t in model.state_dict().items()},
                   "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if use_scaler else {},
                   "rng": _rng_state(device), "history": history, "best": best, "train": opts.jsonable(),
                   "cache": fingerprint, "plan": plan.digest()}
-            atomic_write(out / STATE_NAME, lambda tmp: torch.save(st, tmp))
-            write_history()
+            write(out / STATE_NAME, lambda: atomic_write(out / STATE_NAME, lambda tmp: _save_state(st, tmp)),
+                  epoch, False)
+            if improved:
+                write(out / "best.safetensors", lambda: save(out / "best.safetensors", model, meta(epoch, metrics)),
+                      epoch, True)
+            write(out / "last.safetensors", lambda: save(out / "last.safetensors", model, meta(epoch, metrics)),
+                  epoch, True)
+            write(out / HISTORY_NAME, write_history, epoch, True)
             line = f"epoch {epoch}/{opts.epochs}: loss {rec['loss']:.4f} (bce {rec['bce']:.4f})"
             if metrics is not None:
                 q, v = _dirs(opts.query)
                 line += f"  val R@1 {q} {metrics['q2v']['r1']:.1f} {v} {metrics['v2q']['r1']:.1f}"
             progress.console.print(line + ("  [green]best[/green]" if improved and ev is not None else ""),
                                    highlight=False)
-    if not (out / HISTORY_NAME).exists():  # resumed a run that had already finished
-        write_history()
+            if dist is not None:
+                barrier(dist)
     return RunSummary(out, history, best["epoch"], opts.query, load_seconds, memory,
-                      int(state["epoch"]) if state is not None else 0, plan.notes, model.eval())
+                      int(state["epoch"]) if state is not None else 0, plan.notes, model.eval(), world)
 
 
 # ----------------------------------------------------------------------------- report and CLI
@@ -738,7 +1028,9 @@ D = TrainOptions()
 @click.option("--anomaly-weighting/--no-anomaly-weighting", default=D.anomaly_weighting,
               help="Anomaly-biased frame/patch weights (eq. 5-7).")
 @click.option("--epochs", default=D.epochs, type=int, help="Total epochs (with --resume: train up to this many).")
-@click.option("--batch-size", default=D.batch_size, type=int, help="Pairs per step (B of the InfoNCE).")
+@click.option("--batch-size", default=D.batch_size, type=int,
+              help="Pairs per step: B of the InfoNCE, the GLOBAL batch. Under torchrun with N processes each "
+                   "encodes B/N pairs (B must be divisible by N) and the InfoNCE is over all B, as in one process.")
 @click.option("--lr", default=D.lr, type=float, help="AdamW learning rate (constant).")
 @click.option("--weight-decay", default=D.weight_decay, type=float, help="AdamW weight decay.")
 @click.option("--tau", default=D.tau, type=float,
@@ -778,29 +1070,45 @@ def main(cache, out, split, query, val_fraction, levels, anomaly_weighting, epoc
       varcmp-train cache.zarr --out runs/ablation --levels coarse,fine --no-anomaly-weighting
       varcmp-train cache.zarr --out runs/ucf --resume
       varcmp-train cache.h5 --out runs/ucf --epochs 30 --lr 5e-5 --seed 1 --device cpu
+      torchrun --nproc-per-node 4 -m varcmp.train cache.zarr --out runs/ucf --batch-size 32
+
+    Under torchrun (DDP: NCCL on CUDA, one GPU per process; gloo on CPU) --batch-size stays the
+    global batch; process 0 alone writes OUT and prints.
     """
     from rich.console import Console
+    from rich.markup import escape
 
     err = Console(stderr=True)
+    world, rank = env_int_or("WORLD_SIZE", 1), env_int_or("RANK", 0)
+    tag = f" (process {rank} of {world})" if world > 1 and rank else ""
     try:
         opts = TrainOptions(split=split, query=query, val_fraction=val_fraction, levels=levels,
                             anomaly_weighting=anomaly_weighting, epochs=epochs, batch_size=batch_size, lr=lr,
                             weight_decay=weight_decay, tau=tau, top_patches=top_patches, logit_scale=logit_scale,
                             dropout=dropout, heads=heads, ffn_dim=ffn_dim, shift_fraction=shift_fraction,
                             topk_sigma=topk_sigma, topk_samples=topk_samples, seed=seed)
-        summary = train(cache, out, opts, Runtime(device=device, precision=precision, data=data),
-                        resume=resume, overwrite=overwrite, console=err, quiet=quiet)
-    except NonFiniteLoss as e:
-        err.print(f"[red]error[/red]: {e}", highlight=False, soft_wrap=True)
+        with distributed(device) as dist:
+            summary = train(cache, out, opts, Runtime(device=device, precision=precision, data=data),
+                            resume=resume, overwrite=overwrite, console=err, quiet=quiet, dist=dist)
+    except (NonFiniteLoss, OutputError) as e:
+        err.print(f"[red]error[/red]{tag}: {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except (TrainError, CacheError, CheckpointError) as e:
-        err.print(f"[red]error[/red]: {e}", highlight=False, soft_wrap=True)
+    except (TrainError, DistSetupError, CacheError, CheckpointError) as e:
+        err.print(f"[red]error[/red]{tag}: {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err.print(f"[yellow]interrupted[/yellow]: completed epochs are saved in {out}; "
-                  "run the same command with --resume to continue", highlight=False, soft_wrap=True)
+        if not tag:
+            err.print(f"[yellow]interrupted[/yellow]: completed epochs are saved in {out}; "
+                      "run the same command with --resume to continue", highlight=False, soft_wrap=True)
         sys.exit(130)
-    report(summary, Console())
+    except Exception as e:  # noqa: BLE001
+        if world > 1 and is_dist_error(e):  # another process failed first: its own error says why
+            err.print(f"[red]error[/red]{tag}: lost the other processes ({escape(first_line(e, 160))})",
+                      highlight=False, soft_wrap=True)
+            sys.exit(1)
+        raise
+    if summary.world_size == 1 or rank == 0:
+        report(summary, Console())
     sys.exit(0)
 
 

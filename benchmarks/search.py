@@ -176,7 +176,7 @@ class WorldVideos:
 
     def read(self, pos, patches: bool) -> VideoData:
         pos = np.asarray(pos, np.int64)
-        B, N, P, C, k = len(pos), self.N, self.P, self.C, self.p.object_patches
+        B, N, C = len(pos), self.N, self.C
         draws = [self._draws(i) for i in pos]
         cam = torch.stack([d[0] for d in draws])
         sc = torch.from_numpy(self.scene[pos])

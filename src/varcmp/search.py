@@ -62,10 +62,9 @@ import io
 import json
 import math
 import os
-import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import click

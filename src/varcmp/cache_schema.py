@@ -32,6 +32,36 @@ the same layout::
 Every per-video array has one chunk per video, so that parallel writers never
 share a chunk, and `status` is written after the data: a video counts as done
 only once all of its data is on disk.
+
+Completeness and finalization. A split is *complete* when every video in it is
+done or failed (none is still pending) and every caption is encoded; this is
+read from the `status` arrays, which are the truth. `CacheWriter.finalize` checks
+that and, for a complete split, records the counts in the split's attributes::
+
+    /<split>/                 attrs["varcmp_final"] = {complete: true, videos, done, failed,
+                                                       not_extracted: 0, captions, captions_encoded}
+
+then writes Zarr's consolidated metadata (one read opens the store). A run that
+has work to do sets `{complete: false}` first, so the record never describes a
+split that is being written. Readers (`Cache.split`) trust a `complete: true`
+record and otherwise check the status arrays: a split with videos still pending
+or captions not encoded gives an `IncompleteCacheWarning` naming the missing
+videos (or a CacheError with `incomplete="error"`); the extracted videos can
+still be read.
+
+Writes that fail in the operating system (disk full, read-only file system,
+file size limit) raise `CacheWriteError`, a CacheError whose one-line message
+names the store. Nothing half-written is ever counted: the done flag comes last.
+
+Test-only fault hook: with the environment variable `VARCMP_FAULT=POINT:N` (several
+comma-separated; `POINT:N@R` only where the environment's `RANK` is R, 0 if unset), the process
+kills itself with SIGKILL the N-th time it reaches POINT. Points: `mid-data`
+(a video's frame arrays written, its patch tokens not yet), `after-data` (all of a
+video's data written, its done flag not yet), `finalize` (a split's final record
+written, the consolidated metadata not yet) and, in `varcmp.extract`, `forward`
+(a video's first CLIP forward done, nothing of it written yet). It exists so that
+tests can kill a run at an exact point (tests/test_extract_faults.py); never set it
+otherwise.
 """
 
 from __future__ import annotations
@@ -39,6 +69,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -53,12 +86,53 @@ PENDING, DONE, FAILED = 0, 1, 2
 TEXT_CHUNK = 64
 
 ROOT_KEY = "varcmp"
-LOCK_NAME = ".varcmp.lock"  # inside a Zarr store: serialises writers (see extract)
+LOCK_NAME = ".varcmp.lock"  # inside a Zarr store: serialises metadata changes of writers (see extract)
+RUN_LOCK_NAME = ".varcmp.run.lock"  # inside a Zarr store: held by every writer for its whole run (see extract)
+LOCK_NAMES = (LOCK_NAME, RUN_LOCK_NAME)
 SPLIT_KEY = "varcmp_split"
+FINAL_KEY = "varcmp_final"  # split attribute written by CacheWriter.finalize
+FAULT_ENV = "VARCMP_FAULT"  # test-only fault hook, see the module docstring
 
 
 class CacheError(Exception):
     """A cache that cannot be used; the message is one line naming the store."""
+
+
+class CacheWriteError(CacheError):
+    """The operating system refused a write to the store (disk full, read-only, ...)."""
+
+
+class IncompleteCacheWarning(UserWarning):
+    """A split is read whose extraction has not finished (videos pending or captions not encoded)."""
+
+
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Test-only: SIGKILL this process at the N-th arrival at point `name` when `VARCMP_FAULT`
+    asks for it (see the module docstring). Does nothing when the variable is unset."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    _FAULT_COUNTS[name] = n = _FAULT_COUNTS.get(name, 0) + 1
+    for item in spec.split(","):
+        point, _, rest = item.strip().partition(":")
+        count, _, rank = rest.partition("@")
+        if point == name and count.strip().isdigit() and int(count) == n and (
+                not rank or os.environ.get("RANK", "0") == rank.strip()):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextmanager
+def _writing(path: Path, what: str = "write to the store"):
+    """Turn an operating-system error of a write into a one-line CacheWriteError naming the store."""
+    try:
+        yield
+    except CacheError:
+        raise
+    except OSError as e:
+        raise CacheWriteError(f"{path}: cannot {what} ({e.strerror or e})") from None
 
 
 @dataclass(frozen=True)
@@ -105,6 +179,53 @@ class VideoFeatures:
     audio_mask: np.ndarray | None = None  # [Na]
     audio_time: np.ndarray | None = None  # [Na, 2]
     note: str = ""
+
+
+@dataclass
+class Completeness:
+    """Where the extraction of one split stands, read from its status arrays."""
+
+    split: str
+    videos: int
+    done: int
+    failed: int
+    missing: list[str]  # paths of the videos neither done nor failed (not extracted yet)
+    captions: int = 0
+    captions_encoded: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and self.captions_encoded == self.captions
+
+    def record(self) -> dict:
+        """The split attribute `varcmp_final` that finalization writes."""
+        return {"complete": self.complete, "videos": self.videos, "done": self.done, "failed": self.failed,
+                "not_extracted": len(self.missing), "captions": self.captions,
+                "captions_encoded": self.captions_encoded}
+
+    def describe(self, path, limit: int = 3) -> str:
+        """One line: what is missing (or that nothing is)."""
+        parts = []
+        if self.missing:
+            names = ", ".join(self.missing[:limit]) + (", ..." if len(self.missing) > limit else "")
+            parts.append(f"{len(self.missing)} of {self.videos} videos not extracted ({names})")
+        if self.captions_encoded < self.captions:
+            parts.append(f"{self.captions - self.captions_encoded} of {self.captions} captions not encoded")
+        if not parts:
+            return f"{path}: split '{self.split}' is complete ({self.done} videos extracted, {self.failed} failed)"
+        return f"{path}: split '{self.split}' is incomplete: " + "; ".join(parts)
+
+
+def _completeness(store, name: str) -> Completeness:
+    status = np.asarray(store.array(f"{name}/videos/status")[:])
+    pending = np.flatnonzero((status != DONE) & (status != FAILED))
+    missing = list(store.read_str(f"{name}/videos/path")[pending]) if len(pending) else []
+    c = Completeness(name, len(status), int((status == DONE).sum()), int((status == FAILED).sum()),
+                     [str(m) for m in missing])
+    if store.has(f"{name}/text/status"):
+        t = np.asarray(store.array(f"{name}/text/status")[:])
+        c.captions, c.captions_encoded = len(t), int((t == DONE).sum())
+    return c
 
 
 def video_arrays(spec: CacheSpec, n: int) -> dict[str, tuple[tuple, str, tuple, Any]]:
@@ -292,31 +413,52 @@ class CacheWriter:
     def __init__(self, path, spec: CacheSpec, encoders: dict, preprocessing: dict, overwrite: bool = False):
         self.path = Path(path)
         self.spec = spec
-        if overwrite and self.path.exists():
-            if self.path.is_dir():
-                shutil.rmtree(self.path)
+        with _writing(self.path):
+            if overwrite and self.path.exists():
+                if self.path.is_dir():
+                    shutil.rmtree(self.path)
+                else:
+                    self.path.unlink()
+            if not _is_empty(self.path):
+                _probe_existing(self.path)
+            self.store = _open_store(self.path, "a")
+            meta = json.loads(json.dumps({  # as it will read back (tuples become lists)
+                "schema_version": SCHEMA_VERSION,
+                "varcmp_version": __version__,
+                "spec": asdict(spec),
+                "encoders": encoders,
+                "preprocessing": preprocessing,
+            }))
+            old = self.store.get_attrs("").get(ROOT_KEY)
+            if old is None:
+                self.store.set_attrs("", {ROOT_KEY: meta})
             else:
-                self.path.unlink()
-        if not _is_empty(self.path):
-            _probe_existing(self.path)
-        self.store = _open_store(self.path, "a")
-        meta = json.loads(json.dumps({  # as it will read back (tuples become lists)
-            "schema_version": SCHEMA_VERSION,
-            "varcmp_version": __version__,
-            "spec": asdict(spec),
-            "encoders": encoders,
-            "preprocessing": preprocessing,
-        }))
-        old = self.store.get_attrs("").get(ROOT_KEY)
-        if old is None:
-            self.store.set_attrs("", {ROOT_KEY: meta})
-        else:
-            _check_compatible(self.path, old, meta)
+                _check_compatible(self.path, old, meta)
+
+    @classmethod
+    def open(cls, path) -> "CacheWriter":
+        """An existing cache, opened to finalize it (its spec is the stored one)."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        if _is_empty(self.path):
+            raise CacheError(f"{self.path}: no such cache")
+        _probe_existing(self.path)
+        with _writing(self.path, "open the store for writing"):
+            self.store = _open_store(self.path, "a")
+        self.spec = CacheSpec(**self.store.get_attrs("")[ROOT_KEY]["spec"])
+        return self
+
+    def splits(self) -> list[str]:
+        return [g for g in self.store.groups() if self.store.has(f"{g}/videos/status")]
 
     def split(self, name: str, videos: Sequence[VideoEntry], queries: Sequence[QueryEntry] | None = None,
               attrs: dict | None = None) -> "SplitWriter":
         """Create split `name`, or reopen it when it exists with the same videos and queries."""
         _check_split_name(self.path, name)
+        with _writing(self.path):
+            return self._split(name, videos, queries, attrs)
+
+    def _split(self, name, videos, queries, attrs) -> "SplitWriter":
         if self.store.has(f"{name}/videos/path"):
             sw = SplitWriter(self.store, self.path, name, self.spec)
             sw._check_same(videos, queries)
@@ -342,8 +484,31 @@ class CacheWriter:
         self.store.consolidate()
         return SplitWriter(self.store, self.path, name, self.spec)
 
+    def finalize(self, names: Sequence[str] | None = None) -> list[Completeness]:
+        """Check the given splits (default: every split); record each complete one as final
+        (`varcmp_final`, see the module docstring); then write the consolidated metadata.
+        An incomplete split is left as it is. Returns the state of each split."""
+        names = self.splits() if names is None else list(names)
+        out = []
+        with _writing(self.path):
+            for name in names:
+                c = _completeness(self.store, name)
+                if c.complete and self.store.get_attrs(name).get(FINAL_KEY) != c.record():
+                    self.store.set_attrs(name, {FINAL_KEY: c.record()})
+                out.append(c)
+            fault_point("finalize")
+            self.store.consolidate()
+        return out
+
+    def consolidate(self) -> None:
+        with _writing(self.path):
+            self.store.consolidate()
+
+    def close(self) -> None:
+        self.store.close()
+
     def finish(self) -> None:
-        self.store.consolidate()
+        self.consolidate()
         self.store.close()
 
 
@@ -383,41 +548,55 @@ class SplitWriter:
     def write_video(self, i: int, feats: VideoFeatures) -> None:
         """Write one video's data, then its done flag (the order makes a kill safe)."""
         a = self._a
-        a("videos/duration")[i] = feats.duration
-        a("videos/fps")[i] = feats.fps
-        a("videos/frame_time")[i] = feats.frame_time
-        a("videos/frame_mask")[i] = feats.frame_mask
-        a("videos/frame_feat")[i] = feats.frame_feat.astype(np.float16)
-        a("videos/patch_feat")[i] = feats.patch_feat.astype(np.float16)
-        if self.spec.has_audio and feats.audio_feat is not None:
-            a("videos/audio_feat")[i] = feats.audio_feat.astype(np.float16)
-            a("videos/audio_mask")[i] = feats.audio_mask
-            a("videos/audio_time")[i] = feats.audio_time
-        a("videos/note")[i] = feats.note
-        a("videos/error")[i] = ""
-        self.store.flush()
-        a("videos/status")[i] = DONE
-        self.store.flush()
+        with _writing(self.path):
+            a("videos/duration")[i] = feats.duration
+            a("videos/fps")[i] = feats.fps
+            a("videos/frame_time")[i] = feats.frame_time
+            a("videos/frame_mask")[i] = feats.frame_mask
+            a("videos/frame_feat")[i] = feats.frame_feat.astype(np.float16)
+            fault_point("mid-data")
+            a("videos/patch_feat")[i] = feats.patch_feat.astype(np.float16)
+            if self.spec.has_audio and feats.audio_feat is not None:
+                a("videos/audio_feat")[i] = feats.audio_feat.astype(np.float16)
+                a("videos/audio_mask")[i] = feats.audio_mask
+                a("videos/audio_time")[i] = feats.audio_time
+            a("videos/note")[i] = feats.note
+            a("videos/error")[i] = ""
+            self.store.flush()
+            fault_point("after-data")
+            a("videos/status")[i] = DONE
+            self.store.flush()
 
     def fail_video(self, i: int, reason: str) -> None:
-        self._a("videos/error")[i] = reason
-        self.store.flush()
-        self._a("videos/status")[i] = FAILED
-        self.store.flush()
+        with _writing(self.path):
+            self._a("videos/error")[i] = reason
+            self.store.flush()
+            self._a("videos/status")[i] = FAILED
+            self.store.flush()
 
     def write_text(self, start: int, word_feat: np.ndarray, word_mask: np.ndarray, sentence: np.ndarray) -> None:
         """Write queries [start, start+len) (a whole number of chunks), then their done flags."""
         stop = start + len(word_feat)
-        self._a("text/word_feat")[start:stop] = word_feat.astype(np.float16)
-        self._a("text/word_mask")[start:stop] = word_mask
-        self._a("text/sentence")[start:stop] = sentence.astype(np.float16)
-        self.store.flush()
-        self._a("text/status")[start:stop] = DONE
-        self.store.flush()
+        with _writing(self.path):
+            self._a("text/word_feat")[start:stop] = word_feat.astype(np.float16)
+            self._a("text/word_mask")[start:stop] = word_mask
+            self._a("text/sentence")[start:stop] = sentence.astype(np.float16)
+            self.store.flush()
+            self._a("text/status")[start:stop] = DONE
+            self.store.flush()
 
     def update_attrs(self, attrs: dict) -> None:
         cur = self.store.get_attrs(self.name).get(SPLIT_KEY, {})
-        self.store.set_attrs(self.name, {SPLIT_KEY: {**cur, **attrs}})
+        with _writing(self.path):
+            self.store.set_attrs(self.name, {SPLIT_KEY: {**cur, **attrs}})
+
+    def completeness(self) -> Completeness:
+        return _completeness(self.store, self.name)
+
+    def mark_unfinished(self) -> None:
+        """Before a run writes to this split: it is not final until finalized again."""
+        with _writing(self.path):
+            self.store.set_attrs(self.name, {FINAL_KEY: {"complete": False}})
 
 
 # --------------------------------------------------------------------------
@@ -506,6 +685,15 @@ class Split:
     def done_index(self) -> np.ndarray:
         return np.flatnonzero(self.status == DONE)
 
+    @property
+    def final(self) -> dict:
+        """The record finalization wrote (`{}` when the split was never finalized)."""
+        return dict(self.cache.store.get_attrs(self.name).get(FINAL_KEY) or {})
+
+    def completeness(self) -> Completeness:
+        """Where the extraction of this split stands, from its status arrays."""
+        return _completeness(self.cache.store, self.name)
+
     def array(self, key: str):
         """A lazy handle on `videos/<key>` or `text/<key>` (numpy slicing, reads on demand)."""
         return self._a(key)
@@ -582,11 +770,27 @@ class Cache:
     def splits(self) -> list[str]:
         return [g for g in self.store.groups() if self.store.has(f"{g}/videos")]
 
-    def split(self, name: str) -> Split:
+    def split(self, name: str, incomplete: str = "warn") -> Split:
+        """Split `name`. A split that is not finalized is checked: if videos are still pending or
+        captions are not encoded, `incomplete` decides: "warn" (an IncompleteCacheWarning naming
+        the missing videos; the extracted ones can be read), "error" (CacheError) or "ignore"."""
+        if incomplete not in ("warn", "error", "ignore"):
+            raise ValueError(f"incomplete={incomplete!r}: choose warn, error or ignore")
         if name not in self.splits:
             have = ", ".join(self.splits) or "none"
             raise CacheError(f"{self.path}: no split '{name}' (splits: {have})")
-        return Split(self, name, self.store.get_attrs(name).get(SPLIT_KEY, {}))
+        attrs = self.store.get_attrs(name)
+        split = Split(self, name, attrs.get(SPLIT_KEY, {}))
+        if incomplete != "ignore" and not (attrs.get(FINAL_KEY) or {}).get("complete"):
+            c = split.completeness()
+            if not c.complete:
+                msg = (f"{c.describe(self.path)}; only the extracted videos are read. To finish it, run the same "
+                       "varcmp-extract command again (with shards: every shard); "
+                       f"'varcmp-extract --out {self.path} --finalize --split {name}' lists what is missing")
+                if incomplete == "error":
+                    raise CacheError(msg)
+                warnings.warn(msg, IncompleteCacheWarning, stacklevel=2)
+        return split
 
     def _validate_split(self, name: str) -> None:
         n = self.store.array(f"{name}/videos/status").shape[0] if self.store.has(f"{name}/videos/status") else None
@@ -634,10 +838,18 @@ def _check_version(path: Path, meta: dict) -> None:
 
 
 def _is_empty(path: Path) -> bool:
-    """Nothing there yet (a directory holding only the writers' lock file counts as empty)."""
+    """Nothing there yet (a directory holding only the writers' lock files counts as empty)."""
     if not path.exists():
         return True
-    return path.is_dir() and all(p.name == LOCK_NAME for p in path.iterdir())
+    return path.is_dir() and all(p.name in LOCK_NAMES for p in path.iterdir())
+
+
+def probe_target(path) -> None:
+    """Refuse, before anything is written, an output path that holds something other than a
+    varcmp cache (CacheError, one line)."""
+    path = Path(path)
+    if not _is_empty(path):
+        _probe_existing(path)
 
 
 def _probe_existing(path: Path) -> None:

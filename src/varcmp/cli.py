@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -49,6 +50,23 @@ class OneLineErrors(click.Command):
             return super().make_context(info_name, args, parent, **extra)
         except click.UsageError as e:
             raise CommandError(" ".join(e.format_message().split()) + " (see --help)") from None
+
+    def invoke(self, ctx):
+        """Run the command with varcmp's own warnings (e.g. a cache split that is not complete)
+        shown as one 'warning: ...' line on stderr instead of Python's two-line format."""
+        from .cache_schema import IncompleteCacheWarning
+
+        with warnings.catch_warnings():
+            plain = warnings.showwarning
+
+            def show(message, category, filename, lineno, file=None, line=None):
+                if issubclass(category, IncompleteCacheWarning):
+                    click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+                else:
+                    plain(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = show
+            return super().invoke(ctx)
 
 
 def _run_name(levels, weighting) -> str:

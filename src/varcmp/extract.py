@@ -4,6 +4,25 @@ Worker processes decode and preprocess videos (PyAV, the checkpoint's own image
 processor, CLAP's log-mel front end) while the main process runs the encoders
 and writes each finished video's chunks, then its done flag. A killed run is
 resumed by running the same command again.
+
+Several processes (shards) fill one Zarr store: `--num-shards N --shard-index i`,
+or under `torchrun`, where RANK / WORLD_SIZE give them. Shard i takes videos
+i, i+N, ...; each video's chunks are its own. Two lock files in the store
+coordinate them: `.varcmp.run.lock` is held by every writer for its whole run
+(shared by shards; exclusive for a single-process run and for `--finalize`), and
+`.varcmp.lock` serialises the short metadata sections (creating the store or a
+split, finalizing). Finalization (see `cache_schema`) checks that every video of
+the split is done or failed and every caption encoded, records that, and writes
+the consolidated metadata. Who does it:
+- a single-process run, at its end;
+- under torchrun, rank 0, after every rank has finished (a gloo barrier, CPU
+  only; no NCCL). The ranks agree on the run's exit code; because torchrun stops
+  the other ranks as soon as one exits non-zero, the others exit 0 and rank 0
+  exits last with that code;
+- otherwise (SLURM array, processes started by hand) the last shard to finish:
+  the one that, after releasing its shared run lock, gets it exclusively;
+- or `varcmp-extract --out STORE --finalize [--split NAME]`, run once all shards
+  have ended (it reports what is missing, exit code 2, if a shard did not finish).
 """
 
 from __future__ import annotations
@@ -13,7 +32,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -21,8 +40,9 @@ import click
 import numpy as np
 
 from .annotations import AnnotationError, label_from_path, read_captions, safe_relative
-from .cache_schema import (DONE, FAILED, LOCK_NAME, TEXT_CHUNK, CacheError, CacheSpec, CacheWriter, QueryEntry, VideoEntry,
-                           VideoFeatures, is_hdf5)
+from .cache_schema import (DONE, FAILED, LOCK_NAME, LOCK_NAMES, RUN_LOCK_NAME, TEXT_CHUNK, CacheError, CacheSpec,
+                           CacheWriteError, CacheWriter, Completeness, QueryEntry, VideoEntry, VideoFeatures, fault_point,
+                           is_hdf5, probe_target)
 from .cli import OneLineErrors
 from .media import AUDIO_EXTENSIONS, AUDIO_RATE, MediaError, audio_windows, find_videos, read_audio, read_frames
 
@@ -37,20 +57,22 @@ class Plan:
     rejected: list[str] = field(default_factory=list)  # caption rows refused (one line each)
     missing: list[str] = field(default_factory=list)  # caption rows whose video is not there
     uncaptioned: int = 0  # videos (of the split) that no caption names
+    notes: list[str] = field(default_factory=list)  # skipped folders, dropped repeated caption rows
 
 
 def make_plan(root: Path, annotations: Path | None, all_videos: bool = False) -> Plan:
     """The split's videos and queries. With a caption file the videos are those it names
     (plus every other video under the root with `all_videos`); without one, every video."""
-    found = find_videos(root)
+    notes: list[str] = []
+    found = find_videos(root, notes)
     if annotations is None:
-        return Plan([_entry(p) for p in found], None)
-    captions = read_captions(annotations)
+        return Plan([_entry(p) for p in found], None, notes=notes)
+    captions = read_captions(annotations, notes)
     by_name: dict[str, list[str]] = {}
     for p in found:
         by_name.setdefault(PurePosixPath(p).name, []).append(p)
     found_set = set(found)
-    plan = Plan([], [])
+    plan = Plan([], [], notes=notes)
     index: dict[str, int] = {}
     where = annotations.name
     for c in captions:
@@ -146,8 +168,10 @@ def _prepare(job: tuple[int, str, str | None]) -> dict:
         fr = read_frames(path, _W["num_frames"])
         out = {"index": i, "pixels": preprocess_images(_W["processor"], fr.images), "times": fr.times,
                "duration": fr.duration, "fps": fr.fps, "total": fr.total_frames, "notes": []}
-        if len(fr.images) < _W["num_frames"]:
-            out["notes"].append(f"{len(fr.images)} frames (fewer than {_W['num_frames']}): rest masked")
+        k, n = len(fr.images), _W["num_frames"]
+        if k < n:
+            out["notes"].append(f"{k} frame{'' if k == 1 else 's'} (fewer than {n}): rest masked" if fr.total_frames < n
+                                else f"{k} distinct frames at the {n} sample times: rest masked")
         if _W["extractor"] is not None:
             if audio_path == "":
                 samples, offset = None, 0.0
@@ -194,6 +218,7 @@ class Options:
     num_shards: int = 1
     shard_index: int = 0
     all_videos: bool = False
+    distributed: bool = False  # shards from torchrun's RANK / WORLD_SIZE (set by the CLI, not by API users)
 
 
 @dataclass
@@ -202,40 +227,170 @@ class Summary:
     already: int = 0  # done before this run
     done: int = 0  # extracted by this run
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this shard
+    failed_elsewhere: list[tuple[str, str]] = field(default_factory=list)  # other shards', when this one finalized
     frames: int = 0
     queries: int = 0
     seconds: float = 0.0  # the whole run, model loading included
     video_seconds: float = 0.0  # the video loop alone (decode, encode, write)
     interrupted: bool = False
     plan: Plan | None = None
+    final: Completeness | None = None  # the split's state when this process finalized it
+    remaining: int = 0  # videos of the split not yet extracted when this process ended (not finalized)
+    note: str = ""  # one line about finalization for the report
+    exit_code: int | None = None  # decided by the run itself when shards agree on it (torchrun)
 
 
-@contextmanager
-def _lock(out: Path, exclusive_run: bool):
-    """Serialise store creation between shards; a single-shard run holds the lock throughout,
-    so two runs never write the same store at once."""
-    import fcntl
+class _Locks:
+    """The store's two lock files (flock): `run` held for a whole run, shared by the shards and
+    exclusive for a single-process run or a finalize; `meta` around the short metadata sections.
+    An HDF5 file is written by one process: one lock file beside it, no metadata lock."""
 
-    lock_path = out / LOCK_NAME if not is_hdf5(out) else out.with_name(out.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(lock_path, "a+")
-    try:
-        if exclusive_run:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise CacheError(f"{out}: another varcmp-extract is writing to this store") from None
+    def __init__(self, out: Path):
+        self.out = out
+        if is_hdf5(out):
+            self.run_path, self.meta_path = out.with_name(out.name + ".lock"), None
         else:
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
+            self.run_path, self.meta_path = out / RUN_LOCK_NAME, out / LOCK_NAME
+        self._run = None
+
+    def _open(self, path: Path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return open(path, "a+")
+        except OSError as e:
+            raise CacheWriteError(f"{self.out}: cannot write to the store ({e.strerror or e})") from None
+
+    def _flock(self, f, how: int) -> bool:
+        """False when a non-blocking request would wait."""
+        import fcntl
+
+        try:
+            fcntl.flock(f, how)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            raise CacheError(f"{self.out}: cannot lock {Path(f.name).name} ({e.strerror or e}); "
+                             "the file system must support flock") from None
+
+    def start(self, exclusive: bool, console=None, busy: str | None = None) -> None:
+        """Take the run lock: exclusive (refused at once when another run holds it) or shared
+        (waits for a single-process run or a finalize to end)."""
+        import fcntl
+
+        f = self._open(self.run_path)
+        try:
+            if exclusive:
+                if not self._flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                    raise CacheError(busy or f"{self.out}: another varcmp-extract is writing to this store")
+            elif not self._flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB):
+                if console is not None:
+                    console.print(f"waiting: another varcmp-extract holds {self.out} (a single-process run, or a "
+                                  "finalization)", highlight=False, soft_wrap=True)
+                self._flock(f, fcntl.LOCK_SH)
+        except BaseException:
+            f.close()
+            raise
+        self._run = f
+
+    def last_writer(self) -> bool:
+        """Release this shard's shared run lock; True when no other run holds it, i.e. this is the
+        last writer to finish: it then holds the run lock exclusively (until `stop`)."""
+        import fcntl
+
+        self._flock(self._run, fcntl.LOCK_UN)
+        return self._flock(self._run, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def stop(self) -> None:
+        if self._run is not None:
+            import fcntl
+
+            fcntl.flock(self._run, fcntl.LOCK_UN)
+            self._run.close()
+            self._run = None
+
+    @contextmanager
+    def meta(self):
+        if self.meta_path is None:
+            yield
+            return
+        import fcntl
+
+        f = self._open(self.meta_path)
+        try:
+            self._flock(f, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
 
 
-def run(opt: Options, console=None) -> Summary:
+class _Group:
+    """torchrun's ranks, joined in a gloo process group (CPU only) for the final barrier."""
+
+    def __init__(self, dist, long):
+        self.dist, self.long = dist, long
+        self.rank = dist.get_rank()
+
+    def barrier(self) -> None:
+        self.dist.barrier(group=self.long)
+
+    def peers(self) -> list[tuple[str, int]]:
+        """(host, pid) of every rank, in rank order (a collective: every rank calls it)."""
+        import socket
+
+        out: list = [None] * self.dist.get_world_size()
+        self.dist.all_gather_object(out, (socket.gethostname(), os.getpid()), group=self.long)
+        return [tuple(x) for x in out]
+
+    def max(self, value: int) -> int:
+        import torch
+
+        t = torch.tensor([value], dtype=torch.int64)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX, group=self.long)
+        return int(t.item())
+
+    def close(self) -> None:
+        try:
+            self.dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - leaving anyway
+            pass
+
+
+def _join_group(console) -> _Group | None:
+    """The process group of a torchrun launch (MASTER_ADDR / MASTER_PORT set), or None. Without
+    one the ranks still fill the store; only the exit codes are then each rank's own."""
+    from datetime import timedelta
+
+    if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        return None
+    try:
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            return None
+        dist.init_process_group("gloo")
+        # shards end hours apart: the final barrier of this group waits up to a week
+        long = dist.new_group(backend="gloo", timeout=timedelta(days=7))
+    except Exception as e:  # noqa: BLE001 - the store still coordinates the writers
+        console.print(f"[yellow]warning[/yellow]: no gloo process group ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); ranks coordinate through the store only",
+                      highlight=False, soft_wrap=True)
+        return None
+    return _Group(dist, long)
+
+
+def _exit_code(summary: Summary) -> int:
+    if summary.interrupted:
+        return 130
+    plan = summary.plan
+    return 1 if (summary.failed or summary.failed_elsewhere or plan.rejected or plan.missing) else 0
+
+
+def run(opt: Options, console=None, group: "_Group | None" = None) -> Summary:
     """Extract one split (or one shard of it). Raises CacheError / AnnotationError / RuntimeError /
-    click.UsageError for problems of the whole run; per-video problems are recorded and returned."""
+    click.UsageError for problems of the whole run; per-video problems are recorded and returned.
+    With `opt.distributed` the ranks join a process group (`group`, when the caller joined it)."""
     from rich.console import Console
 
     from .encoders import quiet_transformers
@@ -258,23 +413,42 @@ def run(opt: Options, console=None) -> Summary:
     plan = make_plan(opt.root, opt.annotations, opt.all_videos)
     if not plan.videos:
         raise click.UsageError(f"{opt.root}: no videos to extract" + (" (no caption names an existing video)" if opt.annotations else ""))
+    if not opt.overwrite:
+        probe_target(opt.out)  # something that is not a cache: refused before a lock file is made in it
 
     summary = Summary(plan=plan)
+    locks = _Locks(opt.out)
     with ExitStack() as stack:
+        if group is None and opt.distributed and sharded:
+            group = _join_group(console)
+            if group is not None:
+                stack.callback(group.close)
+        locks.start(exclusive=not sharded, console=console)
+        stack.callback(locks.stop)
         # decoding workers start first: they load their preprocessors while this process loads the encoders
         init = (opt.clip_model, opt.clap_model if opt.audio else None, opt.frames, opt.audio_segments)
         pool = stack.enter_context(_decoders(opt.workers, init))
-        _extract(opt, plan, pool, summary, stack, console)
+        _extract(opt, plan, pool, summary, locks, group, console)
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _extract(opt: Options, plan: Plan, pool, summary: Summary, stack: ExitStack, console) -> None:
+def _device_name(opt: Options) -> str:
+    """Under torchrun each rank of a node takes its own GPU (LOCAL_RANK) unless --device names one."""
+    local = os.environ.get("LOCAL_RANK")
+    if opt.distributed and local is not None and local.isdigit() and opt.device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{int(local) % torch.cuda.device_count()}"
+    return opt.device
+
+
+def _extract(opt: Options, plan: Plan, pool, summary: Summary, locks: _Locks, group: _Group | None, console) -> None:
     from .encoders import ClapEncoder, ClipEncoder, resolve_device
 
-    sharded = opt.num_shards > 1
     try:
-        device = resolve_device(opt.device)
+        device = resolve_device(_device_name(opt))
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     clip = ClipEncoder(opt.clip_model, device)
@@ -290,34 +464,118 @@ def _extract(opt: Options, plan: Plan, pool, summary: Summary, stack: ExitStack,
                   "clamp(duration/N_a, 1 s, 10 s) long; CLAP get_audio_features, is_longer=False") if clap else None,
     }
     split_attrs = {"root": str(opt.root.resolve()), "annotations": str(opt.annotations) if opt.annotations else None,
-                   "audio": opt.audio, "rejected": plan.rejected, "missing": plan.missing}
+                   "audio": opt.audio, "rejected": plan.rejected, "missing": plan.missing,
+                   "plan_notes": plan.notes}
 
-    if not sharded:  # one writer at a time, for the whole run
-        stack.enter_context(_lock(opt.out, exclusive_run=True))
-    with _lock(opt.out, exclusive_run=False) if sharded else nullcontext():
+    mine = np.arange(opt.shard_index, len(plan.videos), opt.num_shards)
+    with locks.meta():
         if opt.overwrite:
             _clear(opt.out)
         writer = CacheWriter(opt.out, spec, encoders, preprocessing)
-        sw = writer.split(opt.split, plan.videos, plan.queries, split_attrs)
-    mine = np.arange(opt.shard_index, len(plan.videos), opt.num_shards)
+        try:
+            sw = writer.split(opt.split, plan.videos, plan.queries, split_attrs)
+            status = sw.video_status()
+            todo = [int(i) for i in mine if status[i] != DONE]
+            text_status = sw.text_status()
+            if todo or (opt.shard_index == 0 and text_status is not None and (text_status != DONE).any()):
+                sw.mark_unfinished()  # no longer final: this run writes to it
+            writer.consolidate()
+        except BaseException:
+            writer.close()
+            raise
     try:
-        status = sw.video_status()
-        todo = [int(i) for i in mine if status[i] != DONE]
-        summary.total, summary.already = len(mine), len(mine) - len(todo)
-        paths = [plan.videos[i].path for i in todo]
-        jobs = [(i, str(opt.root / p), _audio_source(opt.audio, opt.root, p)) for i, p in zip(todo, paths)]
-        results = _decoded(jobs, pool, opt.workers)  # decoding starts now, text encoding overlaps it
-        if opt.shard_index == 0 and plan.queries:
-            summary.queries = _encode_text(sw, clip, [q.text for q in plan.queries], opt.max_words)
-        _encode_videos(opt, sw, clip, clap, results, len(jobs), summary, console)
-    except KeyboardInterrupt:
-        summary.interrupted = True
+        try:
+            summary.total, summary.already = len(mine), len(mine) - len(todo)
+            paths = [plan.videos[i].path for i in todo]
+            jobs = [(i, str(opt.root / p), _audio_source(opt.audio, opt.root, p)) for i, p in zip(todo, paths)]
+            results = _decoded(jobs, pool, opt.workers)  # decoding starts now, text encoding overlaps it
+            if opt.shard_index == 0 and plan.queries:
+                summary.queries = _encode_text(sw, clip, [q.text for q in plan.queries], opt.max_words)
+            _encode_videos(opt, sw, clip, clap, results, len(jobs), summary, console)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        _finish(opt, plan, writer, sw, mine, locks, group, summary)
     finally:
-        status = sw.video_status()
-        errors = sw.store.read_str(f"{opt.split}/videos/error")
-        summary.failed = [(plan.videos[i].path, errors[i]) for i in mine if status[i] == FAILED]
-        with _lock(opt.out, exclusive_run=False) if sharded else nullcontext():
-            writer.finish()  # consolidates metadata
+        writer.close()
+
+
+def _finish(opt: Options, plan: Plan, writer: CacheWriter, sw, mine: np.ndarray, locks: _Locks,
+            group: _Group | None, summary: Summary) -> None:
+    """After this process's videos: finalize the split if this process is the one to (see the
+    module docstring), and decide the exit code."""
+    status = sw.video_status()
+    errors = sw.store.read_str(f"{opt.split}/videos/error")
+    summary.failed = [(plan.videos[i].path, errors[i]) for i in mine if status[i] == FAILED]
+    sharded = opt.num_shards > 1
+    states = None
+    if group is not None:  # torchrun: rank 0 finalizes once every rank has finished
+        locks.stop()
+        group.barrier()
+        if group.rank == 0:
+            with locks.meta():
+                states = writer.finalize([opt.split])
+    elif not sharded or locks.last_writer():  # the only writer, or the last one: no other run holds the store
+        with locks.meta():
+            states = writer.finalize()
+    else:
+        with locks.meta():
+            writer.consolidate()
+    own = next((c for c in states or [] if c.split == opt.split), None)
+    if own is not None and own.complete:
+        summary.final = own
+        if group is None and sharded:  # the last shard's report covers the whole split
+            status = sw.video_status()
+            errors = sw.store.read_str(f"{opt.split}/videos/error")
+            summary.failed_elsewhere = [(plan.videos[i].path, errors[i]) for i in np.flatnonzero(status == FAILED)
+                                        if i % opt.num_shards != opt.shard_index]
+        if sharded:
+            summary.note = (f"finalized split '{opt.split}': {own.videos} videos, {own.done} extracted, "
+                            f"{own.failed} failed" + (f", {own.captions} captions" if own.captions else ""))
+    else:
+        state = own or sw.completeness()
+        summary.remaining = len(state.missing)
+        if sharded and state.complete and group is None:
+            summary.note = (f"split '{opt.split}': every video is extracted or recorded as failed; the "
+                            "varcmp-extract still writing to the store finalizes it")
+        elif sharded and not summary.interrupted and (group is None or group.rank == 0):
+            summary.note = (f"split '{opt.split}': {len(state.missing)} of {state.videos} videos not extracted yet"
+                            + (" (by other shards; the last shard to finish finalizes the store)" if group is None
+                               else "") + f"; check with: varcmp-extract --out {opt.out} --finalize --split {opt.split}")
+    code = _exit_code(summary)
+    # the ranks agree on one code (after rank 0 finalized); see _exit_together for who exits with it
+    summary.exit_code = group.max(code) if group is not None else code
+
+
+def _exit_together(group: _Group, code: int) -> None:
+    """torchrun stops the other ranks (SIGTERM) as soon as one exits non-zero. So the ranks meet
+    once every report is printed; the others then exit 0 at once and rank 0, last, exits with the
+    code they agreed on (torchrun reports that one failure, if any)."""
+    import socket
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    peers = group.peers()  # also the meeting point: every rank has printed its report
+    group.close()
+    if group.rank != 0:
+        os._exit(0)  # nothing is left to clean up: the run has ended and its output is flushed
+    if code:  # let the others be gone before torchrun sees this exit code
+        here = socket.gethostname()
+        local = [pid for host, pid in peers[1:] if host == here]
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in local) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if len(local) < len(peers) - 1 or not os.path.isdir("/proc"):
+            time.sleep(0.5)  # ranks on other hosts (or no /proc to look at): a moment
+    sys.exit(code)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs (an exited one that its parent has not reaped does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
 
 
 def _clear(out: Path) -> None:
@@ -329,7 +587,7 @@ def _clear(out: Path) -> None:
         return
     if out.is_dir():
         for child in out.iterdir():
-            if child.name != LOCK_NAME:
+            if child.name not in LOCK_NAMES:
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
@@ -338,7 +596,11 @@ def _encode_text(sw, clip, texts: list[str], max_words: int) -> int:
     chunks = [s for s in range(0, len(texts), TEXT_CHUNK) if not (status[s:s + TEXT_CHUNK] == DONE).all()]
     for s in chunks:
         words, mask, sentence = clip.encode_text(texts[s:s + TEXT_CHUNK], max_words)
-        sw.write_text(s, words.numpy(), mask.numpy(), sentence.numpy())
+        try:
+            sw.write_text(s, words.numpy(), mask.numpy(), sentence.numpy())
+        except CacheWriteError as e:
+            raise CacheWriteError(f"{e} while saving captions {s}-{s + len(words) - 1}; make room (or make the store "
+                                  "writable) and run the same command again to resume") from None
     return len(texts)
 
 
@@ -398,13 +660,18 @@ def _encode_videos(opt: Options, sw, clip, clap, results, total: int, summary: S
     with _progress(console) as progress:
         task = progress.add_task(f"extract {opt.split}", total=total, vps=0.0, fps=0.0)
         for res in results:
-            if "error" in res:
-                sw.fail_video(res["index"], res["error"])
-            else:
-                feats = _features(res, clip, clap, opt)
-                sw.write_video(res["index"], feats)
-                summary.frames += int(feats.frame_mask.sum())
-                summary.done += 1
+            try:
+                if "error" in res:
+                    sw.fail_video(res["index"], res["error"])
+                else:
+                    feats = _features(res, clip, clap, opt)
+                    sw.write_video(res["index"], feats)
+                    summary.frames += int(feats.frame_mask.sum())
+                    summary.done += 1
+            except CacheWriteError as e:
+                path = summary.plan.videos[res["index"]].path
+                raise CacheWriteError(f"{e} while saving {path!r}; the videos finished before are kept: make room "
+                                      "(or make the store writable) and run the same command again to resume") from None
             handled += 1
             dt = max(time.perf_counter() - start, 1e-9)
             progress.update(task, advance=1, vps=handled / dt, fps=summary.frames / dt)
@@ -430,6 +697,8 @@ def _features(res: dict, clip, clap, opt: Options) -> VideoFeatures:
         c, p = clip.encode_images(pixels[s:s + opt.batch_size])
         cls.append(c)
         patches.append(p)
+        if s == 0:
+            fault_point("forward")
     cls_t, patch_t = torch.cat(cls).numpy(), torch.cat(patches).numpy()
     k, n = len(cls_t), opt.frames
     frame_feat = np.zeros((n, cls_t.shape[1]), np.float32)
@@ -472,20 +741,119 @@ def report(summary: Summary, opt: Options, console) -> int:
     console.print(t)
     for path, why in summary.failed:
         console.print(f"[red]failed[/red] {path}: {why}", highlight=False, soft_wrap=True)
+    for path, why in summary.failed_elsewhere:
+        console.print(f"[red]failed[/red] {path}: {why} (another shard)", highlight=False, soft_wrap=True)
     for line in plan.rejected:
         console.print(f"[red]rejected[/red] {line}", highlight=False, soft_wrap=True)
     for line in plan.missing:
         console.print(f"[yellow]missing[/yellow] {line}", highlight=False, soft_wrap=True)
+    for line in plan.notes:
+        console.print(f"[dim]note[/dim] {line}", highlight=False, soft_wrap=True)
     if plan.uncaptioned:
         console.print(f"{plan.uncaptioned} videos have no caption (kept as distractors)")
+    if summary.note:
+        console.print(summary.note, highlight=False, soft_wrap=True)
     if summary.interrupted:
         console.print("[yellow]interrupted[/yellow]: finished videos are saved; run the same command again to resume")
-        return 130
-    return 1 if (summary.failed or plan.rejected or plan.missing) else 0
+    return summary.exit_code if summary.exit_code is not None else _exit_code(summary)
+
+
+def finalize(out: Path, split: str | None = None, plan: Plan | None = None, console=None) -> int:
+    """`varcmp-extract --out STORE --finalize`: check and finalize split `split` (default: every
+    split) once no extraction is writing to the store; print what each split holds and what is
+    missing. With `plan` (the videos and captions of an extraction command) the split must hold
+    exactly those. Returns the exit code: 0, 1 when videos failed or caption rows were refused
+    (as the extraction itself), 2 when a split is incomplete. Raises CacheError for a store that
+    cannot be finalized."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(stderr=True)
+    if not out.exists():
+        raise CacheError(f"{out}: no such cache")
+    probe_target(out)
+    locks = _Locks(out)
+    locks.start(exclusive=True, busy=f"{out}: a varcmp-extract is still writing to this store; run --finalize "
+                                     "once every shard has ended")
+    try:
+        with locks.meta():
+            writer = CacheWriter.open(out)
+            try:
+                names = writer.splits()
+                if split is not None:
+                    if split not in names:
+                        raise CacheError(f"{out}: no split '{split}' (splits: {', '.join(names) or 'none'})")
+                    names = [split]
+                    if plan is not None:
+                        writer.split(split, plan.videos, plan.queries)  # refuses another list of videos or captions
+                states = writer.finalize(names)
+                details = {}
+                for c in states:
+                    status = np.asarray(writer.store.array(f"{c.split}/videos/status")[:])
+                    paths = writer.store.read_str(f"{c.split}/videos/path")
+                    errors = writer.store.read_str(f"{c.split}/videos/error")
+                    attrs = writer.store.get_attrs(c.split).get("varcmp_split", {})
+                    details[c.split] = ([(paths[i], errors[i]) for i in np.flatnonzero(status == FAILED)],
+                                        list(attrs.get("rejected") or []), list(attrs.get("missing") or []))
+            finally:
+                writer.close()
+    finally:
+        locks.stop()
+
+    t = Table(title=f"varcmp-extract --finalize: {out}")
+    for col in ("split", "videos", "done", "failed", "pending", "captions", "encoded", "state"):
+        t.add_column(col, justify="left" if col in ("split", "state") else "right", no_wrap=col == "state")
+    for c in states:
+        t.add_row(c.split, str(c.videos), str(c.done), str(c.failed), str(len(c.missing)), str(c.captions),
+                  str(c.captions_encoded), "finalized" if c.complete else "incomplete")
+    console.print(t)
+    problems = False
+    for c in states:
+        failed, rejected, missing = details[c.split]
+        for path, why in failed:
+            console.print(f"[red]failed[/red] {c.split}: {path}: {why}", highlight=False, soft_wrap=True)
+        for line in rejected:
+            console.print(f"[red]rejected[/red] {c.split}: {line}", highlight=False, soft_wrap=True)
+        for line in missing:
+            console.print(f"[yellow]missing[/yellow] {c.split}: {line}", highlight=False, soft_wrap=True)
+        problems |= bool(failed or rejected or missing)
+    incomplete = [c for c in states if not c.complete]
+    for c in incomplete:
+        for path in c.missing[:20]:
+            console.print(f"[yellow]not extracted[/yellow] {c.split}: {path}", highlight=False, soft_wrap=True)
+        if len(c.missing) > 20:
+            console.print(f"[yellow]not extracted[/yellow] {c.split}: ... and {len(c.missing) - 20} more")
+    for c in incomplete:
+        console.print(f"[red]error[/red]: {c.describe(out)}; run the extraction (every shard) again: it resumes; "
+                      "then --finalize", highlight=False, soft_wrap=True)
+    if incomplete:
+        return 2
+    return 1 if problems else 0
+
+
+def _shards_from_env(ctx) -> tuple[int, int] | None:
+    """(WORLD_SIZE, RANK) of a torchrun launch, unless --num-shards / --shard-index are given."""
+    from click.core import ParameterSource
+
+    if any(ctx.get_parameter_source(p) not in (ParameterSource.DEFAULT, None) for p in ("num_shards", "shard_index")):
+        return None
+    world, rank = os.environ.get("WORLD_SIZE"), os.environ.get("RANK")
+    if world is None or rank is None:
+        return None
+    if not (world.isdigit() and rank.isdigit() and int(rank) < int(world)):
+        raise click.UsageError(f"RANK={rank} WORLD_SIZE={world}: not a rank of a world (as torchrun sets them)")
+    return int(world), int(rank)
+
+
+def _default_workers() -> int:
+    """Half the cores (at most 8) for decoding, divided among the ranks of a torchrun node."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    per_node = int(local) if local.isdigit() and int(local) > 0 else 1
+    return max(1, min(8, (os.cpu_count() or 2) // 2 // per_node))
 
 
 @click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.argument("videos", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("videos", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
               help="Cache to write or add to: a Zarr directory, or NAME.h5 for HDF5.")
 @click.option("--annotations", "-a", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -499,15 +867,22 @@ def report(summary: Summary, opt: Options, console) -> int:
 @click.option("--max-words", default=32, type=click.IntRange(3, 77), help="Text tokens per caption, start/end included.")
 @click.option("--audio-segments", default=32, type=click.IntRange(1, 256), help="Audio windows per video (N_a).")
 @click.option("--batch-size", default=64, type=click.IntRange(1), help="Frames (or audio windows) per encoder forward.")
-@click.option("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps.")
-@click.option("--workers", default=max(1, min(8, (os.cpu_count() or 2) // 2)), type=click.IntRange(0),
+@click.option("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps. "
+                                               "Under torchrun, auto and cuda mean cuda:LOCAL_RANK.")
+@click.option("--workers", default=_default_workers(), type=click.IntRange(0),
               help="Decoding processes (0: decode in the main process).")
 @click.option("--all-videos", is_flag=True, help="With --annotations, also extract videos no caption names (distractors).")
 @click.option("--overwrite", is_flag=True, help="Start the store over instead of resuming.")
-@click.option("--num-shards", default=1, type=click.IntRange(1), help="Split the videos among this many processes.")
-@click.option("--shard-index", default=0, type=click.IntRange(0), help="Which shard this process extracts.")
-def main(videos, out, annotations, split, audio, clip_model, clap_model, frames, max_words, audio_segments,
-         batch_size, device, workers, all_videos, overwrite, num_shards, shard_index):
+@click.option("--num-shards", default=1, type=click.IntRange(1),
+              help="Split the videos among this many processes (default under torchrun: WORLD_SIZE).")
+@click.option("--shard-index", default=0, type=click.IntRange(0),
+              help="Which shard this process extracts (default under torchrun: RANK).")
+@click.option("--finalize", "finalize_only", is_flag=True,
+              help="Extract nothing: check that every video of the split (of every split without --split) is "
+                   "extracted or recorded as failed, record it, consolidate the metadata. After a SLURM array.")
+@click.pass_context
+def main(ctx, videos, out, annotations, split, audio, clip_model, clap_model, frames, max_words, audio_segments,
+         batch_size, device, workers, all_videos, overwrite, num_shards, shard_index, finalize_only):
     """Extract frozen CLIP (and CLAP) features of the videos under VIDEOS into a cache.
 
     \b
@@ -516,23 +891,55 @@ def main(videos, out, annotations, split, audio, clip_model, clap_model, frames,
       varcmp-extract videos/ --out cache.zarr --audio video --split test
       varcmp-extract videos/ --out cache.zarr --clip-model /models/clip-vit-base-patch32
 
+    \b
+    Several processes, one store:
+      torchrun --nproc-per-node 4 -m varcmp.extract videos/ --out cache.zarr --split train
+      varcmp-extract videos/ --out cache.zarr --num-shards 8 --shard-index $SLURM_ARRAY_TASK_ID
+      varcmp-extract --out cache.zarr --finalize --split train     # once, after the array
+
     Re-running the same command resumes: finished videos are kept, failed ones are retried.
-    Shards: run N processes with --num-shards N --shard-index i (e.g. i=$SLURM_ARRAY_TASK_ID).
+    The last shard to finish (rank 0 under torchrun) finalizes the split; --finalize checks it
+    and reports the videos that are missing.
     """
     from rich.console import Console
 
     console = Console(stderr=True)
-    opt = Options(root=videos, out=out, annotations=annotations, split=split, clip_model=clip_model,
-                  clap_model=clap_model, audio=audio, frames=frames, max_words=max_words,
-                  audio_segments=audio_segments, batch_size=batch_size, device=device, workers=workers,
-                  overwrite=overwrite, num_shards=num_shards, shard_index=shard_index, all_videos=all_videos)
-    try:
-        summary = run(opt, console)
-    except (CacheError, AnnotationError, RuntimeError, click.UsageError) as e:
+
+    def fail(e) -> None:
         console.print(f"[red]error[/red]: {e.format_message() if isinstance(e, click.UsageError) else e}",
                       highlight=False, soft_wrap=True)
         sys.exit(2)
-    sys.exit(report(summary, opt, console))
+
+    try:
+        if finalize_only:
+            if overwrite:
+                raise click.UsageError("--finalize checks a store; it cannot be combined with --overwrite")
+            whole = videos is None and ctx.get_parameter_source("split") in (None, click.core.ParameterSource.DEFAULT)
+            plan = make_plan(videos, annotations, all_videos) if videos is not None else None
+            sys.exit(finalize(out, None if whole else split, plan, console))
+        if videos is None:
+            raise click.UsageError("missing argument VIDEOS, the folder of videos (only --finalize runs without it)")
+        env = _shards_from_env(ctx)
+        distributed = env is not None and env[0] > 1
+        if env is not None:
+            num_shards, shard_index = env
+    except (CacheError, AnnotationError, click.UsageError) as e:
+        fail(e)
+    opt = Options(root=videos, out=out, annotations=annotations, split=split, clip_model=clip_model,
+                  clap_model=clap_model, audio=audio, frames=frames, max_words=max_words,
+                  audio_segments=audio_segments, batch_size=batch_size, device=device, workers=workers,
+                  overwrite=overwrite, num_shards=num_shards, shard_index=shard_index, all_videos=all_videos,
+                  distributed=distributed)
+    # under torchrun: the ranks' process group lives until every rank has printed its report
+    group = _join_group(console) if distributed else None
+    try:
+        summary = run(opt, console, group)
+    except (CacheError, AnnotationError, RuntimeError, click.UsageError) as e:
+        fail(e)  # a rank that stops here exits 2 at once: torchrun then stops the others
+    code = report(summary, opt, console)
+    if group is not None:
+        _exit_together(group, code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,12 @@ Caption files: the UCFCrime-AR release (`.xlsx`, header `Video Name | Chinese
 Text | English Text`, names ending with a stray newline, extra empty columns),
 or CSV / JSONL with `video,text`. Every video path is relative to the video
 root and may not leave it.
+
+Several captions of one video are kept (each is a query of that video); a row that
+repeats an earlier row exactly (same video, same caption after whitespace
+normalisation) is dropped with a note naming the file and both rows. Rows with an
+empty caption or video name are returned as they are: the caller rejects them with
+their row number.
 """
 
 from __future__ import annotations
@@ -62,9 +68,30 @@ def safe_relative(video: str) -> str:
     return norm
 
 
-def read_captions(path: str | Path) -> list[Caption]:
-    """Rows of a caption file (`.xlsx`, `.csv`, `.jsonl`), video names and texts stripped."""
+def read_captions(path: str | Path, notes: list[str] | None = None) -> list[Caption]:
+    """Rows of a caption file (`.xlsx`, `.csv`, `.jsonl`), video names and texts stripped,
+    exact repeats dropped (one line each appended to `notes`, when given)."""
     path = Path(path)
+    caps = _read_rows(path)
+    return _drop_repeats(path, caps, [] if notes is None else notes)
+
+
+def _drop_repeats(path: Path, caps: list[Caption], notes: list[str]) -> list[Caption]:
+    first: dict[tuple[str, str], int] = {}
+    out = []
+    for c in caps:
+        v = c.video.replace("\\", "/")
+        key = (posixpath.normpath(v) if v else "", c.text)
+        if key in first and c.text:
+            notes.append(f"{path.name} row {c.row}: repeats row {first[key]} "
+                         f"(same video {c.video!r} and caption), dropped")
+            continue
+        first.setdefault(key, c.row)
+        out.append(c)
+    return out
+
+
+def _read_rows(path: Path) -> list[Caption]:
     if not path.is_file():
         raise AnnotationError(f"{path}: no such caption file")
     suffix = path.suffix.lower()

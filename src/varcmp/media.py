@@ -212,17 +212,46 @@ def audio_windows(samples: np.ndarray | None, offset: float, duration: float, n:
     return AudioWindows(windows, mask, spans, note)
 
 
-def find_videos(root: str | os.PathLike) -> list[str]:
-    """Relative POSIX paths of the video files under `root`, sorted; follows directory
-    symlinks once (a symlink loop is not followed twice)."""
+def find_videos(root: str | os.PathLike, notes: list[str] | None = None) -> list[str]:
+    """Relative POSIX paths of the video files under `root`, sorted. Directory symlinks are
+    followed, but a folder reached a second time (a symlink loop, or two links to one folder)
+    is skipped, and so is a folder that cannot be listed; each skip appends one line to `notes`
+    (when given) naming the folder. The walk never hangs on a loop and never raises for one
+    bad folder. A file symlink that loops or dangles is listed: reading it then fails with a
+    one-line reason (MediaError), like any unreadable video."""
     root = Path(root)
-    seen, out = set(), []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
+    notes = [] if notes is None else notes
+    seen: dict[tuple[int, int], str] = {}
+    out = []
+
+    def rel(p) -> str:
+        try:
+            r = Path(p).relative_to(root).as_posix()
+        except ValueError:
+            return str(p)
+        return "." if r in ("", ".") else r
+
+    def unlistable(e: OSError) -> None:
+        where = rel(e.filename) if e.filename is not None else "?"
+        notes.append(f"{where}: cannot list folder ({e.strerror or e}), skipped")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError as e:
+            notes.append(f"{rel(dirpath)}: cannot read folder ({e.strerror or e}), skipped")
             dirnames[:] = []
             continue
-        seen.add((st.st_dev, st.st_ino))
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            first = seen[key]
+            here = rel(dirpath)
+            loop = first == "." or here.startswith(first + "/")
+            why = "symlink loop back to" if loop else "same folder as"
+            notes.append(f"{here}: {why} {first!r}, skipped")
+            dirnames[:] = []
+            continue
+        seen[key] = rel(dirpath)
         dirnames.sort()
         for f in filenames:
             if f.lower().endswith(VIDEO_EXTENSIONS) and not f.startswith("."):

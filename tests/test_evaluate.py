@@ -383,3 +383,24 @@ def test_user_errors_are_one_line(cache, ckpt, tmp_path):
     silent = write_planted_cache(tmp_path / "silent.zarr", {"test": 4},
                                  spec=dataclasses.replace(SPEC, audio_segments=0))
     one_line_error(run(silent, "--zero-shot", "--query", "audio"), "no audio")
+
+
+def test_damaged_features_are_named_not_scored(cache, ckpt, tmp_path):
+    """A NaN in one video's frame features, or a chunk that no longer decompresses: one line naming
+    the video, exit code 2; never NaN scores in a table."""
+    import zarr
+
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(cache, bad)
+    with open_cache(bad) as c:
+        s = c.split("test")
+        row = int(s.done_index()[3])
+        path = s.paths[row]
+    zarr.open_group(str(bad), mode="r+", use_consolidated=False)["test/videos/frame_feat"][row, 1, 2] = np.nan
+    one_line_error(run(bad, "--checkpoint", ckpt, "--split", "test"),
+                   f"video {path} (row {row} of split 'test')", "videos/frame_feat holds NaN or infinite values")
+    shutil.rmtree(bad)
+    shutil.copytree(cache, bad)
+    chunk = bad / "test" / "videos" / "patch_feat" / "c" / str(row) / "0" / "0" / "0"
+    chunk.write_bytes(np.random.default_rng(0).integers(0, 256, chunk.stat().st_size, dtype=np.uint8).tobytes())
+    one_line_error(run(bad, "--checkpoint", ckpt, "--split", "test"), f"video {path} ", "cannot be read")

@@ -532,6 +532,25 @@ def test_bad_input_is_one_line_with_exit_code_2(planted, zero_ckpt, tmp_path):
     one_line_error(run(planted, "--checkpoint", foreign, "a dog"), "other encoders")
 
 
+def test_damaged_features_are_named_not_searched(planted, zero_ckpt, tmp_path):
+    """An infinity in one video's patch features: the search stops with one line naming that video
+    (the CLI prints it as 'error: ...', exit code 2, as every CacheError)."""
+    import zarr
+
+    from varcmp.cache_schema import DamagedCacheError
+
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(planted, bad, ignore=shutil.ignore_patterns(INDEX_DIR))
+    with open_cache(bad) as c:
+        path = c.split("test").paths[5]
+    zarr.open_group(str(bad), mode="r+", use_consolidated=False)["test/videos/patch_feat"][5, 0, 0, 0] = np.inf
+    feats, texts, _ = captions(bad)
+    with pytest.raises(DamagedCacheError, match=rf"video {re.escape(str(path))} \(row 5 of split 'test'\): its "
+                                                r"videos/patch_feat holds NaN or infinite values"):
+        search_features(bad, zero_ckpt, {k: v[:1] for k, v in feats.items()}, texts[:1], splits=["test"],
+                        device="cpu")
+
+
 def test_help_has_examples():
     r = CliRunner().invoke(main, ["--help"])
     assert r.exit_code == 0

@@ -15,7 +15,7 @@ from helpers import write_planted_cache
 
 import varcmp.train as T
 from varcmp import checkpoint
-from varcmp.cache_schema import Cache, CacheSpec, CacheWriter, VideoEntry, VideoFeatures, open_cache
+from varcmp.cache_schema import Cache, CacheSpec, CacheWriter, VideoEntry, VideoFeatures, open_cache, read_rows
 from varcmp.evaluate import encode_queries, encode_videos, score_matrix
 from varcmp.model import VarCMP
 
@@ -403,5 +403,5 @@ def test_hdf5_cache_in_memory_and_streamed(tmp_path):
 def test_read_rows_any_order(planted):
     arr = open_cache(planted).split("train").array("videos/frame_feat")
     rows = np.array([5, 1, 5, 0])
-    np.testing.assert_array_equal(T.read_rows(arr, rows), np.asarray(arr[:])[rows])
+    np.testing.assert_array_equal(read_rows(arr, rows), np.asarray(arr[:])[rows])
     assert T.available_memory() > 2**20  # Linux: MemAvailable of /proc/meminfo

@@ -102,6 +102,11 @@ class CacheWriteError(CacheError):
     """The operating system refused a write to the store (disk full, read-only, ...)."""
 
 
+class DamagedCacheError(CacheError):
+    """Stored features that cannot be decoded (a corrupt chunk) or are NaN / infinite; the
+    message names the video (or caption) and the store."""
+
+
 class IncompleteCacheWarning(UserWarning):
     """A split is read whose extraction has not finished (videos pending or captions not encoded)."""
 
@@ -512,6 +517,72 @@ class CacheWriter:
         self.store.close()
 
 
+
+# ----------------------------------------------------------------------------- checked reads
+
+def read_rows(arr, rows) -> np.ndarray:
+    """arr[rows] of a lazy Zarr / HDF5 array (or numpy), any order, repeats allowed."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if isinstance(arr, np.ndarray):
+        return arr[rows]
+    uniq, inv = np.unique(rows, return_inverse=True)
+    if len(uniq) == 0:
+        out = np.zeros((0,) + tuple(arr.shape[1:]), dtype=arr.dtype)
+    elif len(uniq) == arr.shape[0]:
+        out = np.asarray(arr[:])
+    elif hasattr(arr, "get_orthogonal_selection"):
+        out = np.asarray(arr.get_orthogonal_selection((uniq,)))
+    else:  # h5py: one row at a time is faster than its fancy indexing
+        out = np.stack([np.asarray(arr[int(i)]) for i in uniq])
+    return out if np.array_equal(uniq, rows) else out[inv.reshape(-1)]
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = (str(e).strip().splitlines() or [""])[0][:limit]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+DAMAGED = "the cache is damaged there: restore it from a copy, or extract it again (varcmp-extract --overwrite)"
+
+
+def _finite_rows(a: np.ndarray) -> np.ndarray:
+    """[n] bool: row i of `a` holds only finite values. One float64 sum per row (a NaN or an
+    infinity makes the sum non-finite; +inf and -inf together give NaN), no temporary the size
+    of `a`: cheap enough for every read."""
+    if a.dtype.kind not in "fc" or len(a) == 0:
+        return np.ones(len(a), dtype=bool)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.isfinite(a.reshape(len(a), -1).sum(axis=1, dtype=np.float64))
+
+
+def check_finite(a: np.ndarray, rows: np.ndarray, key: str, describe) -> None:
+    """DamagedCacheError naming the first row of `rows` whose data in `a` is NaN or infinite."""
+    ok = _finite_rows(a)
+    if not ok.all():
+        bad = np.flatnonzero(~ok)
+        more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
+        raise DamagedCacheError(f"{describe(int(np.asarray(rows)[bad[0]]))}: its {key} holds NaN or infinite values"
+                         f"{more}; {DAMAGED}")
+
+
+def read_checked(arr, rows, key: str, describe) -> np.ndarray:
+    """read_rows, with one-line DamagedCacheErrors naming the video (describe(row) -> text) whose data
+    cannot be read (a corrupt chunk: decompression fails) or is NaN / infinite."""
+    rows = np.asarray(rows, dtype=np.int64)
+    try:
+        out = read_rows(arr, rows)
+    except Exception:  # noqa: BLE001 - any backend failure: find the row, else re-raise
+        for r in np.unique(rows):
+            try:
+                np.asarray(arr[int(r)])
+            except Exception as e1:  # noqa: BLE001
+                raise DamagedCacheError(f"{describe(int(r))}: its {key} cannot be read ({_first_line(e1)}); "
+                                 f"{DAMAGED}") from None
+        raise  # every row reads alone (e.g. out of memory): not a damaged chunk
+    check_finite(out, rows, key, describe)
+    return out
+
+
 class SplitWriter:
     def __init__(self, store, path: Path, name: str, spec: CacheSpec):
         self.store, self.path, self.name, self.spec = store, path, name, spec
@@ -707,14 +778,7 @@ class Split:
             raise CacheError(f"{self.cache.path}: split '{self.name}' holds no audio features (extract with --audio)")
 
         def rows(key):
-            arr = self._a(f"videos/{key}")
-            if len(idx) == 0:
-                return np.zeros((0,) + tuple(arr.shape[1:]), dtype=arr.dtype)
-            if len(idx) == arr.shape[0] and np.array_equal(idx, np.arange(arr.shape[0])):
-                return np.asarray(arr[:])
-            if is_hdf5(self.cache.path):
-                return np.stack([np.asarray(arr[int(i)]) for i in idx])
-            return np.asarray(arr.get_orthogonal_selection((idx,)))
+            return read_checked(self._a(f"videos/{key}"), idx, f"videos/{key}", self.describe_video)
 
         paths, cats = self.paths, self.categories
         return VideoData(
@@ -731,10 +795,14 @@ class Split:
             audio_time=rows("audio_time") if audio else None,
         )
 
+    def describe_video(self, row: int) -> str:
+        """How an error names video `row`: its path, row and split, and the store."""
+        return f"{self.cache.path}: video {self.paths[row]} (row {row} of split '{self.name}')"
+
     def load_text(self) -> TextData:
         if not self.has_text:
             raise CacheError(f"{self.cache.path}: split '{self.name}' holds no captions (extract with --annotations)")
-        return TextData(
+        t = TextData(
             text=self._s("text/text"),
             video_index=np.asarray(self._a("text/video_index")[:]),
             word_feat=np.asarray(self._a("text/word_feat")[:]),
@@ -742,6 +810,12 @@ class Split:
             sentence=np.asarray(self._a("text/sentence")[:]),
             done=np.asarray(self._a("text/status")[:]) == DONE,
         )
+        done = np.flatnonzero(t.done)
+        for key in ("word_feat", "sentence"):
+            check_finite(getattr(t, key)[done], done, f"text/{key}",
+                         lambda q: f"{self.cache.path}: caption {q} ({str(t.text[q])[:40]!r}, video "
+                                   f"{self.paths[t.video_index[q]]}) of split '{self.name}'")
+        return t
 
 
 class Cache:

@@ -71,7 +71,7 @@ import click
 import numpy as np
 import torch
 
-from .cache_schema import CacheError, VideoData, is_hdf5
+from .cache_schema import CacheError, VideoData, is_hdf5, read_checked
 from .cli import CommandError, OneLineErrors
 from .evaluate import DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, UserError, encode_queries, encode_videos, score_matrix
 from .model import QueryEmb, VarCMP, VideoEmb
@@ -97,9 +97,6 @@ class CacheVideos:
     """The extracted (done) videos of one split, addressed by position 0..n-1."""
 
     def __init__(self, split):
-        from .train import read_rows
-
-        self._read_rows = read_rows
         self.split = split
         self.name = split.name
         self.rows = split.done_index()                      # cache row of each position
@@ -107,16 +104,21 @@ class CacheVideos:
         self.paths = split.paths[self.rows]
         self.durations = np.asarray(split.durations)[self.rows]
         self.root = split.attrs.get("root")
-        self._arr = {k: split.array(f"videos/{k}") for k in ("frame_feat", "frame_mask", "frame_time")}
+        self._arr: dict = {}  # the lazy arrays, opened once
 
     def read(self, pos: np.ndarray, patches: bool) -> VideoData:
+        """The videos at positions `pos`; a corrupt chunk or a NaN is a one-line DamagedCacheError
+        naming the video."""
         pos = np.asarray(pos, dtype=np.int64)
         rows = self.rows[pos]
-        rd = self._read_rows
+        keys = ("frame_feat", "frame_mask", "frame_time") + (("patch_feat",) if patches else ())
+        for k in keys:
+            if k not in self._arr:
+                self._arr[k] = self.split.array(f"videos/{k}")
+        got = {k: read_checked(self._arr[k], rows, f"videos/{k}", self.split.describe_video) for k in keys}
         return VideoData(index=pos, paths=self.paths[pos], labels=np.zeros(len(pos), np.int8),
-                         categories=np.full(len(pos), "", object), frame_feat=rd(self._arr["frame_feat"], rows),
-                         frame_mask=rd(self._arr["frame_mask"], rows), frame_time=rd(self._arr["frame_time"], rows),
-                         patch_feat=rd(self.split.array("videos/patch_feat"), rows) if patches else None)
+                         categories=np.full(len(pos), "", object), patch_feat=got.get("patch_feat"),
+                         **{k: got[k] for k in keys[:3]})
 
     def fingerprint(self) -> str:
         """What the index of this split depends on besides the checkpoint and the encoders."""

@@ -80,7 +80,7 @@ import click
 import numpy as np
 import torch
 
-from .cache_schema import DONE, CacheError, Split, open_cache
+from .cache_schema import DONE, CacheError, Split, check_finite, open_cache, read_checked
 from .checkpoint import (CheckpointError, atomic_write, cache_fingerprint, check_compatible, read_meta, save,
                          stale_temp_files)
 from .cli import OneLineErrors
@@ -345,68 +345,10 @@ def epoch_batches(plan: Plan, epoch: int, seed: int, batch_size: int) -> list[tu
 
 # ----------------------------------------------------------------------------- feature access
 
-def read_rows(arr, rows) -> np.ndarray:
-    """arr[rows] of a lazy Zarr / HDF5 array (or numpy), any order, repeats allowed."""
-    rows = np.asarray(rows, dtype=np.int64)
-    if isinstance(arr, np.ndarray):
-        return arr[rows]
-    uniq, inv = np.unique(rows, return_inverse=True)
-    if len(uniq) == 0:
-        out = np.zeros((0,) + tuple(arr.shape[1:]), dtype=arr.dtype)
-    elif len(uniq) == arr.shape[0]:
-        out = np.asarray(arr[:])
-    elif hasattr(arr, "get_orthogonal_selection"):
-        out = np.asarray(arr.get_orthogonal_selection((uniq,)))
-    else:  # h5py: one row at a time is faster than its fancy indexing
-        out = np.stack([np.asarray(arr[int(i)]) for i in uniq])
-    return out if np.array_equal(uniq, rows) else out[inv.reshape(-1)]
-
-
-DAMAGED = "the cache is damaged there: restore it from a copy, or extract it again (varcmp-extract --overwrite)"
-
-
-def _finite_rows(a: np.ndarray) -> np.ndarray:
-    """[n] bool: row i of `a` holds only finite values. One float64 sum per row (a NaN or an
-    infinity makes the sum non-finite; +inf and -inf together give NaN), no temporary the size
-    of `a`: cheap enough for every read."""
-    if a.dtype.kind not in "fc" or len(a) == 0:
-        return np.ones(len(a), dtype=bool)
-    with np.errstate(invalid="ignore", over="ignore"):
-        return np.isfinite(a.reshape(len(a), -1).sum(axis=1, dtype=np.float64))
-
-
-def check_finite(a: np.ndarray, rows: np.ndarray, key: str, describe) -> None:
-    """TrainError naming the first row of `rows` whose data in `a` is NaN or infinite."""
-    ok = _finite_rows(a)
-    if not ok.all():
-        bad = np.flatnonzero(~ok)
-        more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
-        raise TrainError(f"{describe(int(np.asarray(rows)[bad[0]]))}: its {key} holds NaN or infinite values"
-                         f"{more}; {DAMAGED}")
-
-
-def read_checked(arr, rows, key: str, describe) -> np.ndarray:
-    """read_rows, with one-line TrainErrors naming the video (describe(row) -> text) whose data
-    cannot be read (a corrupt chunk: decompression fails) or is NaN / infinite."""
-    rows = np.asarray(rows, dtype=np.int64)
-    try:
-        out = read_rows(arr, rows)
-    except Exception:  # noqa: BLE001 - any backend failure: find the row, else re-raise
-        for r in np.unique(rows):
-            try:
-                np.asarray(arr[int(r)])
-            except Exception as e1:  # noqa: BLE001
-                raise TrainError(f"{describe(int(r))}: its {key} cannot be read ({first_line(e1)}); "
-                                 f"{DAMAGED}") from None
-        raise  # every row reads alone (e.g. out of memory): not a damaged chunk
-    check_finite(out, rows, key, describe)
-    return out
-
-
 class Rows:
     """Some arrays of a split restricted to `rows`: in memory (tensors, on `device`, indexed per
     batch) or read from the cache per batch. Every read is checked (read_checked): a corrupt
-    chunk or a NaN is a one-line TrainError naming the video (`describe(row)`), at load time in
+    chunk or a NaN is a one-line DamagedCacheError naming the video (`describe(row)`), at load time in
     memory, at the batch's read when streamed."""
 
     def __init__(self, split: Split, keys: list[str], rows: np.ndarray, memory: bool, device: torch.device,
@@ -431,7 +373,7 @@ class Rows:
 
 def describe_video(split: Split, paths: np.ndarray):
     """describe(row) for video rows: the video's path, its row and split, the cache."""
-    return lambda r: f"{split.cache.path}: video {paths[r]} (row {r} of split '{split.name}')"
+    return split.describe_video
 
 
 def describe_caption(split: Split, plan: "Plan"):
@@ -468,7 +410,7 @@ def bytes_needed(split: Split, plan: Plan, cfg: ModelConfig) -> int:
 
 def load_validation(split: Split, plan: Plan, cfg: ModelConfig) -> EvalData | None:
     """The validation subset as evaluate's EvalData (in memory), checked like the training data
-    (a corrupt chunk or a NaN is a one-line TrainError naming the video)."""
+    (a corrupt chunk or a NaN is a one-line DamagedCacheError naming the video)."""
     if len(plan.val_rows) == 0:
         return None
     vdesc = describe_video(split, plan.paths)

@@ -147,6 +147,11 @@ def test_json_round_trip(planted, zero_ckpt, tmp_path):
     print_results(back, b)
     assert a.file.getvalue() == b.file.getvalue() and h["video"] in a.file.getvalue()
     assert not list(path.parent.glob(".*.tmp"))  # written atomically: no temp file left
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # a plain file's permissions, not mkstemp's 0600
 
 
 # ----------------------------------------------------------------------------- two stages and the index

@@ -44,6 +44,7 @@ def atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # the permissions a plain open() gives (mkstemp's are 0600)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -52,6 +53,12 @@ def atomic_write(path: Path, write) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -61,7 +61,6 @@ import html
 import io
 import json
 import math
-import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -72,6 +71,7 @@ import numpy as np
 import torch
 
 from .cache_schema import CacheError, VideoData, is_hdf5, read_checked
+from .checkpoint import atomic_write
 from .cli import CommandError, OneLineErrors
 from .evaluate import DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, UserError, encode_queries, encode_videos, score_matrix
 from .model import QueryEmb, VarCMP, VideoEmb
@@ -394,8 +394,8 @@ def load_or_build_index(model: VarCMP, cache, source: CacheVideos, checkpoint: P
         meta = {"format": INDEX_FORMAT, "key": key, "split": source.name, "videos": source.n,
                 "checkpoint": str(checkpoint) if checkpoint else None, "dim": model.cfg.dim,
                 "kind": "faiss.IndexFlatIP", "vector": first_stage(model), "built": time.strftime("%Y-%m-%d %H:%M:%S")}
-        _atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
-        _atomic(path, lambda tmp: faiss.write_index(index, str(tmp)))
+        atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+        atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
         _prune(folder, source.name, key, checkpoint)
     except OSError as e:
         info.stored, info.path = False, None
@@ -866,19 +866,9 @@ def print_results(r: dict, console) -> None:
         console.print(t)
 
 
-def _atomic(path: Path, write) -> None:
-    """checkpoint.atomic_write, then the permissions a plain open() would give (its temp file is 0600)."""
-    from .checkpoint import atomic_write
-
-    atomic_write(Path(path), write)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def write_json(r: dict, path) -> None:
     text = json.dumps(r, indent=2, ensure_ascii=False) + "\n"
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 # --------------------------------------------------------------------------
@@ -1026,7 +1016,7 @@ def render_html(r: dict) -> str:
 
 def write_html(r: dict, path) -> None:
     text = render_html(r)
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 # --------------------------------------------------------------------------

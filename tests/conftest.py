@@ -29,17 +29,10 @@ def noise_frames(n: int, seed: int, h: int = 96, w: int = 128) -> list[np.ndarra
 def write_audio_only(path: Path, seconds: float = 2.0) -> None:
     import av
 
-    samples = tone(seconds, 330).reshape(1, -1)
+    from varcmp.media import audio_stream, mux_audio
+
     with av.open(str(path), "w") as c:
-        a = c.add_stream("aac", rate=SR)
-        a.layout = "mono"
-        for k in range(0, samples.shape[1], 1024):
-            fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, k:k + 1024]), format="flt", layout="mono")
-            fr.sample_rate, fr.pts = SR, k
-            for p in a.encode(fr):
-                c.mux(p)
-        for p in a.encode():
-            c.mux(p)
+        mux_audio(c, audio_stream(c, SR), tone(seconds, 330), SR)
 
 
 @pytest.fixture(scope="session")

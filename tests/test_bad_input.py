@@ -41,7 +41,8 @@ from conftest import noise_frames, tone
 from varcmp.annotations import read_captions
 from varcmp.cache_schema import DONE, FAILED, open_cache
 from varcmp.extract import main
-from varcmp.media import MediaError, audio_windows, find_videos, read_audio, read_frames, sample_times, write_video
+from varcmp.media import (MediaError, audio_windows, find_videos, audio_stream, mux_audio, read_audio, read_frames, sample_times,
+                          write_video)
 
 VFR_MS = [0, 40, 80, 120, 400, 420, 440, 1000, 1500, 1520, 1540, 1560, 2500, 2900]  # frame times, ms
 UHD = (2160, 3840)
@@ -86,16 +87,7 @@ def write_empty_video_track(path: Path) -> None:
     with av.open(str(path), "w") as c:
         v = c.add_stream("libx264", rate=10)
         v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
-        a = c.add_stream("aac", rate=48000)
-        a.layout = "mono"
-        s = tone(1.0, 300).reshape(1, -1)
-        for k in range(0, s.shape[1], 1024):
-            fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(s[:, k:k + 1024]), format="flt", layout="mono")
-            fr.sample_rate, fr.pts = 48000, k
-            for p in a.encode(fr):
-                c.mux(p)
-        for p in a.encode():
-            c.mux(p)
+        mux_audio(c, audio_stream(c, 48000), tone(1.0, 300), 48000)
         for p in v.encode():
             c.mux(p)
 

@@ -485,17 +485,10 @@ def test_cli_end_to_end_with_real_audio(video_root, tiny_clip, tiny_clap, tmp_pa
 def write_silent(path: Path, seconds: float = 2.0) -> Path:
     import av
 
-    samples = np.zeros((1, int(48_000 * seconds)), np.float32)
+    from varcmp.media import audio_stream, mux_audio
+
     with av.open(str(path), "w") as c:
-        a = c.add_stream("aac", rate=48_000)
-        a.layout = "mono"
-        for k in range(0, samples.shape[1], 1024):
-            fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, k:k + 1024]), format="flt", layout="mono")
-            fr.sample_rate, fr.pts = 48_000, k
-            for p in a.encode(fr):
-                c.mux(p)
-        for p in a.encode():
-            c.mux(p)
+        mux_audio(c, audio_stream(c, 48_000), np.zeros(int(48_000 * seconds), np.float32), 48_000)
     return path
 
 

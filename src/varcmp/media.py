@@ -271,22 +271,33 @@ def write_video(path: str | os.PathLike, frames, fps: int = 10, audio: np.ndarra
         v.width, v.height, v.pix_fmt = w, h, "yuv420p"
         if gop:
             v.codec_context.gop_size = gop
-        a = None
-        if audio is not None:
-            a = c.add_stream("aac", rate=audio_rate)
-            a.layout = "mono"
+        a = audio_stream(c, audio_rate) if audio is not None else None
         for img in frames:
             for p in v.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
                 c.mux(p)
         for p in v.encode():
             c.mux(p)
         if a is not None:
-            samples = np.asarray(audio, dtype=np.float32).reshape(1, -1)
-            hop = 1024
-            for k in range(0, samples.shape[1], hop):
-                fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, k:k + hop]), format="flt", layout="mono")
-                fr.sample_rate, fr.pts = audio_rate, k
-                for p in a.encode(fr):
-                    c.mux(p)
-            for p in a.encode():
-                c.mux(p)
+            mux_audio(c, a, audio, audio_rate)
+
+
+def audio_stream(container, rate: int = AUDIO_RATE):
+    """A mono AAC stream of an open PyAV output container (before anything is muxed)."""
+    stream = container.add_stream("aac", rate=rate)
+    stream.layout = "mono"
+    return stream
+
+
+def mux_audio(container, stream, samples: np.ndarray, rate: int = AUDIO_RATE) -> None:
+    """Encode mono float `samples` into `stream` (see `audio_stream`) of an open PyAV output
+    `container`, flushing it at the end."""
+    import av
+
+    samples = np.asarray(samples, dtype=np.float32).reshape(1, -1)
+    for k in range(0, samples.shape[1], 1024):
+        fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, k:k + 1024]), format="flt", layout="mono")
+        fr.sample_rate, fr.pts = rate, k
+        for p in stream.encode(fr):
+            container.mux(p)
+    for p in stream.encode():
+        container.mux(p)

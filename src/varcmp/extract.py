@@ -158,15 +158,18 @@ def _init_worker(clip_name: str, clap_name: str | None, num_frames: int, audio_s
 
 
 def _prepare(job: tuple[int, str, str | None]) -> dict:
-    """Decode and preprocess one video; never raises (errors come back as `error`)."""
+    """Decode and preprocess one video; never raises (errors come back as `error`). Each frame is
+    preprocessed as it is decoded, so a worker never holds the video's full-size frames."""
+    import torch
+
     from .encoders import preprocess_audio, preprocess_images
 
     i, path, audio_path = job
     if "broken" in _W:
         return {"index": i, "error": f"decoding worker could not start: {_W['broken']}"}
     try:
-        fr = read_frames(path, _W["num_frames"])
-        out = {"index": i, "pixels": preprocess_images(_W["processor"], fr.images), "times": fr.times,
+        fr = read_frames(path, _W["num_frames"], lambda img: preprocess_images(_W["processor"], [img])[0])
+        out = {"index": i, "pixels": torch.stack(fr.images), "times": fr.times,
                "duration": fr.duration, "fps": fr.fps, "total": fr.total_frames, "notes": []}
         k, n = len(fr.images), _W["num_frames"]
         if k < n:

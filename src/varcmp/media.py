@@ -85,8 +85,10 @@ def _index(container, stream) -> tuple[np.ndarray, np.ndarray, float]:
     return pts_a, np.unique(np.asarray(keys, dtype=np.int64)), step
 
 
-def read_frames(path: str | os.PathLike, n: int) -> Frames:
-    """Decode the `n` uniformly sampled frames of a video (fewer if it has fewer frames)."""
+def read_frames(path: str | os.PathLike, n: int, transform=None) -> Frames:
+    """Decode the `n` uniformly sampled frames of a video (fewer if it has fewer frames).
+    `transform(rgb_uint8_array)`, when given, is applied to each frame as it is decoded and its
+    result kept instead: a 4K frame (25 MB) then never outlives its own decoding."""
     import av
 
     path = Path(path)
@@ -119,7 +121,8 @@ def read_frames(path: str | os.PathLike, n: int) -> Frames:
                     last = fpts
                     if fpts >= want:
                         if not times or fpts > times[-1]:
-                            images.append(frame.to_ndarray(format="rgb24"))
+                            img = frame.to_ndarray(format="rgb24")
+                            images.append(img if transform is None else transform(img))
                             times.append(fpts)
                         break
                 else:

@@ -928,6 +928,18 @@ def best_frames(h: dict, k: int = THUMBNAILS) -> list[int]:
     return sorted(int(i) for i in order)
 
 
+def _small(img: np.ndarray, size: int = 2 * 176) -> np.ndarray:
+    """A decoded frame cut down to at most `size` pixels a side as it is decoded (a report of
+    4K videos then holds thumbnails, not 25 MB frames)."""
+    from PIL import Image
+
+    if max(img.shape[:2]) <= size:
+        return img
+    im = Image.fromarray(img)
+    im.thumbnail((size, size))
+    return np.asarray(im)
+
+
 class _Frames:
     """Decoded sampled frames of original videos, once per video (read_frames: the extraction's
     own frame choice), or why not."""
@@ -947,7 +959,7 @@ class _Frames:
                 self.memo[key] = (None, f"original video not reachable ({path}): no thumbnails")
             else:
                 try:
-                    self.memo[key] = (read_frames(path, self.n), "")
+                    self.memo[key] = (read_frames(path, self.n, _small), "")
                 except MediaError as e:
                     self.memo[key] = (None, f"original video could not be decoded ({e}): no thumbnails")
                 except Exception as e:  # noqa: BLE001 - a report must not die on one bad file

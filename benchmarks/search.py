@@ -1,7 +1,7 @@
 """`varcmp-search` at scale: exhaustive against two-stage search on generated collections of 10k
 and 100k videos, in one run.
 
-    .venv/bin/python benchmarks/search.py                       # 10k and 100k (about 13 min on 2 CPU cores)
+    taskset -c 0 .venv/bin/python benchmarks/search.py          # 10k and 100k, one core: 24 min (README figures)
     .venv/bin/python benchmarks/search.py --sizes 10000 --queries 16
     .venv/bin/python benchmarks/search.py --checkpoint runs/mine  # trained heads (512-d, 32 frames, 49 patches)
 

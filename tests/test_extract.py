@@ -1,4 +1,6 @@
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,6 +147,37 @@ def test_rerun_finishes_nothing_twice_and_overwrite_starts_over(text_cache, vide
     assert open_cache(out).split("test").status.tolist().count(DONE) == 4
 
 
+def test_redo_extracts_a_damaged_video_again_and_nothing_else(text_cache, video_root, captions_xlsx, tiny_clip,
+                                                               tmp_path):
+    """The damaged-cache error says: run the same command with --redo VIDEO. That video alone is
+    extracted again, and the store is whole again."""
+    import zarr
+
+    from varcmp.cache_schema import DamagedCacheError
+
+    src, _, _ = text_cache
+    out = tmp_path / "copy.zarr"
+    shutil.copytree(src, out)
+    s = open_cache(out).split("test")
+    row = int(s.done_index()[1])
+    path, want = s.paths[row], s.load_videos()
+    zarr.open_group(str(out), mode="r+", use_consolidated=False)["test/videos/frame_feat"][row, 3, 5] = np.nan
+    with pytest.raises(DamagedCacheError, match=rf"video {re.escape(path)} .*--redo"):
+        open_cache(out).split("test").load_videos()
+    other = out / "test" / "videos" / "patch_feat" / "c" / str(int(s.done_index()[0])) / "0" / "0" / "0"
+    before = other.stat().st_mtime_ns
+    args = (video_root, "--out", out, "--annotations", captions_xlsx, "--split", "test", "--clip-model", tiny_clip,
+            "--workers", 0)
+    code, log = extract(*args, "--redo", path)
+    assert code == 1, log  # the fixture's broken files are still failed
+    got = open_cache(out).split("test").load_videos()
+    for key in ("frame_feat", "patch_feat", "frame_mask", "frame_time"):
+        np.testing.assert_array_equal(getattr(got, key), getattr(want, key))
+    assert other.stat().st_mtime_ns == before  # the other videos were not extracted again
+    code, log = extract(*args, "--redo", "Abuse/nowhere.mp4")
+    assert code == 2 and "--redo Abuse/nowhere.mp4: not a video of split 'test'" in log, log
+
+
 def test_second_split_adds_to_the_store_and_hdf5_matches_zarr(tmp_path, video_root, captions_csv, tiny_clip):
     z, h = tmp_path / "c.zarr", tmp_path / "c.h5"
     for out in (z, h):
@@ -221,8 +254,6 @@ def test_killed_mid_run_resumes_to_the_same_store(tmp_path, tiny_clip, sig, code
         after = open_cache(killed).split("train", incomplete="ignore").status
         if proc.returncode == code and (after != DONE).any():
             break
-        import shutil
-
         shutil.rmtree(killed)  # the run finished before the kill: try again
     else:
         pytest.fail("could not kill the run before it finished")

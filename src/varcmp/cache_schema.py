@@ -542,7 +542,8 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-DAMAGED = "the cache is damaged there: restore it from a copy, or extract it again (varcmp-extract --overwrite)"
+DAMAGED = ("the cache is damaged there: extract that video again (the same varcmp-extract command with --redo "
+           "and the video's path), or restore the cache from a copy")
 
 
 def _finite_rows(a: np.ndarray) -> np.ndarray:
@@ -636,6 +637,12 @@ class SplitWriter:
             self.store.flush()
             fault_point("after-data")
             a("videos/status")[i] = DONE
+            self.store.flush()
+
+    def reset_video(self, i: int) -> None:
+        """Video i is pending again (to be extracted anew); its data is overwritten when it is."""
+        with _writing(self.path):
+            self._a("videos/status")[i] = PENDING
             self.store.flush()
 
     def fail_video(self, i: int, reason: str) -> None:

@@ -222,6 +222,7 @@ class Options:
     shard_index: int = 0
     all_videos: bool = False
     distributed: bool = False  # shards from torchrun's RANK / WORLD_SIZE (set by the CLI, not by API users)
+    redo: tuple[str, ...] = ()  # videos (paths relative to the root) to extract again although done
 
 
 @dataclass
@@ -436,6 +437,22 @@ def run(opt: Options, console=None, group: "_Group | None" = None) -> Summary:
     return summary
 
 
+def _reset(sw, plan: Plan, opt: Options, mine: np.ndarray) -> None:
+    """--redo: the named videos (of this shard) are pending again, so this run extracts them anew
+    (e.g. after a damaged chunk); their old data stays until the new data is written."""
+    if not opt.redo:
+        return
+    row = {v.path: i for i, v in enumerate(plan.videos)}
+    ours = set(int(i) for i in mine)
+    for name in opt.redo:
+        key = PurePosixPath(str(name).replace("\\", "/")).as_posix()
+        if key not in row:
+            raise click.UsageError(f"--redo {name}: not a video of split '{opt.split}' (give its path relative to "
+                                   f"{opt.root}, as the error that named it did)")
+        if row[key] in ours:
+            sw.reset_video(row[key])
+
+
 def _device_name(opt: Options) -> str:
     """Under torchrun each rank of a node takes its own GPU (LOCAL_RANK) unless --device names one."""
     local = os.environ.get("LOCAL_RANK")
@@ -477,6 +494,7 @@ def _extract(opt: Options, plan: Plan, pool, summary: Summary, locks: _Locks, gr
         writer = CacheWriter(opt.out, spec, encoders, preprocessing)
         try:
             sw = writer.split(opt.split, plan.videos, plan.queries, split_attrs)
+            _reset(sw, plan, opt, mine)
             status = sw.video_status()
             todo = [int(i) for i in mine if status[i] != DONE]
             text_status = sw.text_status()
@@ -876,6 +894,9 @@ def _default_workers() -> int:
               help="Decoding processes (0: decode in the main process).")
 @click.option("--all-videos", is_flag=True, help="With --annotations, also extract videos no caption names (distractors).")
 @click.option("--overwrite", is_flag=True, help="Start the store over instead of resuming.")
+@click.option("--redo", multiple=True, metavar="VIDEO",
+              help="Extract this video again although it is done (its path relative to VIDEOS, as an error "
+                   "naming a damaged video gives it); repeat for several. The rest resumes as usual.")
 @click.option("--num-shards", default=1, type=click.IntRange(1),
               help="Split the videos among this many processes (default under torchrun: WORLD_SIZE).")
 @click.option("--shard-index", default=0, type=click.IntRange(0),
@@ -885,7 +906,7 @@ def _default_workers() -> int:
                    "extracted or recorded as failed, record it, consolidate the metadata. After a SLURM array.")
 @click.pass_context
 def main(ctx, videos, out, annotations, split, audio, clip_model, clap_model, frames, max_words, audio_segments,
-         batch_size, device, workers, all_videos, overwrite, num_shards, shard_index, finalize_only):
+         batch_size, device, workers, all_videos, overwrite, redo, num_shards, shard_index, finalize_only):
     """Extract frozen CLIP (and CLAP) features of the videos under VIDEOS into a cache.
 
     \b
@@ -932,7 +953,7 @@ def main(ctx, videos, out, annotations, split, audio, clip_model, clap_model, fr
                   clap_model=clap_model, audio=audio, frames=frames, max_words=max_words,
                   audio_segments=audio_segments, batch_size=batch_size, device=device, workers=workers,
                   overwrite=overwrite, num_shards=num_shards, shard_index=shard_index, all_videos=all_videos,
-                  distributed=distributed)
+                  distributed=distributed, redo=tuple(redo))
     # under torchrun: the ranks' process group lives until every rank has printed its report
     group = _join_group(console) if distributed else None
     try:

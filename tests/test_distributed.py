@@ -53,7 +53,9 @@ def torchrun(*args, timeout: int = 180) -> subprocess.CompletedProcess:
     env.pop("WORLD_SIZE", None)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           *[str(a) for a in args]], capture_output=True, text=True, timeout=timeout, env=env)
-    assert res.returncode == 0, (res.returncode, res.stdout[-3000:], res.stderr[-3000:])
+    # on a failure, the lines that say why (a Python error, a C++ abort), wherever they are in stderr
+    why = [line for line in res.stderr.splitlines() if any(w in line for w in ("Error", "error:", "terminate", "what()"))]
+    assert res.returncode == 0, (res.returncode, res.stdout[-3000:], why[:20], res.stderr[-3000:])
     return res
 
 
@@ -220,6 +222,8 @@ with D.distributed("cpu") as dist:
                 err = float((p.grad - r.grad).norm())
                 assert err <= 1e-5 * float(r.grad.norm()) + 1e-7 * float(total), (name, err, float(r.grad.norm()))
         os.write(1, f"gradient ok {dist.rank} {len(vrows)} {sizes}\\n".encode())  # one write: the processes' lines never mix
+
+    del ddp  # its reducer holds the process group: gone before the runs below wrap their own steps
 
     # 2. resume under DDP
     T.train(cache, out / "full", T.TrainOptions(epochs=3, **opts), runtime, quiet=True, dist=dist)

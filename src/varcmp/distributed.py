@@ -102,12 +102,15 @@ def distributed(device: str = "auto"):
                 tdist.init_process_group(backend)
         except (ValueError, RuntimeError) as e:
             raise DistSetupError(f"cannot start the process group ({backend}, rank {rank} of {world}): "
-                             f"{first_line(e)}") from None
+                                 f"{first_line(e)}") from None
     try:
         if tdist.get_world_size() != world or tdist.get_rank() != rank:
             raise DistSetupError(f"the process group has rank {tdist.get_rank()} of {tdist.get_world_size()}, the "
-                             f"environment says rank {rank} of {world}")
-        yield DistInfo(rank, world, local_rank, dev, backend, _env_int("LOCAL_WORLD_SIZE", 1))
+                                 f"environment says rank {rank} of {world}")
+        info = DistInfo(rank, world, local_rank, dev, backend, _env_int("LOCAL_WORLD_SIZE", 1))
+        yield info
+        if own:  # all done: no process tears its connections down while a peer may still use them
+            barrier(info)
     finally:
         if own and tdist.is_initialized():
             tdist.destroy_process_group()

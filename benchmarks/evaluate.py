@@ -158,7 +158,8 @@ def matmul_gflops(seconds: float = 1.0) -> float:
 
 
 def one(V: int, Q: int, chunk: int, ref_pairs: int, ref_full: int, threads: int) -> dict:
-    from varcmp.evaluate import ENCODE_BATCH, encode_queries, encode_videos, score_matrix, zero_shot_model
+    from varcmp.evaluate import ENCODE_BATCH, zero_shot_model
+    from varcmp.retrieval.scoring import encode_queries, encode_videos, score_matrix
     from varcmp.cache_schema import CacheSpec
 
     torch.set_num_threads(threads)

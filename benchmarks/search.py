@@ -34,13 +34,13 @@ What is timed (generation, standing in for reading the cache, is excluded from b
 reported separately; reading a production video from a Zarr cache costs ~5 ms, see DESIGN.md):
 
 - exhaustive, one query: encoding every video (VarCMP.encode_videos, all levels) + scoring them
-  (evaluate.score_matrix), through `search.rank(..., candidates=None)`, the code `varcmp-search
+  (retrieval.scoring.score_matrix), through `retrieval.scoring.top_k(..., candidates=None)`, the code `varcmp-search
   --mode exhaustive` runs. The collection is encoded once for all timed queries; the latency of one
   query is that encoding time plus the scoring time divided by the number of queries (scoring one
   query alone per pass is a little slower per pair, so this is a lower bound: the ratio below is
   conservative).
 - two-stage, one query: faiss search of the stored index (IndexFlatIP over the normalised e_v) for
-  K candidates + encoding and scoring those K (`search.index_candidates` then `search.rank`
+  K candidates + encoding and scoring those K (`search.index_candidates` then `retrieval.scoring.top_k`
   with the candidates), each query alone, median over the queries.
 - kept: the share of the exhaustive top 10 that the two-stage top 10 holds (same videos), over all
   timed queries; also given for smaller pools, from the same rerank (the top 10 among the first K'
@@ -66,17 +66,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from varcmp.cache_schema import CacheSpec, VideoData  # noqa: E402
-from varcmp.evaluate import encode_queries, zero_shot_model  # noqa: E402
-from varcmp.search import (  # noqa: E402
-    default_pool, first_stage, flat_index, index_candidates, index_vectors, query_vectors, rank, video_vectors,
-)
+from varcmp.evaluate import zero_shot_model  # noqa: E402
+from varcmp.retrieval.scoring import encode_queries, top_k  # noqa: E402
+from varcmp.search import default_pool, flat_index, index_candidates, index_vectors  # noqa: E402
 from varcmp.synth import AMP, SynthParams, World  # noqa: E402
 
 NOISE_RANK = 24
 
 
 class WorldVideos:
-    """The videos of a synth World as a `search.rank` source: features rendered on demand."""
+    """The videos of a synth World as a `retrieval.scoring.top_k` source: features rendered on demand."""
 
     def __init__(self, world: World):
         p = world.params
@@ -250,12 +249,12 @@ def bench_size(V: int, n_queries: int, n_two: int, pools: list[int], model, seed
     coarse = np.zeros((V, model.cfg.dim), np.float32)
 
     def keep(pos, v):
-        first[pos] = video_vectors(model, v).numpy()
+        first[pos] = model.video_vectors(v).numpy()
         coarse[pos] = torch.nn.functional.normalize(v.video.float(), dim=-1).numpy()
 
     stats: dict = {}
     t0 = time.perf_counter()
-    ex = rank(model, src, q, 10, None, chunk, "cpu", stats=stats, on_page=keep)
+    ex = top_k(model, src, q, 10, None, chunk, "cpu", stats=stats, on_page=keep)
     wall = time.perf_counter() - t0
     E, S, G = stats["encode"], stats["score"], stats["read"]
     ex_latency = E + S / n_queries
@@ -280,7 +279,7 @@ def bench_size(V: int, n_queries: int, n_two: int, pools: list[int], model, seed
 
     # ---- kept by pool size, for the first stage of varcmp-search and for the coarse level alone:
     #      the two-stage top 10 keeps exactly the exhaustive top-10 videos that are in the pool
-    qv = query_vectors(q)
+    qv = model.query_vectors(q).numpy()
     pools = [k for k in pools if k <= V]
     curves = {}
     for name, vec in (("first stage", first), ("coarse only", coarse)):
@@ -313,7 +312,7 @@ def bench_size(V: int, n_queries: int, n_two: int, pools: list[int], model, seed
         t0 = time.perf_counter()
         cands = index_candidates(index, qi, K)
         t1 = time.perf_counter()
-        r = rank(model, src, qi, 10, cands, chunk, "cpu", stats=st)
+        r = top_k(model, src, qi, 10, cands, chunk, "cpu", stats=st)
         t2 = time.perf_counter()
         lat.append(t2 - t0 - st["read"])
         faiss_t.append(t1 - t0)
@@ -366,7 +365,7 @@ def main(sizes, n_queries, n_two, pools, checkpoint, zero_shot, train_videos, ep
     else:
         model = trained_heads(seed, train_videos, epochs, say)
     model.eval()
-    say(f"levels {'+'.join(model.cfg.levels)}; first stage: {first_stage(model)}")
+    say(f"levels {'+'.join(model.cfg.levels)}; first stage: {model.linear_levels()}")
     results = [bench_size(V, nq, min(nt, nq), pools, model, seed, chunk, say) for V, nq, nt in zip(sizes, qs, twos)]
     t = Table(title="exhaustive vs two-stage, one query (generation excluded)", header_style="bold")
     for col in ("videos", "pool K", "exhaustive", "two-stage", "faiss", "ratio", "kept top-10 (run)",

@@ -23,7 +23,8 @@ import varcmp.train as T
 from varcmp import checkpoint
 from varcmp.cache_schema import open_cache
 from varcmp.encoders import weights_hash
-from varcmp.evaluate import encode_queries, encode_videos, load_eval_data, score_matrix
+from varcmp.evaluate import load_eval_data
+from varcmp.retrieval.scoring import encode_queries, encode_videos, score_matrix
 
 needs_gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="this torch build has no torch.distributed / gloo")

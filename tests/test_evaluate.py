@@ -16,11 +16,11 @@ from helpers import ENCODERS, SPEC, one_line_error, write_planted_cache
 from varcmp import checkpoint
 from varcmp.cache_schema import CacheWriter, VideoEntry, VideoFeatures, open_cache
 from varcmp.evaluate import (
-    DEFAULT_CHUNK, DEFAULT_METRICS, METRICS, encode_queries, encode_videos, format_metric, load_eval_data, main,
-    metric_label, postprocess, query_to_video_ranks, retrieval_metrics, score_matrix, summarize,
-    video_to_query_ranks, zero_shot_model,
+    DEFAULT_METRICS, METRICS, format_metric, load_eval_data, main, metric_label, postprocess, query_to_video_ranks,
+    retrieval_metrics, summarize, video_to_query_ranks, zero_shot_model,
 )
 from varcmp.model import ModelConfig, VarCMP
+from varcmp.retrieval.scoring import DEFAULT_CHUNK, encode_queries, encode_videos, score_matrix
 
 ALL = ("r1", "r2", "r3", "r5", "r10", "mdr", "mnr")
 

@@ -170,6 +170,70 @@ def test_total_is_mean_over_active_levels(levels):
         assert set(S2) == set(levels) | {"total"}
 
 
+def _pairs(v, q):
+    """Every (video, query) pair as two aligned batches: row k is video k // Q with query k % Q."""
+    V, Q = len(v), len(q)
+    return v.take(torch.arange(V).repeat_interleave(Q)), q.take(torch.arange(Q).repeat(V))
+
+
+@pytest.mark.parametrize("query", ["text", "audio"])
+def test_frame_terms_are_the_fine_levels_own_terms(query):
+    """frame_terms s_j against similarity() itself: text fine = 1/2 (max_j s_j + sum_j w_j s_j);
+    audio, with the query-side weights u at 0, fine = 1/2 sum_j w_j s_j (the frame half of eq. 3)."""
+    model = make_model(query=query)
+    with torch.no_grad():
+        v, q = encode(model, query, labels=torch.tensor([1, 0, 0]))
+        if query == "audio":
+            q = dataclasses.replace(q, token_weights=torch.zeros_like(q.token_weights))
+        fine = model.similarity(v, q, levels=("fine",))["fine"]
+        vv, qq = _pairs(v, q)
+        s = model.frame_terms(vv, qq)                                 # [V*Q, N]
+    assert s.shape == vv.frame_mask.shape and bool((s[~vv.frame_mask] == -2).all())
+    w = vv.frame_weights
+    mean_half = 0.5 * (w * torch.where(vv.frame_mask, s, 0.0)).sum(-1)
+    expect = mean_half + (0.5 * s.amax(-1) if query == "text" else 0.0)
+    torch.testing.assert_close(expect.view(len(v), len(q)), fine, **TOL)
+    # and each s_j by hand: text cos(s, f_j); audio max over valid segments of cos(e_a_i, f_j)
+    for k in range(len(vv)):
+        for j in torch.nonzero(vv.frame_mask[k]).flatten().tolist():
+            toks = [qq.glob[k]] if query == "text" else valid_rows(qq.tokens[k], qq.token_mask[k])
+            assert s[k, j].item() == pytest.approx(max(cos(t, vv.frames[k, j]) for t in toks), abs=1e-10)
+
+
+@pytest.mark.parametrize("query,levels", [("text", LEVELS), ("text", ("fine", "finer")), ("text", ("coarse",)),
+                                          ("audio", LEVELS)])
+def test_video_vectors_give_the_part_of_the_score_linear_in_the_query(query, levels):
+    """<video_vectors, query_vectors> against similarity(): text, coarse + fine minus fine's max half
+    (levels present only); audio, the coarse level (eq. 3 has no linear part)."""
+    model = make_model(query=query)
+    with torch.no_grad():
+        v, q = encode(model, query, labels=torch.tensor([0, 1, 0]))
+        S = model.similarity(v, q)
+        first = model.video_vectors(v, levels) @ model.query_vectors(q).T
+        vv, qq = _pairs(v, q)
+        s_max = model.frame_terms(vv, qq).amax(-1).view(len(v), len(q))
+    expect = S["coarse"] if (query == "audio" or "coarse" in levels) else torch.zeros_like(S["coarse"])
+    if query == "text" and "fine" in levels:
+        expect = expect + S["fine"] - 0.5 * s_max
+    torch.testing.assert_close(first, expect, **TOL)
+
+
+def test_patches_and_weighting_are_arguments_not_config():
+    """encode_videos(patches=, anomaly_weighting=) equals a model configured that way, same weights."""
+    model = make_model()
+    frames, fmask, patches = video_data()
+    with torch.no_grad():
+        v = model.encode_videos(frames, fmask, patches, patches=False, anomaly_weighting=False)
+        other = make_model(levels=("coarse", "fine"), anomaly_weighting=False)
+        ref = other.encode_videos(frames, fmask, None)
+    assert v.patches is None and ref.patches is None
+    torch.testing.assert_close(v.frame_weights, ref.frame_weights, **TOL)
+    torch.testing.assert_close(v.video, ref.video, **TOL)
+    assert bool(v.anomalous.any())  # weighting off really changed something for an anomalous video
+    with torch.no_grad():
+        on = model.encode_videos(frames, fmask, patches)
+    assert not torch.allclose(on.frame_weights, v.frame_weights)
+
 def test_finer_without_patches_is_an_error():
     model = make_model(levels=("coarse", "fine"))
     v, q = encode(model, "text")

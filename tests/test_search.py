@@ -19,12 +19,13 @@ from helpers import SPEC, one_line_error, write_planted_cache
 
 from varcmp import checkpoint
 from varcmp.cache_schema import open_cache
-from varcmp.evaluate import encode_queries, encode_videos, load_eval_data, score_matrix, zero_shot_model
+from varcmp.evaluate import load_eval_data, zero_shot_model
 from varcmp.model import VarCMP
 from varcmp.search import (
-    INDEX_DIR, Searcher, best_span, default_pool, first_stage, main, print_results, query_vectors, relevance,
-    render_html, search_features, video_vectors, write_json,
+    INDEX_DIR, Searcher, best_span, default_pool, main, print_results, relevance, render_html, search_features,
+    write_json,
 )
+from varcmp.retrieval.scoring import encode_queries, encode_videos, score_matrix
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -187,8 +188,8 @@ def test_two_stage_equals_exhaustive_when_the_pool_covers_the_collection(bigger,
     sims = score_matrix(model, v, q)
     total = sims["total"]
     # the first stage is exactly coarse + the weighted-mean half of fine (fine minus its max half)
-    assert first_stage(model) == "coarse+fine-mean"
-    first = video_vectors(model, v).numpy() @ query_vectors(q).T
+    assert model.linear_levels() == "coarse+fine-mean"
+    first = model.video_vectors(v).numpy() @ model.query_vectors(q).numpy().T
     f = torch.nn.functional.normalize(v.frames.float(), dim=-1)
     s_max = torch.einsum("vnc,qc->vqn", f, torch.nn.functional.normalize(q.glob, dim=-1))
     s_max = s_max.masked_fill(~v.frame_mask[:, None, :], float("-inf")).amax(-1).numpy()

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from varcmp.annotations import label_from_path
 from varcmp.cache_schema import DONE, CacheError, open_cache, text_arrays, video_arrays
-from varcmp.evaluate import (encode_queries, encode_videos, load_eval_data, retrieval_metrics, score_matrix,
-                             zero_shot_model)
+from varcmp.evaluate import load_eval_data, retrieval_metrics, zero_shot_model
+from varcmp.retrieval.scoring import encode_queries, encode_videos, score_matrix
 from varcmp.synth import SynthParams, World, extract_media, main, make_synthetic_cache, render_media
 
 # small but structured: 60 videos, half of each kind in test

@@ -16,7 +16,7 @@ from helpers import write_planted_cache
 import varcmp.train as T
 from varcmp import checkpoint
 from varcmp.cache_schema import Cache, CacheSpec, CacheWriter, VideoEntry, VideoFeatures, open_cache, read_rows
-from varcmp.evaluate import encode_queries, encode_videos, score_matrix
+from varcmp.retrieval.scoring import encode_queries, encode_videos, score_matrix
 from varcmp.model import VarCMP
 
 # a small head (the planted cache has dim 32) keeps every run at a fraction of a second

@@ -12,7 +12,6 @@ ties count against the model.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -24,12 +23,11 @@ import torch
 
 from .cache_schema import CacheError, Split, VideoData
 from .cli import OneLineErrors
-from .model import QueryEmb, VarCMP, VideoEmb
+from .model import VarCMP
+from .retrieval.scoring import DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, default_chunk, encode_queries, encode_videos, score_matrix
 
 METRICS = ("r1", "r5", "r10", "r50", "mdr", "mnr")
 DEFAULT_METRICS = ("r1", "r5", "r10", "mdr")
-DEFAULT_CHUNK = 32          # CPU; see score_matrix for the memory formula and benchmarks/evaluate.py
-DEFAULT_CHUNK_CUDA = 128    # GPUs want bigger blocks (fewer kernel launches)
 ENCODE_BATCH = 16           # videos per encode_videos forward in the CLI (memory, not results)
 POST = ("dsl", "sinkhorn")
 SINKHORN_ITERS = 4          # alternating row/column normalisations (log domain)
@@ -192,88 +190,6 @@ def load_eval_data(split: Split, query: str, patches: bool = True) -> EvalData:
 
 
 # --------------------------------------------------------------------------
-# Encoding and blocked scoring
-
-
-@torch.inference_mode()
-def encode_videos(model: VarCMP, videos: VideoData, device, batch: int = 256) -> VideoEmb:
-    """Per-video parts, once, in eval mode (predicted anomaly labels). `batch` bounds memory only."""
-    parts = []
-    finer = "finer" in model.cfg.levels
-    for s in range(0, len(videos.index), batch):
-        sl = slice(s, s + batch)
-        parts.append(model.encode_videos(
-            torch.from_numpy(videos.frame_feat[sl]).to(device), torch.from_numpy(videos.frame_mask[sl]).to(device),
-            torch.from_numpy(videos.patch_feat[sl]).to(device) if finer else None))
-    return VideoEmb.cat(parts)
-
-
-@torch.inference_mode()
-def encode_queries(model: VarCMP, feats: dict[str, np.ndarray], device, batch: int = 1024) -> QueryEmb:
-    parts = []
-    n = len(next(iter(feats.values())))
-    for s in range(0, n, batch):
-        t = {k: torch.from_numpy(v[s:s + batch]).to(device) for k, v in feats.items()}
-        if model.cfg.query == "text":
-            parts.append(model.encode_text(t["word_feat"], t["word_mask"], t["sentence"]))
-        else:
-            parts.append(model.encode_audio(t["seg_feat"], t["seg_mask"]))
-    return QueryEmb.cat(parts)
-
-
-def _trim_tokens(q: QueryEmb) -> QueryEmb:
-    """Drop token positions that are padding in every query of the block (exact: padded tokens weigh
-    0 in every sum and are -inf in every max). Keeps at least one position."""
-    valid = q.token_mask.any(0)
-    n = int(valid.nonzero().max()) + 1 if bool(valid.any()) else 1
-    if n == q.tokens.shape[1]:
-        return q
-    return QueryEmb(glob=q.glob, tokens=q.tokens[:, :n], token_mask=q.token_mask[:, :n],
-                    token_weights=q.token_weights[:, :n])
-
-
-@torch.inference_mode()
-def score_matrix(model: VarCMP, v: VideoEmb, q: QueryEmb, levels=None,
-                 chunk: int = DEFAULT_CHUNK) -> dict[str, np.ndarray]:
-    """All-pairs similarities through VarCMP.similarity, one float32 [V, Q] array per level and
-    "total", computed in blocks of `chunk` videos x `chunk` queries so that memory does not grow
-    with the collection.
-
-    Peak memory of one block is dominated by the finer level's token-wise similarity, a
-    [chunk, chunk, L, N*M] float32 tensor and its masked copies (VarCMP.token_wise):
-        about 3 * chunk^2 * L * N * M * 4 bytes
-    (L query tokens, N frames, M selected patches per frame); at the production sizes (L = 32,
-    N = 32, M = 4) that is 48 MiB at chunk 32, 192 MiB at 64 (measured: 130-185 MiB) and 768 MiB
-    at 128, on top of the [V, Q]
-    outputs and the per-video/per-query embeddings, which grow with the collection, not with the
-    number of pairs. On 2 CPU cores blocks of 24-32 were the fastest (cache-sized), 64 about 20%
-    slower. Queries are scored in order of their last valid token, and each block drops
-    the token positions that are padding in all of its queries (exact, see _trim_tokens)."""
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    V, Q = len(v), len(q)
-    order = np.zeros(0, dtype=np.int64)
-    if Q:  # queries in order of their last valid token, so that blocks of short queries can be trimmed
-        pos = torch.arange(q.token_mask.shape[1], device=q.token_mask.device)
-        last = torch.where(q.token_mask, pos, -1).amax(1).cpu()
-        order = torch.sort(last, stable=True).indices.numpy()
-    out: dict[str, np.ndarray] = {}
-    for qs in range(0, Q, chunk):
-        cols = order[qs:qs + chunk]
-        qb = _trim_tokens(q.take(torch.from_numpy(cols).to(q.glob.device)))
-        for vs in range(0, V, chunk):
-            block = model.similarity(v.take(slice(vs, vs + chunk)), qb, levels)
-            for k, s in block.items():
-                if k not in out:
-                    out[k] = np.empty((V, Q), dtype=np.float32)
-                out[k][vs:vs + chunk, cols] = s.float().cpu().numpy()
-    if not out:  # an empty collection: the keys the model would have produced
-        lv = tuple(model.cfg.levels if levels is None else levels)
-        out = {k: np.zeros((V, Q), dtype=np.float32) for k in (*lv, "total")}
-    return out
-
-
-# --------------------------------------------------------------------------
 # The command
 
 DIRECTIONS = {"text": (("t2v", "text->video"), ("v2t", "video->text")),
@@ -330,6 +246,21 @@ def zero_shot_model(spec, query: str) -> VarCMP:
     return VarCMP(cfg).eval()
 
 
+def _levels(text, default) -> tuple[str, ...]:
+    """--levels 'coarse,fine' -> ('coarse', 'fine'), checked; None or empty -> default."""
+    from .model import LEVELS
+
+    if not text:
+        return tuple(default)
+    levels = tuple(x.strip() for x in (text.split(",") if isinstance(text, str) else text) if x.strip())
+    bad = [lv for lv in levels if lv not in LEVELS]
+    if bad:
+        raise UserError(f"--levels: unknown level {bad[0]!r}; choose from {', '.join(LEVELS)}")
+    if not levels or len(set(levels)) != len(levels):
+        raise UserError(f"--levels {','.join(levels)}: name each of {', '.join(LEVELS)} at most once")
+    return levels
+
+
 def evaluate_split(cache, checkpoint=None, split: str = "test", query: str | None = None, metrics=DEFAULT_METRICS,
                    zero_shot: bool = False, levels=None, anomaly_weighting: bool | None = None,
                    chunk: int | None = None, device: str = "auto", post: str | None = None) -> dict:
@@ -361,7 +292,7 @@ def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, ano
     if chunk is not None and chunk < 1:
         raise UserError(f"--chunk {chunk}: must be >= 1")
     dev = _device(device)
-    chunk = chunk or (DEFAULT_CHUNK_CUDA if dev.type == "cuda" else DEFAULT_CHUNK)
+    chunk = chunk or default_chunk(dev)
     sp = c.split(split)
 
     if zero_shot:
@@ -378,22 +309,14 @@ def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, ano
             raise UserError(f"{ckpt}: trained for {model.cfg.query} queries, not --query {query}")
         query = model.cfg.query
 
-    changes = {}
-    if levels:
-        changes["levels"] = tuple(x.strip() for x in (levels.split(",") if isinstance(levels, str) else levels)
-                                  if x.strip())
-    if anomaly_weighting is not None:
-        changes["anomaly_weighting"] = bool(anomaly_weighting)
-    try:
-        model.cfg = dataclasses.replace(model.cfg, **changes)  # ablations: same weights, other settings
-    except ValueError as e:
-        raise UserError(f"--levels: {e}") from None
     cfg = model.cfg
+    levels = _levels(levels, cfg.levels)  # ablations: same weights, other levels or weighting
+    weighting = cfg.anomaly_weighting if anomaly_weighting is None else bool(anomaly_weighting)
     if query == "audio" and c.spec.audio_segments > cfg.audio_segments:
         raise UserError(f"{ckpt}: trained with {cfg.audio_segments} audio segments, but {c.path} has "
                         f"{c.spec.audio_segments}")
 
-    data = load_eval_data(sp, query, patches="finer" in cfg.levels)
+    data = load_eval_data(sp, query, patches="finer" in levels)
     Q, V = len(data.query_video), len(data.videos.index)
     if Q == 0:
         raise UserError(f"{c.path}: split '{split}' has no {query} query whose video was extracted"
@@ -401,9 +324,10 @@ def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, ano
 
     torch.manual_seed(0)
     model.eval()
-    v = encode_videos(model, data.videos, dev, batch=ENCODE_BATCH)
+    v = encode_videos(model, data.videos, dev, batch=ENCODE_BATCH, patches="finer" in levels,
+                      anomaly_weighting=weighting)
     q = encode_queries(model, data.query_feats, dev)
-    sims = score_matrix(model, v, q, chunk=chunk)
+    sims = score_matrix(model, v, q, levels, chunk=chunk)
     m_q2v, m_v2q = postprocess(sims["total"], post, cfg.logit_scale)
     q2v = query_to_video_ranks(m_q2v, data.query_video)
     v2q, _ = video_to_query_ranks(m_v2q, data.query_video)
@@ -417,8 +341,8 @@ def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, ano
         "query": query,
         "checkpoint": None if ckpt is None else str(ckpt),
         "zero_shot": bool(zero_shot),
-        "levels": list(cfg.levels),
-        "anomaly_weighting": bool(cfg.anomaly_weighting),
+        "levels": list(levels),
+        "anomaly_weighting": weighting,
         "post": post,
         "raw_similarities": post is None,
         "scores": POST_LABEL[post],

@@ -156,12 +156,6 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return total / mask.sum(-1, keepdim=True).clamp_min(1).to(total.dtype)
 
 
-def masked_max(x: Tensor, mask: Tensor, dim: int) -> Tensor:
-    """Max over `dim` with masked positions at -inf (a 0 would beat all-negative cosines).
-    An axis with no valid position gives -2, below any cosine, instead of -inf."""
-    return x.masked_fill(~mask, float("-inf")).amax(dim).clamp_min(-2.0)
-
-
 def token_shift(x: Tensor, fold: int) -> Tensor:
     """TokShift over frames: channels [0, fold) come from frame t-1, [fold, 2 fold) from
     frame t+1, zeros beyond the ends; the other channels stay. x: [V, N, C]."""
@@ -226,7 +220,7 @@ def token_wise(x: Tensor, x_mask: Tensor, x_w: Tensor, t: Tensor, t_mask: Tensor
     video side x [V, J, C] (mask, weights w [V, J]), query side t [Q, L, C] (mask,
     weights u [Q, L]) -> [V, Q]. One matrix product; peak memory about one [V, J, Q, L] tensor.
     Padded tokens of either side are -inf in the similarity, so they never win a max; a row of
-    a padded token gives -2 (see masked_max), multiplied by its weight 0."""
+    a padded token gives -2 (below any cosine), multiplied by its weight 0."""
     V, J, C = x.shape
     Q, L, _ = t.shape
     sim = (_l2(x).reshape(V * J, C) @ _l2(t).reshape(Q * L, C).T).view(V, J, Q, L)
@@ -397,11 +391,18 @@ class VarCMP(nn.Module):
 
     # --- per video ---------------------------------------------------------------------------
     def encode_videos(self, frame_feat: Tensor, frame_mask: Tensor, patch_feat: Tensor | None = None,
-                      labels: Tensor | None = None) -> VideoEmb:
-        """frame_feat [V, N, C], frame_mask [V, N], patch_feat [V, N, P, C] (needed only when
-        "finer" is an active level), labels [V] (0/1, training: eq. 6 uses ground truth; None:
-        the prediction video_score > 0.5). Half-precision inputs are computed in float32."""
+                      labels: Tensor | None = None, *, patches: bool | None = None,
+                      anomaly_weighting: bool | None = None) -> VideoEmb:
+        """frame_feat [V, N, C], frame_mask [V, N], patch_feat [V, N, P, C] (needed only when the
+        patches are selected), labels [V] (0/1, training: eq. 6 uses ground truth; None: the
+        prediction video_score > 0.5). Half-precision inputs are computed in float32.
+        patches: select the patches of the finer level (default: "finer" in cfg.levels); the
+        other parts do not depend on it. anomaly_weighting: eq. 6-7 on or off (default: the
+        config's). Both are arguments so that evaluation and search choose them per call (an
+        ablation, a first stage without patches) without changing the model."""
         cfg = self.cfg
+        patches_on = "finer" in cfg.levels if patches is None else bool(patches)
+        weighting = cfg.anomaly_weighting if anomaly_weighting is None else bool(anomaly_weighting)
         V, N = frame_mask.shape
         self._check(frame_feat, (V, N, cfg.dim), "frame_feat")
         if N > cfg.num_frames:
@@ -417,9 +418,9 @@ class VarCMP(nn.Module):
 
         patches = patch_w = patch_mask = None
         M = cfg.top_patches
-        if "finer" in cfg.levels:
+        if patches_on:
             if patch_feat is None:
-                raise ValueError('patch_feat is required when "finer" is an active level')
+                raise ValueError('patch_feat is required to select patches (the "finer" level)')
             self._check(patch_feat, (V, N, None, cfg.dim), "patch_feat")
             if patch_feat.shape[2] < M:
                 raise ValueError(f"{patch_feat.shape[2]} patches per frame < top_patches={M}")
@@ -430,7 +431,7 @@ class VarCMP(nn.Module):
             patch_mask = mask.repeat_interleave(M, dim=1)
             patch_w = self.patch_weight(patches, patch_mask)
 
-        if cfg.anomaly_weighting:                                                    # eq. 6-7
+        if weighting:                                                                # eq. 6-7
             biased = masked_softmax(A / cfg.tau, mask)
             frame_w = torch.where(anomalous[:, None], biased, frame_w)
             if patches is not None:
@@ -463,9 +464,12 @@ class VarCMP(nn.Module):
         e_a = torch.where(mask[..., None], e_a, 0.0)
         return QueryEmb(glob=m_a, tokens=e_a, token_mask=mask, token_weights=self.segment_weight(e_a, mask))
 
-    def encode_queries(self, *args, **kwargs) -> QueryEmb:
-        """encode_text(word_feat, word_mask, sentence) or encode_audio(seg_feat, seg_mask), by cfg.query."""
-        return (self.encode_text if self.cfg.query == "text" else self.encode_audio)(*args, **kwargs)
+    def encode_queries(self, feats: dict[str, Tensor]) -> QueryEmb:
+        """The one query dispatch, by cfg.query: encode_text(word_feat, word_mask, sentence) or
+        encode_audio(seg_feat, seg_mask), from a dict with those keys (as the cache stores them)."""
+        if self.cfg.query == "text":
+            return self.encode_text(feats["word_feat"], feats["word_mask"], feats["sentence"])
+        return self.encode_audio(feats["seg_feat"], feats["seg_mask"])
 
     # --- per pair ----------------------------------------------------------------------------
     def similarity(self, v: VideoEmb, q: QueryEmb, levels=None) -> dict[str, Tensor]:
@@ -497,6 +501,48 @@ class VarCMP(nn.Module):
                                       q.tokens, q.token_mask, q.token_weights)
         out["total"] = sum(out[lv] for lv in levels) / len(levels)
         return out
+
+    def frame_terms(self, v: VideoEmb, q: QueryEmb) -> Tensor:
+        """The per-frame similarity s_j of the fine level for pairs (v[i], q[i]) -> [V, N] float32:
+        text, the term of eq. 2: cos(s, f_j); audio, the frame side of eq. 3: max_i cos(e_a_i, f_j)
+        over the valid segments (-2 where a query has none). Padded frames are -2. So, per pair,
+        fine = 1/2 (max_j s_j + sum_j w_j s_j) for text, and the frame half of eq. 3 is
+        1/2 sum_j w_j s_j for audio (tests/test_model.py checks both against `similarity`)."""
+        f = _l2(_f32(v.frames))                                                       # [V, N, C]
+        if self.cfg.query == "text":
+            s = torch.einsum("vnc,vc->vn", f, _l2(_f32(q.glob)))
+        else:
+            sim = torch.einsum("vnc,vlc->vnl", f, _l2(_f32(q.tokens)))
+            s = sim.masked_fill(~q.token_mask[:, None, :], float("-inf")).amax(-1).clamp_min(-2.0)
+        return s.masked_fill(~v.frame_mask, -2.0)
+
+    def linear_levels(self, levels=None) -> str:
+        """Which part of the total score is linear in the query vector (see `video_vectors`)."""
+        levels = tuple(self.cfg.levels if levels is None else levels)
+        if self.cfg.query == "text" and "fine" in levels:
+            return "coarse+fine-mean" if "coarse" in levels else "fine-mean"
+        return "coarse"
+
+    def video_vectors(self, v: VideoEmb, levels=None) -> Tensor:
+        """One vector u_v per video [V, C] (float32) whose inner product with `query_vectors` is
+        exactly the part of the score linear in the query (a first-stage index):
+
+            text:  cos(s, e_v) + 1/2 sum_j w_j cos(s, f_j)   (coarse + the weighted-mean half of fine)
+            audio: cos(m_a, e_v)                             (coarse; eq. 3 has no linear part)
+
+        u_v = ~e_v + 1/2 sum_j w_j ~f_j with the fine level's frame weights (after eq. 6); a level
+        not in `levels` (default cfg.levels) is left out; with neither coarse nor fine, u_v = ~e_v."""
+        kind = self.linear_levels(levels)
+        e = _l2(_f32(v.video))
+        if kind == "coarse":
+            return e
+        half = 0.5 * (_f32(v.frame_weights)[..., None] * _l2(_f32(v.frames))).sum(1)  # weights 0 on padding
+        return e + half if kind == "coarse+fine-mean" else half
+
+    @staticmethod
+    def query_vectors(q: QueryEmb) -> Tensor:
+        """The query side of `video_vectors`: ~s (text) or ~m_a (audio), [Q, C] float32."""
+        return _l2(_f32(q.glob))
 
     # --- training ----------------------------------------------------------------------------
     def loss(self, v: VideoEmb, q: QueryEmb, labels: Tensor | None = None) -> dict[str, Tensor]:

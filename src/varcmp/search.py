@@ -9,7 +9,7 @@ The query is encoded by the frozen encoder the cache was extracted with (its rec
 weights hashes are checked): text with CLIP exactly as captions are extracted (the cache's
 max_words, word features and sentence), audio with CLAP over the extraction's windows of the
 clip (`media.audio_windows`, mono 48 kHz, `is_longer` False). It is then scored against the
-videos through `VarCMP.encode_videos` / `encode_queries` and `evaluate.score_matrix`, the code
+videos through the scoring engine (`retrieval.scoring`: `VarCMP.encode_videos`, `encode_queries`, `similarity`), the code
 training and evaluation use.
 
 Modes (per split):
@@ -19,7 +19,7 @@ Modes (per split):
 - **two-stage**: a faiss inner-product index over one vector per video picks `--candidates` K
   videos per query; the full score reranks them, through the same page-by-page code as the
   exhaustive mode (which is this mode with every video a candidate: with K >= the collection the
-  two modes give identical hits and scores). The vector (`video_vectors`) is the normalised video
+  two modes give identical hits and scores). The vector (`VarCMP.video_vectors`) is the normalised video
   embedding ~e_v (the coarse level), plus, for text checkpoints, half the fine level's weighted
   mean of the normalised frames: its inner product with the normalised sentence is exactly the
   coarse score plus the weighted-mean half of the fine score (eq. 1-2), the part of the total
@@ -62,7 +62,7 @@ import io
 import json
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,8 +73,9 @@ import torch
 from .cache_schema import CacheError, VideoData, is_hdf5, read_checked
 from .checkpoint import atomic_write
 from .cli import CommandError, OneLineErrors
-from .evaluate import DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, UserError, encode_queries, encode_videos, score_matrix
-from .model import QueryEmb, VarCMP, VideoEmb
+from .evaluate import UserError
+from .model import QueryEmb, VarCMP
+from .retrieval.scoring import DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, Ranked, default_chunk, encode_queries, encode_videos, top_k
 
 AUTO_TWO_STAGE = 5000       # --mode auto: two-stage for splits with more videos than this
 DEFAULT_CANDIDATES = 1000   # --candidates default: at least this many videos per query are reranked,
@@ -129,180 +130,21 @@ class CacheVideos:
 
 
 # --------------------------------------------------------------------------
-# Ranking (shared by both modes)
-
-
-@contextmanager
-def levels_of(model: VarCMP, levels: tuple):
-    """Temporarily run `model` with other active levels (same weights)."""
-    old = model.cfg
-    model.cfg = dataclasses.replace(old, levels=tuple(levels))
-    try:
-        yield model
-    finally:
-        model.cfg = old
-
-
-@dataclass
-class Ranked:
-    """The best `top` videos of each query (positions in the source; -1 where fewer)."""
-
-    pos: np.ndarray                  # [Q, top] int64
-    scores: dict[str, np.ndarray]    # level and "total" -> [Q, top] float32
-    video_score: np.ndarray          # [Q, top] predicted anomaly probability
-    anomalous: np.ndarray            # [Q, top] bool (video_score > 0.5)
-
-
-def _empty_ranked(Q: int, keys) -> Ranked:
-    return Ranked(np.zeros((Q, 0), np.int64), {k: np.zeros((Q, 0), np.float32) for k in keys},
-                  np.zeros((Q, 0), np.float32), np.zeros((Q, 0), bool))
-
-
-def _merge(best: Ranked, pos: np.ndarray, scores: dict[str, np.ndarray], vscore: np.ndarray, anom: np.ndarray,
-           top: int) -> Ranked:
-    """Keep the `top` best of `best` plus new candidates (scores [G, U] for positions pos [U]; -inf
-    marks a pair that is not a candidate). Order: total descending, then position ascending."""
-    G, U = scores["total"].shape
-    tot = np.concatenate([best.scores["total"], scores["total"]], axis=1)
-    tot = np.where(np.isnan(tot), -np.inf, tot)
-    allpos = np.concatenate([best.pos, np.broadcast_to(pos, (G, U))], axis=1)
-    order = np.lexsort((allpos, -tot.astype(np.float64)), axis=-1)[:, :top]
-    take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
-    return Ranked(take(allpos), {k: take(np.concatenate([best.scores[k], v], axis=1)) for k, v in scores.items()},
-                  take(np.concatenate([best.video_score, np.broadcast_to(vscore, (G, U))], axis=1)),
-                  take(np.concatenate([best.anomalous, np.broadcast_to(anom, (G, U))], axis=1)))
-
-
-def rank(model: VarCMP, source, q: QueryEmb, top: int, candidates: list[np.ndarray] | None = None,
-         chunk: int = DEFAULT_CHUNK, device="cpu", progress=None, stats: dict | None = None,
-         on_page=None) -> Ranked:
-    """The `top` best videos of `source` for each query by the full score (model.cfg.levels).
-
-    candidates: None scores every video (exhaustive); else one array of positions per query,
-    and only those are read, encoded and scored (two-stage). The videos to score (all, or the
-    union of the candidates), in position order, are taken in pages of `chunk`: a page is read
-    and encoded once, then scored (`evaluate.score_matrix`) against the queries in groups of
-    `chunk`, each group against the page's videos that are a candidate of one of its queries.
-    With every video a candidate of every query, the computation is that of candidates=None,
-    operation for operation. `stats` (a dict) accumulates the seconds spent
-    reading, encoding and scoring; `on_page(pos, VideoEmb)` sees every encoded page."""
-    Q, n = len(q), source.n
-    keys = (*model.cfg.levels, "total")
-    if Q == 0 or n == 0:
-        return _empty_ranked(Q, keys)
-    if candidates is not None:
-        if len(candidates) != Q:
-            raise ValueError(f"{len(candidates)} candidate lists for {Q} queries")
-        # every (query, position) pair, sorted by position: a page's pairs are one slice
-        qi = np.concatenate([np.full(len(np.unique(c)), i, np.int64) for i, c in enumerate(candidates)])
-        ci = np.concatenate([np.unique(np.asarray(c, np.int64)) for c in candidates])
-        if len(ci) and (ci.min() < 0 or ci.max() >= n):
-            raise ValueError(f"candidate positions must be in [0, {n})")
-        order = np.argsort(ci, kind="stable")
-        qi, ci = qi[order], ci[order]
-        union = np.unique(ci)
-    else:
-        union = np.arange(n)
-    pages = [union[s:s + chunk] for s in range(0, len(union), chunk)]
-    stats = stats if stats is not None else {}
-    for k in ("read", "encode", "score"):
-        stats.setdefault(k, 0.0)
-    finer = "finer" in model.cfg.levels
-    groups = [slice(g, min(g + chunk, Q)) for g in range(0, Q, chunk)]
-    best = [_empty_ranked(g.stop - g.start, keys) for g in groups]
-    task = progress.add_task("scoring", total=len(pages)) if progress is not None else None
-    for need in pages:
-        member = None
-        if candidates is not None:
-            a, b = np.searchsorted(ci, [need[0], need[-1] + 1])
-            member = np.zeros((Q, len(need)), bool)
-            member[qi[a:b], np.searchsorted(need, ci[a:b])] = True
-        t0 = time.perf_counter()
-        data = source.read(need, patches=finer)
-        t1 = time.perf_counter()
-        v = encode_videos(model, data, device, batch=len(need))
-        if on_page is not None:
-            on_page(need, v)
-        t2 = time.perf_counter()
-        vs = v.video_score.float().cpu().numpy()
-        an = v.anomalous.cpu().numpy()
-        for gi, g in enumerate(groups):
-            cols = np.arange(len(need))
-            if member is not None:
-                cols = np.flatnonzero(member[g].any(0))
-                if len(cols) == 0:
-                    continue
-            sub = v if len(cols) == len(need) else v.take(torch.from_numpy(cols).to(v.video.device))
-            s = {k: m.T for k, m in score_matrix(model, sub, q.take(g), chunk=chunk).items()}  # [G, U]
-            if member is not None:
-                mask = member[g][:, cols]
-                s = {k: np.where(mask, m, -np.inf).astype(np.float32) for k, m in s.items()}
-            best[gi] = _merge(best[gi], need[cols], s, vs[cols], an[cols], top)
-        t3 = time.perf_counter()
-        stats["read"] += t1 - t0
-        stats["encode"] += t2 - t1
-        stats["score"] += t3 - t2
-        if task is not None:
-            progress.advance(task)
-    if task is not None:
-        progress.remove_task(task)
-    return _stack(best, keys)
-
-
-def _stack(parts: list[Ranked], keys) -> Ranked:
-    """Per-group results (widths may differ: fewer candidates) as one Ranked, padded with -1 / -inf."""
-    w = max(r.pos.shape[1] for r in parts)
-    pad = lambda a, v: np.pad(a, ((0, 0), (0, w - a.shape[1])), constant_values=v)  # noqa: E731
-    return Ranked(np.concatenate([pad(r.pos, -1) for r in parts]),
-                  {k: np.concatenate([pad(r.scores[k], -np.inf) for r in parts]) for k in keys},
-                  np.concatenate([pad(r.video_score, np.nan) for r in parts]),
-                  np.concatenate([pad(r.anomalous, False) for r in parts]))
-
-
-# --------------------------------------------------------------------------
 # The coarse index
-
-
-def first_stage(model: VarCMP) -> str:
-    """What the index vector of a video holds for this model (see `video_vectors`)."""
-    lv = model.cfg.levels
-    if model.cfg.query == "text" and "fine" in lv:
-        return "coarse+fine-mean" if "coarse" in lv else "fine-mean"
-    return "coarse"
-
-
-def video_vectors(model: VarCMP, v: VideoEmb) -> torch.Tensor:
-    """The index vector u_v of each video [V, C] (float32). Its inner product with the normalised
-    query vector (the sentence s, or the audio [CLS] m_a) is exactly
-
-        text:  cos(s, e_v) + 1/2 sum_j w_j cos(s, f_j)   (coarse + the weighted-mean half of fine, eq. 1-2)
-        audio: cos(m_a, e_v)                             (coarse; eq. 3 has no linear part)
-
-    i.e. the part of the total score (up to its 1/3) that is linear in the query: u_v = ~e_v +
-    1/2 sum_j w_j ~f_j with the fine level's frame weights w (after eq. 6). A level the model does
-    not use is left out; with neither coarse nor fine, u_v = ~e_v."""
-    kind = first_stage(model)
-    e = torch.nn.functional.normalize(v.video.float(), dim=-1)
-    if kind == "coarse":
-        return e
-    f = torch.nn.functional.normalize(v.frames.float(), dim=-1)              # zero on padded frames
-    half = 0.5 * (v.frame_weights.float()[..., None] * f).sum(1)              # weights are 0 on padded frames
-    return e + half if kind == "coarse+fine-mean" else half
 
 
 def index_vectors(model: VarCMP, source, device, chunk: int = 256, pos: np.ndarray | None = None,
                   progress=None, label: str = "indexing") -> np.ndarray:
-    """`video_vectors` of the videos of `source` (float32 [n, C]), through VarCMP.encode_videos with
-    the patch levels off (e_v, the frames and their weights do not depend on them)."""
+    """`VarCMP.video_vectors` of the videos of `source` (float32 [n, C]), encoded without the
+    patches (e_v, the frames and their weights do not depend on them)."""
     pos = np.arange(source.n) if pos is None else np.asarray(pos, np.int64)
     out = np.zeros((len(pos), model.cfg.dim), np.float32)
     task = progress.add_task(label, total=len(pos)) if progress is not None else None
-    with levels_of(model, tuple(lv for lv in model.cfg.levels if lv != "finer") or ("coarse",)):
-        for s in range(0, len(pos), chunk):
-            v = encode_videos(model, source.read(pos[s:s + chunk], patches=False), device, batch=chunk)
-            out[s:s + chunk] = video_vectors(model, v).cpu().numpy()
-            if task is not None:
-                progress.advance(task, min(chunk, len(pos) - s))
+    for s in range(0, len(pos), chunk):
+        v = encode_videos(model, source.read(pos[s:s + chunk], patches=False), device, batch=chunk, patches=False)
+        out[s:s + chunk] = model.video_vectors(v).cpu().numpy()
+        if task is not None:
+            progress.advance(task, min(chunk, len(pos) - s))
     return out
 
 
@@ -314,16 +156,12 @@ def flat_index(vectors: np.ndarray):
     return index
 
 
-def query_vectors(q: QueryEmb) -> np.ndarray:
-    return torch.nn.functional.normalize(q.glob.float(), dim=-1).cpu().numpy()
-
-
 def index_candidates(index, q: QueryEmb, k: int) -> list[np.ndarray]:
-    """The k videos of highest first-stage score (see `video_vectors`) per query (positions, best first)."""
+    """The k videos of highest first-stage score (`VarCMP.video_vectors`) per query (positions, best first)."""
     k = min(int(k), index.ntotal)
     if k <= 0:
         return [np.zeros(0, np.int64) for _ in range(len(q))]
-    _, ids = index.search(np.ascontiguousarray(query_vectors(q)), k)
+    _, ids = index.search(np.ascontiguousarray(VarCMP.query_vectors(q).cpu().numpy()), k)
     return [row[row >= 0].astype(np.int64) for row in ids]
 
 
@@ -371,7 +209,7 @@ def load_or_build_index(model: VarCMP, cache, source: CacheVideos, checkpoint: P
     import faiss
 
     ident = _weights_hash(model) + json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str)
-    key = index_key(ident, first_stage(model), cache, source)
+    key = index_key(ident, model.linear_levels(), cache, source)
     folder = index_folder(cache.path)
     path = folder / f"{source.name}.{key}.faiss"
     t0 = time.perf_counter()
@@ -393,7 +231,7 @@ def load_or_build_index(model: VarCMP, cache, source: CacheVideos, checkpoint: P
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"format": INDEX_FORMAT, "key": key, "split": source.name, "videos": source.n,
                 "checkpoint": str(checkpoint) if checkpoint else None, "dim": model.cfg.dim,
-                "kind": "faiss.IndexFlatIP", "vector": first_stage(model), "built": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "kind": "faiss.IndexFlatIP", "vector": model.linear_levels(), "built": time.strftime("%Y-%m-%d %H:%M:%S")}
         atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
         atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
         _prune(folder, source.name, key, checkpoint)
@@ -432,18 +270,6 @@ class Span:
     first_frame: int
     last_frame: int
     peak_frame: int
-
-
-def frame_similarity(v: VideoEmb, q: QueryEmb, kind: str) -> np.ndarray:
-    """s [V, N] for pairs (v[i], q[i]): cos(sentence, frame) for text; for audio, the best
-    audio segment per frame, max_i cos(e_a_i, f_j) (the frame terms of eq. 2 and eq. 3)."""
-    f = torch.nn.functional.normalize(v.frames.float(), dim=-1)                   # [V, N, C]
-    if kind == "text":
-        g = torch.nn.functional.normalize(q.glob.float(), dim=-1)                 # [V, C]
-        return torch.einsum("vnc,vc->vn", f, g).cpu().numpy()
-    t = torch.nn.functional.normalize(q.tokens.float(), dim=-1)                   # [V, L, C]
-    sim = torch.einsum("vnc,vlc->vnl", f, t).masked_fill(~q.token_mask[:, None, :], float("-inf"))
-    return sim.amax(-1).clamp_min(-2.0).cpu().numpy()
 
 
 def relevance(sim: np.ndarray, weights: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -560,7 +386,7 @@ class Searcher:
         if chunk is not None and chunk < 1:
             raise UserError(f"--chunk {chunk}: must be >= 1")
         self.device = _device(device)
-        self.chunk = chunk or (DEFAULT_CHUNK_CUDA if self.device.type == "cuda" else DEFAULT_CHUNK)
+        self.chunk = chunk or default_chunk(self.device)
         self.mode, self.candidates = mode, None if candidates is None else int(candidates)
         self.console, self.progress = console, progress
         self.cache = open_cache(cache)
@@ -690,7 +516,7 @@ class Searcher:
                 info = self.index_info[src.name]
                 cands = index_candidates(index, q, self.pool(src))
             with _progress(self.console, self.progress and src.n > 8 * self.chunk) as prog:
-                r = rank(model, src, q, top, cands, self.chunk, self.device, progress=prog)
+                r = top_k(model, src, q, top, cands, self.chunk, self.device, progress=prog)
             per_split.append(r)
             splits_out.append({"name": src.name, "videos": int(src.n), "mode": mode,
                                "candidates": self.pool(src) if mode == "two-stage" else None,
@@ -745,13 +571,13 @@ class Searcher:
             src = self.sources[si]
             uniq = np.unique([h[1] for _, h in items])
             data = src.read(uniq, patches=False)
-            with levels_of(self.model, ("coarse",)):  # frames, weights and A do not depend on the patch levels
-                v = encode_videos(self.model, data, self.device, batch=len(uniq))
+            # frames, weights and A do not depend on the patches
+            v = encode_videos(self.model, data, self.device, batch=len(uniq), patches=False)
             row_of = {int(p): i for i, p in enumerate(uniq)}
             vi = torch.tensor([row_of[h[1]] for _, h in items], device=v.video.device)
             qidx = torch.tensor([qi for qi, _ in items], device=q.glob.device)
             vv, qq = v.take(vi), q.take(qidx)
-            sim = frame_similarity(vv, qq, self.kind)
+            sim = self.model.frame_terms(vv, qq).cpu().numpy()
             w = vv.frame_weights.float().cpu().numpy()
             A = vv.anomaly.float().cpu().numpy()
             m = vv.frame_mask.cpu().numpy()

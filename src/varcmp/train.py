@@ -87,7 +87,8 @@ from .cli import OneLineErrors
 from .distributed import (DistInfo, DistSetupError, all_gather_object, barrier, distributed, env_int_or, first_line,
                           gather_rows, is_dist_error, local_rows, rank_seed)
 from .encoders import resolve_device, weights_hash
-from .evaluate import EvalData, encode_queries, encode_videos, retrieval_metrics, score_matrix
+from .evaluate import EvalData, retrieval_metrics
+from .retrieval.scoring import encode_queries, encode_videos, score_matrix
 from .model import LEVELS, QUERIES, ModelConfig, VarCMP
 
 STATE_NAME = "last.state.pt"
@@ -542,10 +543,7 @@ class TrainStep(torch.nn.Module):
                 batch_labels: torch.Tensor) -> dict[str, torch.Tensor]:
         m = self.model
         v = m.encode_videos(vb["frame_feat"], vb["frame_mask"], vb.get("patch_feat"), labels=labels)
-        if qb is not None:
-            q = m.encode_text(qb["word_feat"], qb["word_mask"], qb["sentence"])
-        else:
-            q = m.encode_audio(vb["audio_feat"], vb["audio_mask"])
+        q = m.encode_queries(qb if qb is not None else {"seg_feat": vb["audio_feat"], "seg_mask": vb["audio_mask"]})
         if sizes is not None:
             v, q = gather_rows(v, sizes, self.rank), gather_rows(q, sizes, self.rank)
         parts = m.loss(v, q, batch_labels)

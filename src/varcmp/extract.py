@@ -477,7 +477,8 @@ def _extract(opt: Options, plan: Plan, pool, summary: Summary, locks: _Locks, gr
                      audio_segments=opt.audio_segments if clap else 0, audio_dim=clap.dim if clap else 512)
     encoders = {"clip": clip.info(), "clap": clap.info() if clap else None}
     preprocessing = {
-        "frames": "centres of N equal segments of the video; the frame on screen at each; fewer frames -> mask",
+        "frames": "centres of N equal segments of the video (first frame to the end of the last); the frame on "
+                  "screen at each, upright (display rotation applied); fewer frames -> mask",
         "image_processor": {k: v for k, v in clip.processor.to_dict().items() if not k.startswith("_")},
         "text": f"CLIP tokenizer, {opt.max_words} tokens incl. start/end, words = text_projection(last_hidden_state)",
         "audio": (f"mono {AUDIO_RATE} Hz; {opt.audio_segments} windows centred on the frame times, "

@@ -8,6 +8,13 @@ index of the stream (timestamps and keyframes, no decoding) lets the decoder
 jump to the keyframe before a target whenever that skips frames, and decode
 straight on otherwise; frames between targets that no other frame refers to are
 not decoded at all.
+
+The video lasts from its first frame to the end of its last one: the last frame's
+timestamp plus its own duration (from its packet; the typical frame duration when
+the packet has none), however far apart the frames are. A stream whose packets
+carry no timestamps at all (a raw H.264/HEVC elementary stream) is timed by
+counting its frames at its frame rate. Frames come out upright, as a player shows
+them: the stream's display matrix (the rotation a phone records) is applied.
 """
 
 from __future__ import annotations
@@ -64,25 +71,51 @@ def _why(e: Exception) -> str:
     return msg.split(":")[0].strip() if msg else type(e).__name__
 
 
-def _index(container, stream) -> tuple[np.ndarray, np.ndarray, float]:
-    """Presentation timestamps (sorted), keyframe timestamps, typical frame duration (pts units)."""
+@dataclass
+class _Index:
+    pts: np.ndarray  # presentation timestamps of the frames, sorted (stream time base)
+    keys: np.ndarray  # timestamps of the keyframes
+    step: float  # typical frame duration
+    end: float  # when the last frame stops being shown
+    timed: bool = True  # False: the packets carry no timestamps (cannot seek by time)
+
+
+def _index(container, stream) -> _Index:
+    """The frames' timestamps from the packets alone (no decoding). A stream whose packets carry
+    no timestamp at all is timed by counting them (see `_counted`)."""
     import av
 
-    pts, keys, durs = [], [], []
+    pts, keys, durs, untimed = [], [], {}, []
     try:
         for pkt in container.demux(stream):
+            if pkt.size == 0:
+                continue
             t = pkt.pts if pkt.pts is not None else pkt.dts
-            if t is None or pkt.size == 0:
+            if t is None:
+                untimed.append(pkt.duration or 0)
                 continue
             pts.append(t)
-            durs.append(pkt.duration or 0)
+            durs[t] = pkt.duration or 0
             if pkt.is_keyframe:
                 keys.append(t)
     except av.FFmpegError:
         pass  # a truncated file: keep the packets that were read
+    if not pts and untimed:
+        return _counted(stream, untimed)
     pts_a = np.unique(np.asarray(pts, dtype=np.int64))
-    step = float(np.median(np.diff(pts_a))) if len(pts_a) > 1 else float(max(durs, default=0) or 1)
-    return pts_a, np.unique(np.asarray(keys, dtype=np.int64)), step
+    step = float(np.median(np.diff(pts_a))) if len(pts_a) > 1 else float(max(durs.values(), default=0) or 1)
+    end = float(pts_a[-1]) + (durs[int(pts_a[-1])] or step) if len(pts_a) else 0.0
+    return _Index(pts_a, np.unique(np.asarray(keys, dtype=np.int64)), step, end)
+
+
+def _counted(stream, durations: list[int]) -> _Index:
+    """A stream without timestamps: frame k is shown from k frame durations on, the duration
+    being the packets' own or else one over the stream's frame rate. Decoded from the start."""
+    rate = stream.guessed_rate or stream.average_rate or stream.base_rate
+    step = float(np.median([d for d in durations if d > 0] or [0])) or (
+        round(1 / (rate * stream.time_base)) if rate else 1.0)
+    pts = np.arange(len(durations), dtype=np.int64) * int(step)
+    return _Index(pts, pts[:1], float(int(step)), float(len(durations) * int(step)), timed=False)
 
 
 def read_frames(path: str | os.PathLike, n: int, transform=None) -> Frames:
@@ -97,11 +130,12 @@ def read_frames(path: str | os.PathLike, n: int, transform=None) -> Frames:
             raise MediaError("no video stream")
         stream = container.streams.video[0]
         tb = float(stream.time_base)
-        pts, keys, step = _index(container, stream)
+        idx = _index(container, stream)
+        pts, keys, step = idx.pts, idx.keys, idx.step
         if len(pts) == 0:
             raise MediaError("no video frames")
         start = int(pts[0])
-        duration = (int(pts[-1]) - start + step) * tb
+        duration = (idx.end - start) * tb
         fps = len(pts) / duration if duration > 0 else 0.0
         targets = start + sample_times(duration, n) / tb
         chosen = np.unique(pts[np.clip(np.searchsorted(pts, targets, side="right") - 1, 0, len(pts) - 1)])
@@ -115,13 +149,13 @@ def read_frames(path: str | os.PathLike, n: int, transform=None) -> Frames:
             for want in chosen:
                 key = keys[np.searchsorted(keys, want, side="right") - 1]
                 if decoder is None or last is None or key > last:
-                    decoder = _decode_from(container, stream, int(key), wanted)
+                    decoder = _decode_from(container, stream, int(key), wanted, idx.timed)
                 for frame in decoder:
                     fpts = frame.pts if frame.pts is not None else (last + step if last is not None else start)
                     last = fpts
                     if fpts >= want:
                         if not times or fpts > times[-1]:
-                            img = frame.to_ndarray(format="rgb24")
+                            img = _upright(frame.to_ndarray(format="rgb24"), frame.rotation)
                             images.append(img if transform is None else transform(img))
                             times.append(fpts)
                         break
@@ -135,11 +169,22 @@ def read_frames(path: str | os.PathLike, n: int, transform=None) -> Frames:
         return Frames(images, (np.asarray(times, dtype=np.float64) - start) * tb, float(duration), float(fps), len(pts))
 
 
-def _decode_from(container, stream, key: int, wanted: set[int]):
+def _upright(img: np.ndarray, rotation: float) -> np.ndarray:
+    """A decoded frame as a player shows it: turned `rotation` degrees counter-clockwise (the
+    display matrix's angle, as PyAV reads it), to the nearest quarter turn."""
+    k = int(round(rotation / 90)) % 4
+    return np.ascontiguousarray(np.rot90(img, k)) if k else img
+
+
+def _decode_from(container, stream, key: int, wanted: set[int], timed: bool = True):
     """Frames from keyframe `key` on. Packets of frames that are not wanted are decoded with
     skip_frame=NONREF: a frame no other frame refers to is then not decoded at all (most
-    B-frames), one that others need still is, so every wanted frame comes out exactly."""
-    container.seek(key, stream=stream, backward=True, any_frame=False)
+    B-frames), one that others need still is, so every wanted frame comes out exactly. A stream
+    without timestamps is decoded from its first byte."""
+    if timed:
+        container.seek(key, stream=stream, backward=True, any_frame=False)
+    else:
+        container.seek(0, unsupported_byte_offset=True)
     ctx = stream.codec_context
     for pkt in container.demux(stream):
         ctx.skip_frame = "DEFAULT" if pkt.pts is None or pkt.pts in wanted else "NONREF"

@@ -6,12 +6,21 @@ from __future__ import annotations
 import av
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
-from conftest import noise_frames
+from conftest import noise_frames, tone
 from test_bad_input import all_frames, write_vfr
-from varcmp.media import read_frames, sample_times
+from varcmp.cache_schema import ROOT_KEY, CacheWriter, open_cache
+from varcmp.extract import main
+from varcmp.media import AUDIO_RATE, read_audio, read_frames, sample_times, write_video
+from varcmp.search import read_query_audio
 
 H, W = 48, 64
+
+
+def extract(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return r.exit_code, r.output
 
 
 # --------------------------------------------------------------------------
@@ -111,3 +120,64 @@ def test_sparse_video_lasts_until_its_last_frame_ends(tmp_path, ext):
     # the frame on screen at each segment centre
     np.testing.assert_allclose(got.times, [0, 3600])
     assert got.fps == pytest.approx(3 / got.duration)
+
+
+# --------------------------------------------------------------------------
+# Audio mix-down: the mean of the channels (as CLAP's own loader, librosa mono=True)
+
+
+def channel_tones(channels: int, seconds: float = 1.0) -> np.ndarray:
+    return np.stack([tone(seconds, 200 + 150 * c) * (1.0 - 0.12 * c) for c in range(channels)])
+
+
+def write_pcm(path, planes: np.ndarray, layout: str, rate: int = AUDIO_RATE) -> None:
+    """Lossless float PCM, so that the decoded channels are exactly `planes`."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("pcm_f32le", rate=rate, layout=layout)
+        for k in range(0, planes.shape[1], 1024):
+            fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes[:, k:k + 1024]), format="fltp", layout=layout)
+            fr.sample_rate, fr.pts = rate, k
+            for p in s.encode(fr):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+@pytest.mark.parametrize("layout, channels", [("stereo", 2), ("5.1", 6)])
+def test_audio_is_mixed_down_as_the_mean_of_its_channels(tmp_path, layout, channels):
+    planes = channel_tones(channels)
+    path = tmp_path / f"{layout}.wav"
+    write_pcm(path, planes, layout)
+    with av.open(str(path)) as c:
+        assert c.streams.audio[0].codec_context.channels == channels
+    hand = planes.astype(np.float64).sum(0) / channels
+    samples, offset = read_audio(path)
+    assert offset == 0 and samples.shape == hand.shape
+    np.testing.assert_allclose(samples, hand, atol=1e-6)
+    # search encodes an audio query with the same reader, so with the same mix
+    (window,) = read_query_audio(path, 1)["windows"]  # one window: the whole 1 s clip
+    np.testing.assert_allclose(window, hand, atol=1e-6)
+
+
+def test_store_of_the_old_mix_down_is_refused_in_one_line(tmp_path, tiny_clip, tiny_clap):
+    root = tmp_path / "videos"
+    root.mkdir()
+    write_video(root / "a.mp4", noise_frames(10, seed=1), fps=10, audio=tone(1.0, 300))
+    out = tmp_path / "c.zarr"
+    args = [root, "--out", out, "--audio", "video", "--clip-model", tiny_clip, "--clap-model", tiny_clap,
+            "--workers", 0, "--frames", 4, "--audio-segments", 2]
+    code, log = extract(*args)
+    assert code == 0, log
+    w = CacheWriter.open(out)
+    meta = w.store.get_attrs("")[ROOT_KEY]
+    audio = meta["preprocessing"]["audio"]
+    assert audio.startswith("mean of the channels")
+    # a store written before: FFmpeg's `mono` layout (0.707 (L + R) + C ...)
+    meta["preprocessing"]["audio"] = "mono 48000 Hz;" + audio.split(";", 1)[1]
+    w.store.set_attrs("", {ROOT_KEY: meta})
+    w.finish()
+    code, log = extract(*args)
+    line = log.strip()
+    assert code == 2 and "\n" not in line, log
+    assert line.startswith(f"error: {out}: was extracted with other preprocessing (audio: 'mono 48000 Hz;")
+    assert "--overwrite" in line

@@ -44,7 +44,8 @@ from .cache_schema import (DONE, FAILED, LOCK_NAME, LOCK_NAMES, RUN_LOCK_NAME, T
                            CacheWriteError, CacheWriter, Completeness, QueryEntry, VideoEntry, VideoFeatures, fault_point,
                            is_hdf5, probe_target)
 from .cli import OneLineErrors
-from .media import AUDIO_EXTENSIONS, AUDIO_RATE, MediaError, audio_windows, find_videos, read_audio, read_frames
+from .media import (AUDIO_EXTENSIONS, AUDIO_MIX, AUDIO_RATE, MediaError, audio_windows, find_videos, read_audio,
+                    read_frames)
 
 # --------------------------------------------------------------------------
 # What to extract
@@ -481,7 +482,7 @@ def _extract(opt: Options, plan: Plan, pool, summary: Summary, locks: _Locks, gr
                   "screen at each, upright (display rotation applied); fewer frames -> mask",
         "image_processor": {k: v for k, v in clip.processor.to_dict().items() if not k.startswith("_")},
         "text": f"CLIP tokenizer, {opt.max_words} tokens incl. start/end, words = text_projection(last_hidden_state)",
-        "audio": (f"mono {AUDIO_RATE} Hz; {opt.audio_segments} windows centred on the frame times, "
+        "audio": (f"{AUDIO_MIX}, {AUDIO_RATE} Hz; {opt.audio_segments} windows centred on the frame times, "
                   "clamp(duration/N_a, 1 s, 10 s) long; CLAP get_audio_features, is_longer=False") if clap else None,
     }
     split_attrs = {"root": str(opt.root.resolve()), "annotations": str(opt.annotations) if opt.annotations else None,

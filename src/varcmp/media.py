@@ -15,6 +15,8 @@ the packet has none), however far apart the frames are. A stream whose packets
 carry no timestamps at all (a raw H.264/HEVC elementary stream) is timed by
 counting its frames at its frame rate. Frames come out upright, as a player shows
 them: the stream's display matrix (the rotation a phone records) is applied.
+Audio is mixed down to mono as the mean of its channels, as CLAP's own loader does
+(librosa, `mono=True`), not with FFmpeg's `mono` layout (0.707 (L + R) + C ...).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".m
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".wma")
 AUDIO_RATE = 48_000  # CLAP's sampling rate
 SILENCE = 1e-4  # peak amplitude under which a track counts as silent
+AUDIO_MIX = "mean of the channels (as librosa's mono=True)"  # how read_audio makes mono; recorded in caches
 
 
 class MediaError(Exception):
@@ -192,8 +195,8 @@ def _decode_from(container, stream, key: int, wanted: set[int], timed: bool = Tr
 
 
 def read_audio(path: str | os.PathLike, rate: int = AUDIO_RATE) -> tuple[np.ndarray, float] | None:
-    """Whole first audio track as mono float32 at `rate`, and its start (s) relative to the
-    first video frame (0 for audio-only files); None when the file has no audio stream."""
+    """Whole first audio track as mono float32 at `rate` (AUDIO_MIX), and its start (s) relative
+    to the first video frame (0 for audio-only files); None when the file has no audio stream."""
     import av
 
     path = Path(path)
@@ -206,15 +209,15 @@ def read_audio(path: str | os.PathLike, rate: int = AUDIO_RATE) -> tuple[np.ndar
             v = container.streams.video[0]
             if v.start_time is not None:
                 offset = float(stream.start_time * stream.time_base - v.start_time * v.time_base)
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        resampler = av.AudioResampler(format="fltp", rate=rate)  # the track's own channels, resampled
         chunks = []
         try:
             for frame in container.decode(stream):
                 frame.pts = None  # let the resampler count samples, not trust timestamps
                 for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
+                    chunks.append(out.to_ndarray().mean(axis=0))
             for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
+                chunks.append(out.to_ndarray().mean(axis=0))
         except av.FFmpegError as e:
             if not chunks:
                 raise MediaError(f"cannot decode audio ({_why(e)})") from None

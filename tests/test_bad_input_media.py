@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from conftest import noise_frames, tone
 from test_bad_input import all_frames, write_vfr
-from varcmp.cache_schema import ROOT_KEY, CacheWriter, open_cache
+from varcmp.cache_schema import DONE, ROOT_KEY, CacheWriter, open_cache
 from varcmp.extract import main
 from varcmp.media import AUDIO_RATE, read_audio, read_frames, sample_times, write_video
 from varcmp.search import read_query_audio
@@ -181,3 +181,39 @@ def test_store_of_the_old_mix_down_is_refused_in_one_line(tmp_path, tiny_clip, t
     assert code == 2 and "\n" not in line, log
     assert line.startswith(f"error: {out}: was extracted with other preprocessing (audio: 'mono 48000 Hz;")
     assert "--overwrite" in line
+
+
+# --------------------------------------------------------------------------
+# Per-video notes: in the store, in the report, counted
+
+
+NOTES = {  # video -> (its audio file, the note it gets)
+    "unreadable.mp4": ("unreadable.wav", "audio unreadable (not a readable media file"),
+    "no_file.mp4": (None, "no audio file"),
+    "no_track.mp4": ("no_track.m4a", "no audio track"),
+    "short.mp4": ("short.wav", "audio too short: covers 1 of 4 windows"),
+}
+
+
+def test_audio_notes_are_recorded_reported_and_counted(tmp_path, tiny_clip, tiny_clap):
+    root, audio = tmp_path / "videos", tmp_path / "audio"
+    root.mkdir()
+    audio.mkdir()
+    for i, name in enumerate(NOTES):
+        write_video(root / name, noise_frames(40, seed=i), fps=10)  # 4 s each
+    (audio / "unreadable.wav").write_text("not a sound\n" * 40)
+    write_video(audio / "no_track.m4a", noise_frames(5, seed=9), fps=10)  # a container without audio
+    write_pcm(audio / "short.wav", tone(0.6, 440).reshape(1, -1), "mono")  # 0.6 s of a 4 s video
+    code, log = extract(root, "--out", tmp_path / "c.zarr", "--audio", audio, "--clip-model", tiny_clip,
+                        "--clap-model", tiny_clap, "--workers", 0, "--frames", 4, "--audio-segments", 4)
+    assert code == 0, log  # notes are not failures: every video is extracted
+    s = open_cache(tmp_path / "c.zarr").split("train")
+    assert (s.status == DONE).all()
+    lines = log.splitlines()
+    for name, (_, note) in NOTES.items():
+        stored = s.notes[s.paths.tolist().index(name)]
+        assert stored.startswith(note), stored
+        assert f"note {name}: {stored}" in lines, log
+    assert "notes: 1 audio too short, 1 audio unreadable, 1 no audio file, 1 no audio track" in lines, log
+    v = s.load_videos()
+    assert {p: int(m.sum()) for p, m in zip(v.paths, v.audio_mask)} == {n: int(n == "short.mp4") for n in NOTES}

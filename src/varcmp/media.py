@@ -231,23 +231,24 @@ class AudioWindows:
     mask: np.ndarray  # [Na] bool
     spans: np.ndarray  # [Na, 2] seconds (start, end) relative to the video
     note: str = ""
+    kind: str = ""  # what the note is about, a fixed phrase (the report counts notes by it)
 
 
 def audio_windows(samples: np.ndarray | None, offset: float, duration: float, n: int,
                   rate: int = AUDIO_RATE) -> AudioWindows:
     """`n` windows centred on the sampled frame times, each `clamp(duration / n, 1 s, 10 s)` long,
     shifted to lie inside the track. A window whose centre has no audio is masked; a missing or
-    silent track masks every window and says so in `note`."""
+    silent track masks every window and says so in `note` (and `kind`)."""
     centres = sample_times(duration, n)
     length = float(np.clip(duration / n, 1.0, 10.0))
     mask = np.zeros(n, dtype=bool)
     spans = np.zeros((n, 2), dtype=np.float32)
     if samples is None:
-        return AudioWindows([], mask, spans, "no audio track")
+        return AudioWindows([], mask, spans, "no audio track", "no audio track")
     if len(samples) == 0:
-        return AudioWindows([], mask, spans, "empty audio track")
+        return AudioWindows([], mask, spans, "empty audio track", "empty audio track")
     if float(np.max(np.abs(samples))) < SILENCE:
-        return AudioWindows([], mask, spans, "silent audio track")
+        return AudioWindows([], mask, spans, "silent audio track", "silent audio track")
     track = len(samples) / rate
     windows = []
     for i, c in enumerate(centres):
@@ -259,8 +260,10 @@ def audio_windows(samples: np.ndarray | None, offset: float, duration: float, n:
         windows.append(samples[a:b])
         mask[i] = True
         spans[i] = (s + offset, (b / rate) + offset)
-    note = "" if mask.all() else f"audio covers {int(mask.sum())} of {n} windows"
-    return AudioWindows(windows, mask, spans, note)
+    if mask.all():
+        return AudioWindows(windows, mask, spans)
+    return AudioWindows(windows, mask, spans, f"audio too short: covers {int(mask.sum())} of {n} windows",
+                        "audio too short")
 
 
 def find_videos(root: str | os.PathLike, notes: list[str] | None = None) -> list[str]:

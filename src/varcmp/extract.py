@@ -44,7 +44,8 @@ from .cache_schema import (DONE, FAILED, LOCK_NAME, LOCK_NAMES, RUN_LOCK_NAME, T
                            CacheWriteError, CacheWriter, Completeness, QueryEntry, VideoEntry, VideoFeatures, fault_point,
                            is_hdf5, probe_target)
 from .cli import OneLineErrors
-from .media import AUDIO_EXTENSIONS, AUDIO_RATE, MediaError, audio_windows, find_videos, read_audio, read_frames
+from .media import (AUDIO_EXTENSIONS, AUDIO_MIX, AUDIO_RATE, MediaError, audio_windows, find_videos, read_audio,
+                    read_frames)
 
 # --------------------------------------------------------------------------
 # What to extract
@@ -159,7 +160,8 @@ def _init_worker(clip_name: str, clap_name: str | None, num_frames: int, audio_s
 
 def _prepare(job: tuple[int, str, str | None]) -> dict:
     """Decode and preprocess one video; never raises (errors come back as `error`). Each frame is
-    preprocessed as it is decoded, so a worker never holds the video's full-size frames."""
+    preprocessed as it is decoded, so a worker never holds the video's full-size frames. Remarks
+    come back as `notes`: (kind, text) pairs."""
     import torch
 
     from .encoders import preprocess_audio, preprocess_images
@@ -173,22 +175,13 @@ def _prepare(job: tuple[int, str, str | None]) -> dict:
                "duration": fr.duration, "fps": fr.fps, "total": fr.total_frames, "notes": []}
         k, n = len(fr.images), _W["num_frames"]
         if k < n:
-            out["notes"].append(f"{k} frame{'' if k == 1 else 's'} (fewer than {n}): rest masked" if fr.total_frames < n
-                                else f"{k} distinct frames at the {n} sample times: rest masked")
+            out["notes"].append(("fewer frames", f"{k} frame{'' if k == 1 else 's'} (fewer than {n}): rest masked"
+                                 if fr.total_frames < n else f"{k} distinct frames at the {n} sample times: rest masked"))
         if _W["extractor"] is not None:
-            if audio_path == "":
-                samples, offset = None, 0.0
-                out["notes"].append("no audio file")
-            else:
-                try:
-                    got = read_audio(audio_path, AUDIO_RATE)
-                except MediaError as e:
-                    got = None
-                    out["notes"].append(f"audio unreadable ({e})")
-                samples, offset = got if got is not None else (None, 0.0)
+            samples, offset, why = _audio_of(audio_path)
             win = audio_windows(samples, offset, fr.duration, _W["audio_segments"], AUDIO_RATE)
-            if win.note and not any(n.startswith("audio unreadable") or n == "no audio file" for n in out["notes"]):
-                out["notes"].append(win.note)
+            if why or win.note:
+                out["notes"].append(why or (win.kind, win.note))
             out["audio"] = preprocess_audio(_W["extractor"], win.windows, AUDIO_RATE)
             out["audio_mask"], out["audio_spans"] = win.mask, win.spans
         return out
@@ -196,6 +189,18 @@ def _prepare(job: tuple[int, str, str | None]) -> dict:
         return {"index": i, "error": str(e)}
     except Exception as e:  # noqa: BLE001 - a bad file must not kill the batch job
         return {"index": i, "error": f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+
+def _audio_of(audio_path: str | None) -> tuple[np.ndarray | None, float, tuple[str, str] | None]:
+    """A video's audio samples and offset (`read_audio`), and the (kind, text) note saying why
+    there is nothing to read, when so."""
+    if audio_path == "":
+        return None, 0.0, ("no audio file", "no audio file")
+    try:
+        got = read_audio(audio_path, AUDIO_RATE)
+    except MediaError as e:
+        return None, 0.0, ("audio unreadable", f"audio unreadable ({e})")
+    return (*got, None) if got is not None else (None, 0.0, None)
 
 
 # --------------------------------------------------------------------------
@@ -231,6 +236,7 @@ class Summary:
     already: int = 0  # done before this run
     done: int = 0  # extracted by this run
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this shard
+    noted: list[tuple[str, list[tuple[str, str]]]] = field(default_factory=list)  # (path, [(kind, text)]), this run
     failed_elsewhere: list[tuple[str, str]] = field(default_factory=list)  # other shards', when this one finalized
     frames: int = 0
     queries: int = 0
@@ -477,10 +483,11 @@ def _extract(opt: Options, plan: Plan, pool, summary: Summary, locks: _Locks, gr
                      audio_segments=opt.audio_segments if clap else 0, audio_dim=clap.dim if clap else 512)
     encoders = {"clip": clip.info(), "clap": clap.info() if clap else None}
     preprocessing = {
-        "frames": "centres of N equal segments of the video; the frame on screen at each; fewer frames -> mask",
+        "frames": "centres of N equal segments of the video (first frame to the end of the last); the frame on "
+                  "screen at each, upright (display rotation applied); fewer frames -> mask",
         "image_processor": {k: v for k, v in clip.processor.to_dict().items() if not k.startswith("_")},
         "text": f"CLIP tokenizer, {opt.max_words} tokens incl. start/end, words = text_projection(last_hidden_state)",
-        "audio": (f"mono {AUDIO_RATE} Hz; {opt.audio_segments} windows centred on the frame times, "
+        "audio": (f"{AUDIO_MIX}, {AUDIO_RATE} Hz; {opt.audio_segments} windows centred on the frame times, "
                   "clamp(duration/N_a, 1 s, 10 s) long; CLAP get_audio_features, is_longer=False") if clap else None,
     }
     split_attrs = {"root": str(opt.root.resolve()), "annotations": str(opt.annotations) if opt.annotations else None,
@@ -689,6 +696,8 @@ def _encode_videos(opt: Options, sw, clip, clap, results, total: int, summary: S
                     sw.write_video(res["index"], feats)
                     summary.frames += int(feats.frame_mask.sum())
                     summary.done += 1
+                    if res["notes"]:
+                        summary.noted.append((summary.plan.videos[res["index"]].path, res["notes"]))
             except CacheWriteError as e:
                 path = summary.plan.videos[res["index"]].path
                 raise CacheWriteError(f"{e} while saving {path!r}; the videos finished before are kept: make room "
@@ -730,7 +739,8 @@ def _features(res: dict, clip, clap, opt: Options) -> VideoFeatures:
     frame_time = np.zeros(n, np.float32)
     frame_time[:k] = res["times"]
     feats = VideoFeatures(duration=res["duration"], fps=res["fps"], frame_time=frame_time, frame_mask=frame_mask,
-                          frame_feat=frame_feat, patch_feat=patch_feat, note="; ".join(res["notes"]))
+                          frame_feat=frame_feat, patch_feat=patch_feat,
+                          note="; ".join(text for _, text in res["notes"]))
     if clap is not None:
         na = opt.audio_segments
         audio_feat = np.zeros((na, clap.dim), np.float32)
@@ -770,6 +780,7 @@ def report(summary: Summary, opt: Options, console) -> int:
         console.print(f"[yellow]missing[/yellow] {line}", highlight=False, soft_wrap=True)
     for line in plan.notes:
         console.print(f"[dim]note[/dim] {line}", highlight=False, soft_wrap=True)
+    _report_notes(summary.noted, console)
     if plan.uncaptioned:
         console.print(f"{plan.uncaptioned} videos have no caption (kept as distractors)")
     if summary.note:
@@ -777,6 +788,21 @@ def report(summary: Summary, opt: Options, console) -> int:
     if summary.interrupted:
         console.print("[yellow]interrupted[/yellow]: finished videos are saved; run the same command again to resume")
     return summary.exit_code if summary.exit_code is not None else _exit_code(summary)
+
+
+def _report_notes(noted: list[tuple[str, list[tuple[str, str]]]], console) -> None:
+    """One line per extracted video with remarks (as stored in its `note`), then their count by kind."""
+    from collections import Counter
+
+    from rich.markup import escape
+
+    for path, notes in noted:
+        console.print(f"[dim]note[/dim] {escape(path)}: {escape('; '.join(text for _, text in notes))}",
+                      highlight=False, soft_wrap=True)
+    kinds = Counter(kind for _, notes in noted for kind, _ in notes)
+    if kinds:
+        console.print("notes: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())),
+                      highlight=False, soft_wrap=True)
 
 
 def finalize(out: Path, split: str | None = None, plan: Plan | None = None, console=None) -> int:

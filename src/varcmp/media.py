@@ -8,6 +8,15 @@ index of the stream (timestamps and keyframes, no decoding) lets the decoder
 jump to the keyframe before a target whenever that skips frames, and decode
 straight on otherwise; frames between targets that no other frame refers to are
 not decoded at all.
+
+The video lasts from its first frame to the end of its last one: the last frame's
+timestamp plus its own duration (from its packet; the typical frame duration when
+the packet has none), however far apart the frames are. A stream whose packets
+carry no timestamps at all (a raw H.264/HEVC elementary stream) is timed by
+counting its frames at its frame rate. Frames come out upright, as a player shows
+them: the stream's display matrix (the rotation a phone records) is applied.
+Audio is mixed down to mono as the mean of its channels, as CLAP's own loader does
+(librosa, `mono=True`), not with FFmpeg's `mono` layout (0.707 (L + R) + C ...).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".m
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".wma")
 AUDIO_RATE = 48_000  # CLAP's sampling rate
 SILENCE = 1e-4  # peak amplitude under which a track counts as silent
+AUDIO_MIX = "mean of the channels (as librosa's mono=True)"  # how read_audio makes mono; recorded in caches
 
 
 class MediaError(Exception):
@@ -64,25 +74,51 @@ def _why(e: Exception) -> str:
     return msg.split(":")[0].strip() if msg else type(e).__name__
 
 
-def _index(container, stream) -> tuple[np.ndarray, np.ndarray, float]:
-    """Presentation timestamps (sorted), keyframe timestamps, typical frame duration (pts units)."""
+@dataclass
+class _Index:
+    pts: np.ndarray  # presentation timestamps of the frames, sorted (stream time base)
+    keys: np.ndarray  # timestamps of the keyframes
+    step: float  # typical frame duration
+    end: float  # when the last frame stops being shown
+    timed: bool = True  # False: the packets carry no timestamps (cannot seek by time)
+
+
+def _index(container, stream) -> _Index:
+    """The frames' timestamps from the packets alone (no decoding). A stream whose packets carry
+    no timestamp at all is timed by counting them (see `_counted`)."""
     import av
 
-    pts, keys, durs = [], [], []
+    pts, keys, durs, untimed = [], [], {}, []
     try:
         for pkt in container.demux(stream):
+            if pkt.size == 0:
+                continue
             t = pkt.pts if pkt.pts is not None else pkt.dts
-            if t is None or pkt.size == 0:
+            if t is None:
+                untimed.append(pkt.duration or 0)
                 continue
             pts.append(t)
-            durs.append(pkt.duration or 0)
+            durs[t] = pkt.duration or 0
             if pkt.is_keyframe:
                 keys.append(t)
     except av.FFmpegError:
         pass  # a truncated file: keep the packets that were read
+    if not pts and untimed:
+        return _counted(stream, untimed)
     pts_a = np.unique(np.asarray(pts, dtype=np.int64))
-    step = float(np.median(np.diff(pts_a))) if len(pts_a) > 1 else float(max(durs, default=0) or 1)
-    return pts_a, np.unique(np.asarray(keys, dtype=np.int64)), step
+    step = float(np.median(np.diff(pts_a))) if len(pts_a) > 1 else float(max(durs.values(), default=0) or 1)
+    end = float(pts_a[-1]) + (durs[int(pts_a[-1])] or step) if len(pts_a) else 0.0
+    return _Index(pts_a, np.unique(np.asarray(keys, dtype=np.int64)), step, end)
+
+
+def _counted(stream, durations: list[int]) -> _Index:
+    """A stream without timestamps: frame k is shown from k frame durations on, the duration
+    being the packets' own or else one over the stream's frame rate. Decoded from the start."""
+    rate = stream.guessed_rate or stream.average_rate or stream.base_rate
+    step = float(np.median([d for d in durations if d > 0] or [0])) or (
+        round(1 / (rate * stream.time_base)) if rate else 1.0)
+    pts = np.arange(len(durations), dtype=np.int64) * int(step)
+    return _Index(pts, pts[:1], float(int(step)), float(len(durations) * int(step)), timed=False)
 
 
 def read_frames(path: str | os.PathLike, n: int, transform=None) -> Frames:
@@ -97,11 +133,12 @@ def read_frames(path: str | os.PathLike, n: int, transform=None) -> Frames:
             raise MediaError("no video stream")
         stream = container.streams.video[0]
         tb = float(stream.time_base)
-        pts, keys, step = _index(container, stream)
+        idx = _index(container, stream)
+        pts, keys, step = idx.pts, idx.keys, idx.step
         if len(pts) == 0:
             raise MediaError("no video frames")
         start = int(pts[0])
-        duration = (int(pts[-1]) - start + step) * tb
+        duration = (idx.end - start) * tb
         fps = len(pts) / duration if duration > 0 else 0.0
         targets = start + sample_times(duration, n) / tb
         chosen = np.unique(pts[np.clip(np.searchsorted(pts, targets, side="right") - 1, 0, len(pts) - 1)])
@@ -115,13 +152,13 @@ def read_frames(path: str | os.PathLike, n: int, transform=None) -> Frames:
             for want in chosen:
                 key = keys[np.searchsorted(keys, want, side="right") - 1]
                 if decoder is None or last is None or key > last:
-                    decoder = _decode_from(container, stream, int(key), wanted)
+                    decoder = _decode_from(container, stream, int(key), wanted, idx.timed)
                 for frame in decoder:
                     fpts = frame.pts if frame.pts is not None else (last + step if last is not None else start)
                     last = fpts
                     if fpts >= want:
                         if not times or fpts > times[-1]:
-                            img = frame.to_ndarray(format="rgb24")
+                            img = _upright(frame.to_ndarray(format="rgb24"), frame.rotation)
                             images.append(img if transform is None else transform(img))
                             times.append(fpts)
                         break
@@ -135,11 +172,22 @@ def read_frames(path: str | os.PathLike, n: int, transform=None) -> Frames:
         return Frames(images, (np.asarray(times, dtype=np.float64) - start) * tb, float(duration), float(fps), len(pts))
 
 
-def _decode_from(container, stream, key: int, wanted: set[int]):
+def _upright(img: np.ndarray, rotation: float) -> np.ndarray:
+    """A decoded frame as a player shows it: turned `rotation` degrees counter-clockwise (the
+    display matrix's angle, as PyAV reads it), to the nearest quarter turn."""
+    k = int(round(rotation / 90)) % 4
+    return np.ascontiguousarray(np.rot90(img, k)) if k else img
+
+
+def _decode_from(container, stream, key: int, wanted: set[int], timed: bool = True):
     """Frames from keyframe `key` on. Packets of frames that are not wanted are decoded with
     skip_frame=NONREF: a frame no other frame refers to is then not decoded at all (most
-    B-frames), one that others need still is, so every wanted frame comes out exactly."""
-    container.seek(key, stream=stream, backward=True, any_frame=False)
+    B-frames), one that others need still is, so every wanted frame comes out exactly. A stream
+    without timestamps is decoded from its first byte."""
+    if timed:
+        container.seek(key, stream=stream, backward=True, any_frame=False)
+    else:
+        container.seek(0, unsupported_byte_offset=True)
     ctx = stream.codec_context
     for pkt in container.demux(stream):
         ctx.skip_frame = "DEFAULT" if pkt.pts is None or pkt.pts in wanted else "NONREF"
@@ -147,8 +195,8 @@ def _decode_from(container, stream, key: int, wanted: set[int]):
 
 
 def read_audio(path: str | os.PathLike, rate: int = AUDIO_RATE) -> tuple[np.ndarray, float] | None:
-    """Whole first audio track as mono float32 at `rate`, and its start (s) relative to the
-    first video frame (0 for audio-only files); None when the file has no audio stream."""
+    """Whole first audio track as mono float32 at `rate` (AUDIO_MIX), and its start (s) relative
+    to the first video frame (0 for audio-only files); None when the file has no audio stream."""
     import av
 
     path = Path(path)
@@ -161,15 +209,15 @@ def read_audio(path: str | os.PathLike, rate: int = AUDIO_RATE) -> tuple[np.ndar
             v = container.streams.video[0]
             if v.start_time is not None:
                 offset = float(stream.start_time * stream.time_base - v.start_time * v.time_base)
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        resampler = av.AudioResampler(format="fltp", rate=rate)  # the track's own channels, resampled
         chunks = []
         try:
             for frame in container.decode(stream):
                 frame.pts = None  # let the resampler count samples, not trust timestamps
                 for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
+                    chunks.append(out.to_ndarray().mean(axis=0))
             for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
+                chunks.append(out.to_ndarray().mean(axis=0))
         except av.FFmpegError as e:
             if not chunks:
                 raise MediaError(f"cannot decode audio ({_why(e)})") from None
@@ -183,23 +231,24 @@ class AudioWindows:
     mask: np.ndarray  # [Na] bool
     spans: np.ndarray  # [Na, 2] seconds (start, end) relative to the video
     note: str = ""
+    kind: str = ""  # what the note is about, a fixed phrase (the report counts notes by it)
 
 
 def audio_windows(samples: np.ndarray | None, offset: float, duration: float, n: int,
                   rate: int = AUDIO_RATE) -> AudioWindows:
     """`n` windows centred on the sampled frame times, each `clamp(duration / n, 1 s, 10 s)` long,
     shifted to lie inside the track. A window whose centre has no audio is masked; a missing or
-    silent track masks every window and says so in `note`."""
+    silent track masks every window and says so in `note` (and `kind`)."""
     centres = sample_times(duration, n)
     length = float(np.clip(duration / n, 1.0, 10.0))
     mask = np.zeros(n, dtype=bool)
     spans = np.zeros((n, 2), dtype=np.float32)
     if samples is None:
-        return AudioWindows([], mask, spans, "no audio track")
+        return AudioWindows([], mask, spans, "no audio track", "no audio track")
     if len(samples) == 0:
-        return AudioWindows([], mask, spans, "empty audio track")
+        return AudioWindows([], mask, spans, "empty audio track", "empty audio track")
     if float(np.max(np.abs(samples))) < SILENCE:
-        return AudioWindows([], mask, spans, "silent audio track")
+        return AudioWindows([], mask, spans, "silent audio track", "silent audio track")
     track = len(samples) / rate
     windows = []
     for i, c in enumerate(centres):
@@ -211,8 +260,10 @@ def audio_windows(samples: np.ndarray | None, offset: float, duration: float, n:
         windows.append(samples[a:b])
         mask[i] = True
         spans[i] = (s + offset, (b / rate) + offset)
-    note = "" if mask.all() else f"audio covers {int(mask.sum())} of {n} windows"
-    return AudioWindows(windows, mask, spans, note)
+    if mask.all():
+        return AudioWindows(windows, mask, spans)
+    return AudioWindows(windows, mask, spans, f"audio too short: covers {int(mask.sum())} of {n} windows",
+                        "audio too short")
 
 
 def find_videos(root: str | os.PathLike, notes: list[str] | None = None) -> list[str]:

@@ -40,9 +40,9 @@ import click
 import numpy as np
 
 from .annotations import AnnotationError, label_from_path, read_captions, safe_relative
-from .cache_schema import (DONE, FAILED, LOCK_NAME, LOCK_NAMES, RUN_LOCK_NAME, TEXT_CHUNK, CacheError, CacheSpec,
+from .cache_schema import (DONE, FAILED, LOCK_NAME, RUN_LOCK_NAME, TEXT_CHUNK, CacheError, CacheSpec,
                            CacheWriteError, CacheWriter, Completeness, QueryEntry, VideoEntry, VideoFeatures, fault_point,
-                           is_hdf5, probe_target)
+                           is_hdf5, probe_target, remove_store)
 from .cli import OneLineErrors
 from .media import AUDIO_EXTENSIONS, AUDIO_RATE, MediaError, audio_windows, find_videos, read_audio, read_frames
 
@@ -417,8 +417,8 @@ def run(opt: Options, console=None, group: "_Group | None" = None) -> Summary:
     plan = make_plan(opt.root, opt.annotations, opt.all_videos)
     if not plan.videos:
         raise click.UsageError(f"{opt.root}: no videos to extract" + (" (no caption names an existing video)" if opt.annotations else ""))
-    if not opt.overwrite:
-        probe_target(opt.out)  # something that is not a cache: refused before a lock file is made in it
+    # something that is not a cache is refused, whatever the flags, before a lock file is made in it
+    probe_target(opt.out, replace=opt.overwrite, keep=_inputs(opt))
 
     summary = Summary(plan=plan)
     locks = _Locks(opt.out)
@@ -451,6 +451,14 @@ def _reset(sw, plan: Plan, opt: Options, mine: np.ndarray) -> None:
                                    f"{opt.root}, as the error that named it did)")
         if row[key] in ours:
             sw.reset_video(row[key])
+
+
+def _inputs(opt: Options) -> list[Path]:
+    """What an extraction reads, which --overwrite never deletes: the video root, the caption
+    file, the audio folder and local model folders."""
+    audio = opt.audio if opt.audio != "video" else None
+    models = [Path(m).expanduser() for m in (opt.clip_model, opt.clap_model) if m and _looks_local(m)]
+    return [Path(p) for p in (opt.root, opt.annotations, audio) if p] + models
 
 
 def _device_name(opt: Options) -> str:
@@ -490,7 +498,7 @@ def _extract(opt: Options, plan: Plan, pool, summary: Summary, locks: _Locks, gr
     mine = np.arange(opt.shard_index, len(plan.videos), opt.num_shards)
     with locks.meta():
         if opt.overwrite:
-            _clear(opt.out)
+            remove_store(opt.out, keep=_inputs(opt))
         writer = CacheWriter(opt.out, spec, encoders, preprocessing)
         try:
             sw = writer.split(opt.split, plan.videos, plan.queries, split_attrs)
@@ -597,19 +605,6 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
-
-
-def _clear(out: Path) -> None:
-    import shutil
-
-    if is_hdf5(out):
-        if out.exists():
-            out.unlink()
-        return
-    if out.is_dir():
-        for child in out.iterdir():
-            if child.name not in LOCK_NAMES:
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 def _encode_text(sw, clip, texts: list[str], max_words: int) -> int:

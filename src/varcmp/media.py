@@ -215,6 +215,13 @@ def audio_windows(samples: np.ndarray | None, offset: float, duration: float, n:
     return AudioWindows(windows, mask, spans, note)
 
 
+def within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether `path` is `folder` or lies inside it once every symbolic link of both is resolved
+    (a link that loops or dangles is resolved as far as it goes)."""
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
 def find_videos(root: str | os.PathLike, notes: list[str] | None = None) -> list[str]:
     """Relative POSIX paths of the video files under `root`, sorted. Directory symlinks are
     followed, but a folder reached a second time (a symlink loop, or two links to one folder)

@@ -1,0 +1,120 @@
+"""Paths a user types (issue 13): --overwrite deletes nothing but a varcmp store, never the video
+root or a store holding what the command reads; symbolic links are followed only inside the video
+root (and the --audio folder); an output file (--json, --html) in a missing folder is one line,
+and no folder is created."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from helpers import one_line_error, write_planted_cache
+
+from conftest import noise_frames, tone, write_audio_only
+from varcmp import checkpoint
+from varcmp.cache_schema import open_cache
+from varcmp.evaluate import main as eval_main
+from varcmp.evaluate import zero_shot_model
+from varcmp.extract import main as extract_main
+from varcmp.extract import make_plan
+from varcmp.media import find_videos, write_video
+from varcmp.search import main as search_main
+from varcmp.synth import main as synth_main
+
+VIDEO = "Abuse/Abuse001_x264.mp4"
+SYNTH = ["-n", "10", "--dim", "32", "--frames", "4", "--patches", "12", "--object-patches", "1", "--words", "12",
+         "--audio-segments", "4"]
+
+
+def invoke(command, *args):
+    return CliRunner().invoke(command, [str(a) for a in args], catch_exceptions=False)
+
+
+def write_videos(root: Path, names=(VIDEO,)) -> Path:
+    for i, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        write_video(root / name, noise_frames(8, seed=i, h=48, w=64), fps=8, audio=tone(1.0, 220 * (i + 1)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_video(tmp_path_factory) -> Path:
+    return write_videos(tmp_path_factory.mktemp("videos"))
+
+
+def extract(root, out, tiny_clip, *more):
+    return invoke(extract_main, root, "--out", out, "--clip-model", tiny_clip, "--workers", 0, "--frames", 4, *more)
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*")) if path.is_dir() else [path.read_text()]
+
+
+# ----------------------------------------------------------------------------- --overwrite
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
+@pytest.mark.parametrize("target", ["folder", "file"])
+@pytest.mark.parametrize("command", ["extract", "synth"])
+def test_what_is_not_a_varcmp_store_is_neither_written_nor_deleted(tmp_path, one_video, tiny_clip, command, target,
+                                                                    overwrite):
+    if target == "folder":
+        out = tmp_path / "thesis"
+        out.mkdir()
+        (out / "chapter1.tex").write_text("years of work\n")
+    else:
+        out = tmp_path / "thesis.h5"  # an HDF5 name, but a text file
+        out.write_text("years of work\n")
+    before = listing(out)
+    flag = ["--overwrite"] if overwrite else []
+    r = extract(one_video, out, tiny_clip, *flag) if command == "extract" else invoke(synth_main, out, *SYNTH, *flag)
+    one_line_error(r, str(out), "is not a varcmp cache")
+    assert "--overwrite" not in r.output  # the flag would not help: never recommended here
+    assert listing(out) == before  # no file deleted, no lock file made
+
+
+@pytest.mark.parametrize("which", ["the root", "its parent"])
+def test_overwrite_never_deletes_the_video_root_or_a_folder_holding_it(tmp_path, tiny_clip, which):
+    root = write_videos(tmp_path / "videos")
+    out = root if which == "the root" else tmp_path
+    before = listing(tmp_path)
+    r = extract(root, out, tiny_clip, "--overwrite")
+    one_line_error(r, str(out), "is not a varcmp cache")
+    assert listing(tmp_path) == before
+
+
+def test_overwrite_never_deletes_a_varcmp_store_holding_what_the_command_reads(tmp_path, tiny_clip):
+    store = write_planted_cache(tmp_path / "c.zarr", {"test": 4})
+    root = write_videos(store / "videos")
+    r = extract(root, store, tiny_clip, "--overwrite")
+    one_line_error(r, str(store), f"holds {root}")
+    assert (root / VIDEO).is_file()
+    with open_cache(store) as c:
+        assert c.split("test").num_videos == 4
+    r = invoke(synth_main, store, "-n", "10", "--media", store / "media", "--overwrite")  # media rendered into it
+    one_line_error(r, str(store), f"holds {store / 'media'}")
+    assert not (store / "media").exists()
+
+
+@pytest.mark.parametrize("target", ["empty folder", "zarr store", "hdf5 store"])
+def test_overwrite_still_replaces_an_empty_folder_or_a_varcmp_store(tmp_path, one_video, tiny_clip, target):
+    for command in ("extract", "synth"):
+        out = tmp_path / f"{command}.{'h5' if target == 'hdf5 store' else 'zarr'}"
+        if target == "empty folder":
+            out.mkdir()
+        else:
+            write_planted_cache(out, {"old": 4})
+            if command == "synth":  # a store: the refusal without the flag names it
+                one_line_error(invoke(synth_main, out, *SYNTH), str(out), "pass --overwrite")
+        if command == "extract":
+            r = extract(one_video, out, tiny_clip, "--split", "test", "--overwrite")
+            expected = ["test"]
+        else:
+            r = invoke(synth_main, out, *SYNTH, "--overwrite")
+            expected = ["test", "train"]
+        assert r.exit_code == 0, r.output
+        with open_cache(out) as c:
+            assert sorted(c.splits) == expected

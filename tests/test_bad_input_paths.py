@@ -118,3 +118,73 @@ def test_overwrite_still_replaces_an_empty_folder_or_a_varcmp_store(tmp_path, on
         assert r.exit_code == 0, r.output
         with open_cache(out) as c:
             assert sorted(c.splits) == expected
+
+
+# ----------------------------------------------------------------------------- symbolic links
+
+
+def test_find_videos_follows_only_links_that_stay_inside_the_root(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "sub").mkdir(parents=True)
+    (elsewhere / "secret.mp4").write_bytes(b"0")
+    (elsewhere / "sub" / "deep.mp4").write_bytes(b"0")
+    real = tmp_path / "real"
+    (real / "cams" / "a").mkdir(parents=True)
+    (real / "cams" / "a" / "v.mp4").write_bytes(b"0")
+    (real / "archive" / "2024").mkdir(parents=True)
+    (real / "archive" / "2024" / "w.mp4").write_bytes(b"0")
+    os.symlink(elsewhere, real / "x")  # a folder outside
+    os.symlink(elsewhere / "secret.mp4", real / "p.mp4")  # a file outside
+    os.symlink("/etc/passwd", real / "passwd.mp4")
+    os.symlink(real / "cams" / "a" / "v.mp4", real / "in.mp4")  # a file inside: followed
+    os.symlink(real / "archive" / "2024", real / "a_latest")  # a folder inside, reached first through the link
+    root = tmp_path / "root"
+    os.symlink(real, root)  # the root itself through a link
+    notes: list[str] = []
+    assert find_videos(root, notes) == ["a_latest/w.mp4", "cams/a/v.mp4", "in.mp4"]
+    outside = [n for n in notes if "outside the video root" in n]
+    assert sorted(n.split(":")[0] for n in outside) == ["p.mp4", "passwd.mp4", "x"], notes
+    assert f"x: symbolic link to {elsewhere}, outside the video root, skipped" in notes
+
+
+def test_a_caption_cannot_reach_outside_the_root_through_a_link(tmp_path):
+    root = tmp_path / "videos"
+    (root / "Abuse").mkdir(parents=True)
+    (root / "Abuse" / "a.mp4").write_bytes(b"0")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "b.mp4").write_bytes(b"0")
+    os.symlink(elsewhere, root / "x")
+    os.symlink(elsewhere / "b.mp4", root / "l.mp4")
+    os.symlink(root / "Abuse", root / "inside")  # stays inside: the caption is kept
+    caps = tmp_path / "captions.csv"
+    with open(caps, "w", newline="") as f:
+        csv.writer(f).writerows([["video", "text"], ["Abuse/a.mp4", "one"], ["x/b.mp4", "two"], ["l.mp4", "three"],
+                                 ["inside/a.mp4", "four"]])
+    plan = make_plan(root, caps)
+    assert [v.path for v in plan.videos] == ["Abuse/a.mp4"] and len(plan.queries) == 2
+    assert plan.rejected == [
+        "captions.csv row 3: path 'x/b.mp4' leads outside the video root through a symbolic link",
+        "captions.csv row 4: path 'l.mp4' leads outside the video root through a symbolic link"]
+
+
+def test_audio_files_are_taken_only_from_inside_the_audio_folder(tmp_path, tiny_clip, tiny_clap):
+    root = write_videos(tmp_path / "videos", ["Abuse/out_x264.mp4", "Abuse/in_x264.mp4"])
+    audio, elsewhere = tmp_path / "audio", tmp_path / "elsewhere"
+    (audio / "store").mkdir(parents=True)
+    elsewhere.mkdir()
+    write_audio_only(elsewhere / "out_x264.m4a", 1.0)
+    write_audio_only(audio / "store" / "in_x264.m4a", 1.0)
+    os.symlink(elsewhere / "out_x264.m4a", audio / "out_x264.m4a")
+    os.symlink(audio / "store" / "in_x264.m4a", audio / "in_x264.m4a")
+    out = tmp_path / "c.zarr"
+    r = extract(root, out, tiny_clip, "--split", "test", "--audio", audio, "--clap-model", tiny_clap,
+                "--audio-segments", 4)
+    assert r.exit_code == 0, r.output
+    assert f"--audio {audio / 'out_x264.m4a'}: symbolic link to {elsewhere / 'out_x264.m4a'}, outside {audio}, " \
+           "skipped" in " ".join(r.output.split())
+    with open_cache(out) as c:
+        s = c.split("test")
+        notes = {str(p): str(n) for p, n in zip(s.paths, s.notes)}
+    assert "no audio file" in notes["Abuse/out_x264.mp4"]
+    assert "no audio file" not in notes["Abuse/in_x264.mp4"], notes

@@ -44,7 +44,8 @@ from .cache_schema import (DONE, FAILED, LOCK_NAME, RUN_LOCK_NAME, TEXT_CHUNK, C
                            CacheWriteError, CacheWriter, Completeness, QueryEntry, VideoEntry, VideoFeatures, fault_point,
                            is_hdf5, probe_target, remove_store)
 from .cli import OneLineErrors
-from .media import AUDIO_EXTENSIONS, AUDIO_RATE, MediaError, audio_windows, find_videos, read_audio, read_frames
+from .media import (AUDIO_EXTENSIONS, AUDIO_RATE, MediaError, audio_windows, find_videos, read_audio, read_frames,
+                    within)
 
 # --------------------------------------------------------------------------
 # What to extract
@@ -77,7 +78,7 @@ def make_plan(root: Path, annotations: Path | None, all_videos: bool = False) ->
     where = annotations.name
     for c in captions:
         try:
-            rel = safe_relative(c.video)
+            rel = safe_relative(c.video, root)
         except ValueError as e:
             plan.rejected.append(f"{where} row {c.row}: {e}")
             continue
@@ -115,8 +116,9 @@ def _looks_local(name: str) -> bool:
     return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
-def _audio_source(audio: str | None, root: Path, rel: str) -> str | None:
-    """Where a video's audio comes from: the video itself, a file named by its stem, or nowhere."""
+def _audio_source(audio: str | None, root: Path, rel: str, notes: list[str]) -> str | None:
+    """Where a video's audio comes from: the video itself, a file named by its stem, or nowhere.
+    A file of the --audio folder that is a link to outside it is skipped (a line in `notes`)."""
     if audio is None:
         return None
     if audio == "video":
@@ -124,8 +126,11 @@ def _audio_source(audio: str | None, root: Path, rel: str) -> str | None:
     stem = PurePosixPath(rel).stem
     for ext in AUDIO_EXTENSIONS:
         for cand in (Path(audio) / PurePosixPath(rel).parent / (stem + ext), Path(audio) / (stem + ext)):
-            if cand.is_file():
+            if not cand.is_file():
+                continue
+            if within(cand, audio):
                 return str(cand)
+            notes.append(f"--audio {cand}: symbolic link to {os.path.realpath(cand)}, outside {audio}, skipped")
     return ""  # no file for this video
 
 
@@ -516,7 +521,7 @@ def _extract(opt: Options, plan: Plan, pool, summary: Summary, locks: _Locks, gr
         try:
             summary.total, summary.already = len(mine), len(mine) - len(todo)
             paths = [plan.videos[i].path for i in todo]
-            jobs = [(i, str(opt.root / p), _audio_source(opt.audio, opt.root, p)) for i, p in zip(todo, paths)]
+            jobs = [(i, str(opt.root / p), _audio_source(opt.audio, opt.root, p, plan.notes)) for i, p in zip(todo, paths)]
             results = _decoded(jobs, pool, opt.workers)  # decoding starts now, text encoding overlaps it
             if opt.shard_index == 0 and plan.queries:
                 summary.queries = _encode_text(sw, clip, [q.text for q in plan.queries], opt.max_words)

@@ -188,3 +188,32 @@ def test_audio_files_are_taken_only_from_inside_the_audio_folder(tmp_path, tiny_
         notes = {str(p): str(n) for p, n in zip(s.paths, s.notes)}
     assert "no audio file" in notes["Abuse/out_x264.mp4"]
     assert "no audio file" not in notes["Abuse/in_x264.mp4"], notes
+
+
+# ----------------------------------------------------------------------------- output files
+
+
+@pytest.fixture(scope="module")
+def searchable(tmp_path_factory, one_video, tiny_clip):
+    """A cache extracted from a real mp4 with the tiny CLIP, and an untrained checkpoint of it."""
+    out = tmp_path_factory.mktemp("cache") / "c.zarr"
+    assert extract(one_video, out, tiny_clip, "--split", "test").exit_code == 0
+    with open_cache(out) as c:
+        model, meta = zero_shot_model(c.spec, "text"), {"cache": checkpoint.cache_fingerprint(c)}
+    return out, checkpoint.save(tmp_path_factory.mktemp("run") / "best.safetensors", model, meta)
+
+
+@pytest.mark.parametrize("command,flag", [("search", "--html"), ("search", "--json"), ("eval", "--json")])
+def test_an_output_file_in_a_missing_folder_is_one_line_and_creates_nothing(tmp_path, searchable, command, flag):
+    cache, ckpt = searchable
+    target = tmp_path / "missing" / "deeper" / "r.out"
+    if command == "search":
+        r = invoke(search_main, cache, "--checkpoint", ckpt, "a dog", "--top", 1, flag, target, "--device", "cpu")
+    else:
+        r = invoke(eval_main, write_planted_cache(tmp_path / "p.zarr"), "--zero-shot", "--device", "cpu", flag, target)
+    one_line_error(r, flag, f"folder {target.parent} does not exist")
+    assert not (tmp_path / "missing").exists()
+    here = tmp_path / "r.out"  # an existing folder: written as before
+    r = invoke(search_main, cache, "--checkpoint", ckpt, "a dog", "--top", 1, flag, here, "--device", "cpu") \
+        if command == "search" else invoke(eval_main, tmp_path / "p.zarr", "--zero-shot", "--device", "cpu", flag, here)
+    assert r.exit_code == 0 and here.is_file(), r.output

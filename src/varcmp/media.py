@@ -227,8 +227,8 @@ def find_videos(root: str | os.PathLike, notes: list[str] | None = None) -> list
     or files) are followed only when their target lies inside `root`; a folder reached a second
     time (a symlink loop, or two links to one folder) is skipped, and so is a folder that cannot
     be listed; each skip appends one line to `notes` (when given) naming the link or folder. The
-    walk never hangs on a loop and never raises for one bad folder. A file symlink that loops,
-    or dangles inside the root, is listed: reading it then fails with a one-line reason
+    walk never hangs on a loop and never raises for one bad folder. A file symlink that loops or
+    dangles (no target to read) is listed: reading it then fails with a one-line reason
     (MediaError), like any unreadable video."""
     root = Path(root)
     notes = [] if notes is None else notes
@@ -243,7 +243,7 @@ def find_videos(root: str | os.PathLike, notes: list[str] | None = None) -> list
         return "." if r in ("", ".") else r
 
     def inside(p: Path) -> bool:
-        if not os.path.islink(p) or within(p, root):
+        if not os.path.islink(p) or not os.path.exists(p) or within(p, root):
             return True
         notes.append(f"{rel(p)}: symbolic link to {os.path.realpath(p)}, outside the video root, skipped")
         return False

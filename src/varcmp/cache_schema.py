@@ -79,6 +79,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import __version__
+from .media import within
 
 SCHEMA_VERSION = 1
 
@@ -936,8 +937,6 @@ def probe_target(path, replace: bool = False, keep: Sequence = ()) -> bool:
         raise CacheError(f"{path}: exists and is not a varcmp cache, so varcmp neither writes into it nor deletes "
                          "it; choose another output")
     if replace:
-        from .media import within
-
         for k in keep:
             if k is not None and within(k, path):
                 raise CacheError(f"{path}: holds {k}, which this command reads, so it is not replaced; "

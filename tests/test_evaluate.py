@@ -252,6 +252,7 @@ def table_rows(output):
 
 def test_cli_checkpoint_table_and_json_agree(cache, ckpt, tmp_path):
     out = tmp_path / "res" / "r.json"
+    out.parent.mkdir()  # an output file's folder must exist (tests/test_bad_input_paths.py)
     metrics = "r1,r5,r10,r50,mdr,mnr"
     r = run(cache, "--checkpoint", ckpt.parent, "--split", "test", "--metrics", metrics, "--json", out, "--chunk", 4)
     assert r.exit_code == 0, r.output

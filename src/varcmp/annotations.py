@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from .media import within
+
 XD_CATEGORIES = {"A": "normal", "B1": "fighting", "B2": "shooting", "B4": "riot", "B5": "abuse",
                  "B6": "car accident", "G": "explosion"}
 
@@ -55,8 +57,9 @@ def label_from_path(rel: str) -> tuple[int, str]:
     return 1, category
 
 
-def safe_relative(video: str) -> str:
-    """Normalise a video path from an annotation file; refuse one that leaves the root."""
+def safe_relative(video: str, root: str | Path | None = None) -> str:
+    """Normalise a video path from an annotation file; refuse one that leaves the root (with
+    `root`: also through a symbolic link to a file or folder outside it)."""
     v = video.strip().replace("\\", "/")
     if not v:
         raise ValueError("empty video name")
@@ -65,6 +68,8 @@ def safe_relative(video: str) -> str:
     norm = posixpath.normpath(v)
     if norm == ".." or norm.startswith("../") or ".." in PurePosixPath(v).parts:
         raise ValueError(f"path {video.strip()!r} points outside the video root")
+    if root is not None and not within(Path(root) / norm, root):
+        raise ValueError(f"path {video.strip()!r} leads outside the video root through a symbolic link")
     return norm
 
 

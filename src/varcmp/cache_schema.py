@@ -79,6 +79,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import __version__
+from .media import within
 
 SCHEMA_VERSION = 1
 
@@ -419,13 +420,9 @@ class CacheWriter:
         self.path = Path(path)
         self.spec = spec
         with _writing(self.path):
-            if overwrite and self.path.exists():
-                if self.path.is_dir():
-                    shutil.rmtree(self.path)
-                else:
-                    self.path.unlink()
-            if not _is_empty(self.path):
-                _probe_existing(self.path)
+            if overwrite:
+                remove_store(self.path)
+            probe_target(self.path)
             self.store = _open_store(self.path, "a")
             meta = json.loads(json.dumps({  # as it will read back (tuples become lists)
                 "schema_version": SCHEMA_VERSION,
@@ -447,7 +444,7 @@ class CacheWriter:
         self.path = Path(path)
         if _is_empty(self.path):
             raise CacheError(f"{self.path}: no such cache")
-        _probe_existing(self.path)
+        probe_target(self.path)
         with _writing(self.path, "open the store for writing"):
             self.store = _open_store(self.path, "a")
         self.spec = CacheSpec(**self.store.get_attrs("")[ROOT_KEY]["spec"])
@@ -925,27 +922,66 @@ def _is_empty(path: Path) -> bool:
     return path.is_dir() and all(p.name in LOCK_NAMES for p in path.iterdir())
 
 
-def probe_target(path) -> None:
-    """Refuse, before anything is written, an output path that holds something other than a
-    varcmp cache (CacheError, one line)."""
+def probe_target(path, replace: bool = False, keep: Sequence = ()) -> bool:
+    """The rule for an output store, checked before anything is written to it or deleted: True
+    when `path` holds a varcmp store, False when nothing is there yet (absent, or an empty
+    folder). Anything else is refused (CacheError, one line), whatever the flags. With `replace`
+    (the store is to be deleted) the store may not be, or hold, any of the paths in `keep` (what
+    the command reads: the video root, a caption file, ...); without it the store is added to and
+    must be of this schema version."""
     path = Path(path)
-    if not _is_empty(path):
-        _probe_existing(path)
+    if _is_empty(path):
+        return False
+    meta = _root_meta(path)
+    if meta is None:
+        raise CacheError(f"{path}: exists and is not a varcmp cache, so varcmp neither writes into it nor deletes "
+                         "it; choose another output")
+    if replace:
+        for k in keep:
+            if k is not None and within(k, path):
+                raise CacheError(f"{path}: holds {k}, which this command reads, so it is not replaced; "
+                                 "choose another output")
+    else:
+        _check_version(path, meta)
+    return True
 
 
-def _probe_existing(path: Path) -> None:
-    """Refuse to write into something that is not a varcmp cache."""
+def remove_store(path, keep: Sequence = ()) -> None:
+    """Delete the varcmp store at `path`, the one way varcmp deletes a store: only after
+    `probe_target(path, replace=True, keep=keep)`, so nothing but a store of this tool is ever
+    deleted. A Zarr store keeps its writers' lock files (a writer may hold them); a symbolic link
+    inside it is removed, never followed."""
+    path = Path(path)
+    if not probe_target(path, replace=True, keep=keep):
+        return
+    with _writing(path, "delete the store"):
+        if not path.is_dir():
+            path.unlink()
+            return
+        for child in path.iterdir():
+            if child.name in LOCK_NAMES:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+
+def _root_meta(path: Path) -> dict | None:
+    """The root 'varcmp' attributes of the store at `path`, which the writer records before
+    anything else: what makes a path recognisably a store of this tool (any schema version).
+    None for anything else."""
     try:
         store = _open_store(path, "r")
-    except Exception:  # noqa: BLE001
-        raise CacheError(f"{path}: exists and is not a varcmp cache; choose another --out or pass --overwrite") from None
+    except Exception:  # noqa: BLE001 - whatever cannot be opened as a store is not one
+        return None
     try:
         meta = store.get_attrs("").get(ROOT_KEY)
+    except Exception:  # noqa: BLE001
+        meta = None
     finally:
         store.close()
-    if meta is None:
-        raise CacheError(f"{path}: exists and is not a varcmp cache; choose another --out or pass --overwrite")
-    _check_version(path, meta)
+    return meta if isinstance(meta, dict) else None
 
 
 def same_encoders(a: dict, b: dict) -> bool:

@@ -69,6 +69,22 @@ class OneLineErrors(click.Command):
             return super().invoke(ctx)
 
 
+class OutputFile(click.Path):
+    """A file option a command writes (--json, --html): its folder must exist. A mistyped folder
+    is a one-line error before any work, never created (folders of runs and stores are)."""
+
+    def __init__(self):
+        super().__init__(dir_okay=False, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        path = super().convert(value, param, ctx)
+        folder = path.parent
+        if not folder.is_dir():
+            self.fail(f"{path}: folder {folder} {'is not a folder' if folder.exists() else 'does not exist'}",
+                      param, ctx)
+        return path
+
+
 def _run_name(levels, weighting) -> str:
     return "-".join(levels) + ("" if weighting else "-noweight")
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .cache_schema import CacheError, Split, VideoData
-from .cli import OneLineErrors
+from .cli import OneLineErrors, OutputFile
 from .model import VarCMP
 from .retrieval.scoring import DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, default_chunk, encode_queries, encode_videos, score_matrix
 
@@ -434,7 +434,7 @@ def _main(**kw):
 @click.option("--query", type=click.Choice(["text", "audio"]), default=None,
               help="Query modality [default: the checkpoint's; zero-shot: text if captions exist].")
 @click.option("--metrics", default=",".join(DEFAULT_METRICS), help=f"Any of {','.join(METRICS)}.")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+@click.option("--json", "json_out", type=OutputFile(), default=None,
               help="Also write the results as JSON (metrics, counts, settings, dropped queries).")
 @click.option("--zero-shot", is_flag=True, help="No checkpoint: untrained heads, i.e. the frozen-CLIP baseline.")
 @click.option("--levels", default=None, help="Override the checkpoint's levels, e.g. coarse or coarse,fine "

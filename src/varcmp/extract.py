@@ -40,12 +40,12 @@ import click
 import numpy as np
 
 from .annotations import AnnotationError, label_from_path, read_captions, safe_relative
-from .cache_schema import (DONE, FAILED, LOCK_NAME, LOCK_NAMES, RUN_LOCK_NAME, TEXT_CHUNK, CacheError, CacheSpec,
+from .cache_schema import (DONE, FAILED, LOCK_NAME, RUN_LOCK_NAME, TEXT_CHUNK, CacheError, CacheSpec,
                            CacheWriteError, CacheWriter, Completeness, QueryEntry, VideoEntry, VideoFeatures, fault_point,
-                           is_hdf5, probe_target)
+                           is_hdf5, probe_target, remove_store)
 from .cli import OneLineErrors
 from .media import (AUDIO_EXTENSIONS, AUDIO_MIX, AUDIO_RATE, MediaError, audio_windows, find_videos, read_audio,
-                    read_frames)
+                    read_frames, within)
 
 # --------------------------------------------------------------------------
 # What to extract
@@ -78,7 +78,7 @@ def make_plan(root: Path, annotations: Path | None, all_videos: bool = False) ->
     where = annotations.name
     for c in captions:
         try:
-            rel = safe_relative(c.video)
+            rel = safe_relative(c.video, root)
         except ValueError as e:
             plan.rejected.append(f"{where} row {c.row}: {e}")
             continue
@@ -116,8 +116,9 @@ def _looks_local(name: str) -> bool:
     return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
-def _audio_source(audio: str | None, root: Path, rel: str) -> str | None:
-    """Where a video's audio comes from: the video itself, a file named by its stem, or nowhere."""
+def _audio_source(audio: str | None, root: Path, rel: str, notes: list[str]) -> str | None:
+    """Where a video's audio comes from: the video itself, a file named by its stem, or nowhere.
+    A file of the --audio folder that is a link to outside it is skipped (a line in `notes`)."""
     if audio is None:
         return None
     if audio == "video":
@@ -125,8 +126,11 @@ def _audio_source(audio: str | None, root: Path, rel: str) -> str | None:
     stem = PurePosixPath(rel).stem
     for ext in AUDIO_EXTENSIONS:
         for cand in (Path(audio) / PurePosixPath(rel).parent / (stem + ext), Path(audio) / (stem + ext)):
-            if cand.is_file():
+            if not cand.is_file():
+                continue
+            if within(cand, audio):
                 return str(cand)
+            notes.append(f"--audio {cand}: symbolic link to {os.path.realpath(cand)}, outside {audio}, skipped")
     return ""  # no file for this video
 
 
@@ -423,8 +427,8 @@ def run(opt: Options, console=None, group: "_Group | None" = None) -> Summary:
     plan = make_plan(opt.root, opt.annotations, opt.all_videos)
     if not plan.videos:
         raise click.UsageError(f"{opt.root}: no videos to extract" + (" (no caption names an existing video)" if opt.annotations else ""))
-    if not opt.overwrite:
-        probe_target(opt.out)  # something that is not a cache: refused before a lock file is made in it
+    # something that is not a cache is refused, whatever the flags, before a lock file is made in it
+    probe_target(opt.out, replace=opt.overwrite, keep=_inputs(opt))
 
     summary = Summary(plan=plan)
     locks = _Locks(opt.out)
@@ -457,6 +461,14 @@ def _reset(sw, plan: Plan, opt: Options, mine: np.ndarray) -> None:
                                    f"{opt.root}, as the error that named it did)")
         if row[key] in ours:
             sw.reset_video(row[key])
+
+
+def _inputs(opt: Options) -> list[Path]:
+    """What an extraction reads, which --overwrite never deletes: the video root, the caption
+    file, the audio folder and local model folders."""
+    audio = opt.audio if opt.audio != "video" else None
+    models = [Path(m).expanduser() for m in (opt.clip_model, opt.clap_model) if m and _looks_local(m)]
+    return [Path(p) for p in (opt.root, opt.annotations, audio) if p] + models
 
 
 def _device_name(opt: Options) -> str:
@@ -497,7 +509,7 @@ def _extract(opt: Options, plan: Plan, pool, summary: Summary, locks: _Locks, gr
     mine = np.arange(opt.shard_index, len(plan.videos), opt.num_shards)
     with locks.meta():
         if opt.overwrite:
-            _clear(opt.out)
+            remove_store(opt.out, keep=_inputs(opt))
         writer = CacheWriter(opt.out, spec, encoders, preprocessing)
         try:
             sw = writer.split(opt.split, plan.videos, plan.queries, split_attrs)
@@ -515,7 +527,7 @@ def _extract(opt: Options, plan: Plan, pool, summary: Summary, locks: _Locks, gr
         try:
             summary.total, summary.already = len(mine), len(mine) - len(todo)
             paths = [plan.videos[i].path for i in todo]
-            jobs = [(i, str(opt.root / p), _audio_source(opt.audio, opt.root, p)) for i, p in zip(todo, paths)]
+            jobs = [(i, str(opt.root / p), _audio_source(opt.audio, opt.root, p, plan.notes)) for i, p in zip(todo, paths)]
             results = _decoded(jobs, pool, opt.workers)  # decoding starts now, text encoding overlaps it
             if opt.shard_index == 0 and plan.queries:
                 summary.queries = _encode_text(sw, clip, [q.text for q in plan.queries], opt.max_words)
@@ -604,19 +616,6 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
-
-
-def _clear(out: Path) -> None:
-    import shutil
-
-    if is_hdf5(out):
-        if out.exists():
-            out.unlink()
-        return
-    if out.is_dir():
-        for child in out.iterdir():
-            if child.name not in LOCK_NAMES:
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 def _encode_text(sw, clip, texts: list[str], max_words: int) -> int:

@@ -266,13 +266,21 @@ def audio_windows(samples: np.ndarray | None, offset: float, duration: float, n:
                         "audio too short")
 
 
+def within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether `path` is `folder` or lies inside it once every symbolic link of both is resolved
+    (a link that loops or dangles is resolved as far as it goes)."""
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
 def find_videos(root: str | os.PathLike, notes: list[str] | None = None) -> list[str]:
-    """Relative POSIX paths of the video files under `root`, sorted. Directory symlinks are
-    followed, but a folder reached a second time (a symlink loop, or two links to one folder)
-    is skipped, and so is a folder that cannot be listed; each skip appends one line to `notes`
-    (when given) naming the folder. The walk never hangs on a loop and never raises for one
-    bad folder. A file symlink that loops or dangles is listed: reading it then fails with a
-    one-line reason (MediaError), like any unreadable video."""
+    """Relative POSIX paths of the video files under `root`, sorted. Symbolic links (to folders
+    or files) are followed only when their target lies inside `root`; a folder reached a second
+    time (a symlink loop, or two links to one folder) is skipped, and so is a folder that cannot
+    be listed; each skip appends one line to `notes` (when given) naming the link or folder. The
+    walk never hangs on a loop and never raises for one bad folder. A file symlink that loops or
+    dangles (no target to read) is listed: reading it then fails with a one-line reason
+    (MediaError), like any unreadable video."""
     root = Path(root)
     notes = [] if notes is None else notes
     seen: dict[tuple[int, int], str] = {}
@@ -284,6 +292,12 @@ def find_videos(root: str | os.PathLike, notes: list[str] | None = None) -> list
         except ValueError:
             return str(p)
         return "." if r in ("", ".") else r
+
+    def inside(p: Path) -> bool:
+        if not os.path.islink(p) or not os.path.exists(p) or within(p, root):
+            return True
+        notes.append(f"{rel(p)}: symbolic link to {os.path.realpath(p)}, outside the video root, skipped")
+        return False
 
     def unlistable(e: OSError) -> None:
         where = rel(e.filename) if e.filename is not None else "?"
@@ -306,9 +320,9 @@ def find_videos(root: str | os.PathLike, notes: list[str] | None = None) -> list
             dirnames[:] = []
             continue
         seen[key] = rel(dirpath)
-        dirnames.sort()
+        dirnames[:] = [d for d in sorted(dirnames) if inside(Path(dirpath) / d)]
         for f in filenames:
-            if f.lower().endswith(VIDEO_EXTENSIONS) and not f.startswith("."):
+            if f.lower().endswith(VIDEO_EXTENSIONS) and not f.startswith(".") and inside(Path(dirpath) / f):
                 out.append((Path(dirpath) / f).relative_to(root).as_posix())
     return sorted(out)
 

@@ -72,7 +72,7 @@ import torch
 
 from .cache_schema import CacheError, VideoData, is_hdf5, read_checked
 from .checkpoint import atomic_write
-from .cli import CommandError, OneLineErrors
+from .cli import CommandError, OneLineErrors, OutputFile
 from .evaluate import UserError
 from .model import QueryEmb, VarCMP
 from .retrieval.scoring import DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, Ranked, default_chunk, encode_queries, encode_videos, top_k
@@ -885,9 +885,9 @@ EPILOG = (f"Modes: exhaustive scores every video with the full three-level score
 @click.option("--split", "splits", multiple=True, metavar="NAME",
               help="Split(s) to search; repeat for several [default: every split of the cache].")
 @click.option("--top", default=10, type=click.IntRange(1), help="Hits per query.")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+@click.option("--json", "json_out", type=OutputFile(), default=None,
               help="Also write the hits as JSON (scores, per-level scores, anomaly, span, frame curves).")
-@click.option("--html", "html_out", type=click.Path(path_type=Path), default=None,
+@click.option("--html", "html_out", type=OutputFile(), default=None,
               help="Also write a self-contained HTML report (thumbnails and plots embedded).")
 @click.option("--clip-model", default=None,
               help="Where to load CLIP from [default: the name the cache recorded]; its config and weights "

@@ -106,7 +106,8 @@ import click
 import numpy as np
 
 from .annotations import AnnotationError, label_from_path
-from .cache_schema import TEXT_CHUNK, CacheError, CacheSpec, CacheWriter, QueryEntry, VideoEntry, VideoFeatures
+from .cache_schema import (TEXT_CHUNK, CacheError, CacheSpec, CacheWriter, QueryEntry, VideoEntry, VideoFeatures,
+                           probe_target)
 from .cli import CommandError, OneLineErrors
 
 # --------------------------------------------------------------------------
@@ -578,10 +579,17 @@ def make_synthetic_cache(out, videos: int = 600, seed: int = 0, overwrite: bool 
     return write_world(world, out, overwrite=overwrite, progress=progress)
 
 
+def check_out(out: Path, overwrite: bool, keep=()) -> None:
+    """varcmp-synth writes a new store: `out` holds nothing yet, or a varcmp store that
+    `overwrite` replaces (and that holds none of `keep`). Anything else is refused whatever the
+    flags (see `cache_schema.probe_target`); CacheError, one line."""
+    if probe_target(out, replace=True, keep=keep) and not overwrite:
+        raise CacheError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
+
+
 def write_world(world: World, out, overwrite: bool = False, progress=False) -> Path:
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CacheError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
+    check_out(out, overwrite)
     p = world.params
     writer = CacheWriter(out, p.spec, world.encoders(),
                          {"synthetic": {**asdict(p), "amplitudes": AMP,
@@ -803,8 +811,7 @@ def extract_media(media_dir, out, clip_model=None, clap_model=None, frames: int 
     from .extract import Options, run
 
     media_dir, out = Path(media_dir), Path(out)
-    if out.exists() and not overwrite:
-        raise CacheError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
+    check_out(out, overwrite, keep=[media_dir])
     if clip_model is None:
         from .tiny_models import make_tiny_clip
 
@@ -840,8 +847,7 @@ def make_media_cache(out, media_dir, videos: int = 40, seed: int = 0, overwrite:
         if k in knobs:
             raise ValueError(f"--{k} is fixed by the encoders with --media")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CacheError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
+    check_out(out, overwrite, keep=[media_dir])
     params = SynthParams(videos=videos, seed=seed, **knobs)
     render_media(World(params), media_dir, size=size, fps=fps, seconds=seconds, progress=progress)
     return extract_media(media_dir, out, clip_model, clap_model, frames=params.frames, words=params.words,

@@ -76,6 +76,9 @@ def make_plan(root: Path, annotations: Path | None, all_videos: bool = False) ->
     index: dict[str, int] = {}
     where = annotations.name
     for c in captions:
+        if c.problem:
+            plan.rejected.append(f"{where} row {c.row}: {c.problem}")
+            continue
         try:
             rel = safe_relative(c.video)
         except ValueError as e:
@@ -416,7 +419,7 @@ def run(opt: Options, console=None, group: "_Group | None" = None) -> Summary:
             raise click.UsageError(f"{flag} {name}: no such directory (give a local model directory or a hub id)")
     plan = make_plan(opt.root, opt.annotations, opt.all_videos)
     if not plan.videos:
-        raise click.UsageError(f"{opt.root}: no videos to extract" + (" (no caption names an existing video)" if opt.annotations else ""))
+        raise click.UsageError(_nothing_to_extract(opt, plan))
     if not opt.overwrite:
         probe_target(opt.out)  # something that is not a cache: refused before a lock file is made in it
 
@@ -435,6 +438,17 @@ def run(opt: Options, console=None, group: "_Group | None" = None) -> Summary:
         _extract(opt, plan, pool, summary, locks, group, console)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _nothing_to_extract(opt: Options, plan: Plan) -> str:
+    """Why a plan holds no video, on one line: with a caption file, its first refused rows."""
+    if opt.annotations is None:
+        return f"{opt.root}: no videos to extract"
+    refused = plan.rejected + plan.missing
+    if not refused:
+        return f"{opt.root}: no videos to extract ({opt.annotations} has no caption rows)"
+    shown = "; ".join(refused[:3]) + (f"; and {len(refused) - 3} more rows" if len(refused) > 3 else "")
+    return f"{opt.root}: no videos to extract (no caption row of {opt.annotations} is usable: {shown})"
 
 
 def _reset(sw, plan: Plan, opt: Options, mine: np.ndarray) -> None:

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from conftest import noise_frames
 from helpers import one_line_error
 from varcmp.annotations import MAX_FIELD_CHARS, AnnotationError, read_captions
+from varcmp.cache_schema import open_cache
 from varcmp.extract import main, make_plan
 from varcmp.media import write_video
 
@@ -137,3 +138,46 @@ def test_no_usable_caption_row_says_why(tmp_path, small_root, tiny_clip):
     one_line_error(r, "no videos to extract", str(p), "caps.xlsx row 2: cell C2 (=B2&\" hits a dog\") is a "
                    "formula without a stored value", "caps.xlsx row 4: cell C4", "; and 2 more rows")
     assert "row 5" not in r.output
+
+
+# --------------------------------------------------------------------------
+# 3 and 4, through a real extraction: captions cut to --max-words; a path matched in another folder
+
+
+ROWS = [("A/x.mp4", "a man in a black shirt hits a dog"),  # row 2: over 8 tokens (one per letter here)
+        ("B/y.mp4", "a dog"),  # row 3: 6 tokens, start and end included
+        ("Old/x.mp4", "two men fight in a lot"),  # row 4: only A/x.mp4 has that name; over 8 tokens
+        ("Old/y.mp4", "cars")]  # row 5: two videos have that name
+
+
+@pytest.fixture(scope="module")
+def cut_run(tmp_path_factory, small_root, tiny_clip):
+    base = tmp_path_factory.mktemp("cut")
+    p = base / "caps.csv"
+    p.write_text("video,text\n" + "".join(f"{v},{t}\n" for v, t in ROWS), encoding="utf-8")
+    out = base / "c.zarr"
+    r = extract(small_root, "--out", out, "--annotations", p, "--clip-model", tiny_clip, "--workers", 0,
+                "--frames", 2, "--max-words", 8)
+    return r, open_cache(out).split("train")
+
+
+def test_extraction_reports_captions_cut_to_max_words(cut_run):
+    r, s = cut_run
+    note = "2 of 3 captions cut to 8 tokens (--max-words, start and end included): caps.csv rows 2, 4"
+    assert f"note {note}" in r.output, r.output
+    assert note in s.attrs["plan_notes"]
+
+
+def test_caption_path_found_only_by_file_name_is_a_note_naming_both(cut_run, small_root):
+    r, s = cut_run
+    note = f"caps.csv row 4: video 'Old/x.mp4' not found; used 'A/x.mp4', the only video named 'x.mp4' under {small_root}"
+    assert f"note {note}" in r.output and note in s.attrs["plan_notes"]
+    assert s.load_text().video_index.tolist() == [0, 1, 0]  # row 4 is a caption of A/x.mp4
+
+
+def test_caption_path_whose_file_name_is_ambiguous_is_rejected_naming_the_candidates(cut_run, small_root):
+    r, s = cut_run
+    line = (f"caps.csv row 5: video 'Old/y.mp4' not found, and 2 videos are named 'y.mp4' ('B/y.mp4', 'C/y.mp4'); "
+            f"write its path relative to {small_root}")
+    assert r.exit_code == 1 and f"rejected {line}" in r.output and line in s.attrs["rejected"]
+    assert s.paths.tolist() == ["A/x.mp4", "B/y.mp4"]

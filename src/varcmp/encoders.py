@@ -144,6 +144,11 @@ class ClipEncoder:
         sentence = words[torch.arange(len(ids), device=ids.device), eos]
         return words.float().cpu(), mask.bool().cpu(), sentence.float().cpu()
 
+    def cut(self, texts: list[str], max_words: int) -> list[int]:
+        """Indices of the texts longer than `max_words` tokens (start/end included): `encode_text`
+        keeps only their first `max_words` tokens."""
+        return [i for i, ids in enumerate(self.tokenizer(texts)["input_ids"]) if len(ids) > max_words]
+
     def info(self) -> dict:
         return {"name": self.name, "config_hash": self.config_hash, "weights_hash": weights_hash(self.model)}
 

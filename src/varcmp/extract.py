@@ -77,6 +77,9 @@ def make_plan(root: Path, annotations: Path | None, all_videos: bool = False) ->
     index: dict[str, int] = {}
     where = annotations.name
     for c in captions:
+        if c.problem:
+            plan.rejected.append(f"{where} row {c.row}: {c.problem}")
+            continue
         try:
             rel = safe_relative(c.video, root)
         except ValueError as e:
@@ -86,9 +89,17 @@ def make_plan(root: Path, annotations: Path | None, all_videos: bool = False) ->
             plan.rejected.append(f"{where} row {c.row}: empty caption for {rel!r}")
             continue
         if rel not in found_set:
-            alt = by_name.get(PurePosixPath(rel).name, [])
-            if len(alt) == 1:  # the release's folder layout differs from the user's
+            name = PurePosixPath(rel).name
+            alt = by_name.get(name, [])
+            if len(alt) == 1:  # the release's folder layout differs from the user's: say which file is used
+                plan.notes.append(f"{where} row {c.row}: video {rel!r} not found; used {alt[0]!r}, the only video "
+                                  f"named {name!r} under {root}")
                 rel = alt[0]
+            elif alt:
+                shown = ", ".join(map(repr, alt[:5])) + (f" and {len(alt) - 5} more" if len(alt) > 5 else "")
+                plan.rejected.append(f"{where} row {c.row}: video {rel!r} not found, and {len(alt)} videos are named "
+                                     f"{name!r} ({shown}); write its path relative to {root}")
+                continue
             else:
                 why = "not found" if (root / rel).exists() is False else "not a video file"
                 plan.missing.append(f"{where} row {c.row}: video {rel!r} {why} under {root}")
@@ -426,7 +437,7 @@ def run(opt: Options, console=None, group: "_Group | None" = None) -> Summary:
             raise click.UsageError(f"{flag} {name}: no such directory (give a local model directory or a hub id)")
     plan = make_plan(opt.root, opt.annotations, opt.all_videos)
     if not plan.videos:
-        raise click.UsageError(f"{opt.root}: no videos to extract" + (" (no caption names an existing video)" if opt.annotations else ""))
+        raise click.UsageError(_nothing_to_extract(opt, plan))
     # something that is not a cache is refused, whatever the flags, before a lock file is made in it
     probe_target(opt.out, replace=opt.overwrite, keep=_inputs(opt))
 
@@ -445,6 +456,17 @@ def run(opt: Options, console=None, group: "_Group | None" = None) -> Summary:
         _extract(opt, plan, pool, summary, locks, group, console)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _nothing_to_extract(opt: Options, plan: Plan) -> str:
+    """Why a plan holds no video, on one line: with a caption file, its first refused rows."""
+    if opt.annotations is None:
+        return f"{opt.root}: no videos to extract"
+    refused = plan.rejected + plan.missing
+    if not refused:
+        return f"{opt.root}: no videos to extract ({opt.annotations} has no caption rows)"
+    shown = "; ".join(refused[:3]) + (f"; and {len(refused) - 3} more rows" if len(refused) > 3 else "")
+    return f"{opt.root}: no videos to extract (no caption row of {opt.annotations} is usable: {shown})"
 
 
 def _reset(sw, plan: Plan, opt: Options, mine: np.ndarray) -> None:
@@ -493,6 +515,7 @@ def _extract(opt: Options, plan: Plan, pool, summary: Summary, locks: _Locks, gr
     clap = ClapEncoder(opt.clap_model, device) if opt.audio else None
     spec = CacheSpec(num_frames=opt.frames, num_patches=clip.num_patches, dim=clip.dim, max_words=opt.max_words,
                      audio_segments=opt.audio_segments if clap else 0, audio_dim=clap.dim if clap else 512)
+    plan.notes.extend(_cut_captions(clip, plan, opt))
     encoders = {"clip": clip.info(), "clap": clap.info() if clap else None}
     preprocessing = {
         "frames": "centres of N equal segments of the video (first frame to the end of the last); the frame on "
@@ -537,6 +560,17 @@ def _extract(opt: Options, plan: Plan, pool, summary: Summary, locks: _Locks, gr
         _finish(opt, plan, writer, sw, mine, locks, group, summary)
     finally:
         writer.close()
+
+
+def _cut_captions(clip, plan: Plan, opt: Options) -> list[str]:
+    """A note naming the captions longer than --max-words tokens: they are encoded cut to it
+    (as search cuts a query, and says so)."""
+    cut = clip.cut([q.text for q in plan.queries], opt.max_words) if plan.queries else []
+    if not cut:
+        return []
+    rows = ", ".join(str(plan.queries[i].row) for i in cut[:5]) + (" ..." if len(cut) > 5 else "")
+    return [f"{len(cut)} of {len(plan.queries)} captions cut to {opt.max_words} tokens (--max-words, start and end "
+            f"included): {opt.annotations.name} row{'s' if len(cut) > 1 else ''} {rows}"]
 
 
 def _finish(opt: Options, plan: Plan, writer: CacheWriter, sw, mine: np.ndarray, locks: _Locks,

@@ -445,7 +445,7 @@ class Searcher:
                 raise UserError(f"empty query (query {i + 1}): give words to search for")
         clip = self._encoder(ClipEncoder, "clip", clip_model)
         L = self.cache.spec.max_words
-        long = [i + 1 for i, n in enumerate(len(x) for x in clip.tokenizer(texts)["input_ids"]) if n > L]
+        long = [i + 1 for i in clip.cut(texts, L)]
         if long and self.console is not None:
             self.console.print(f"note: query {', '.join(map(str, long[:5]))}{' ...' if len(long) > 5 else ''} "
                                f"cut to {L} tokens (the cache's max_words, as captions were)", highlight=False)

@@ -210,6 +210,7 @@ def demo(out, task, videos, epochs, seed, device):
     from .checkpoint import CheckpointError
     from .encoders import quiet_transformers
     from .evaluate import UserError
+    from .markup import lit
     from .train import TrainError
 
     quiet_transformers()
@@ -218,7 +219,7 @@ def demo(out, task, videos, epochs, seed, device):
     try:
         results = run_demo(out, tasks, videos, epochs, seed, device, console)
     except (CacheError, CheckpointError, TrainError, UserError, ValueError) as e:
-        console.print(f"[red]error[/red]: {e}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error[/red]: {lit(e)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: run the same command again to continue")
@@ -227,8 +228,8 @@ def demo(out, task, videos, epochs, seed, device):
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     save_chart(results, out / "results.png")
     console.print(f"{sum(len(r) for r in results['tasks'].values())} settings in {results['seconds'] / 60:.1f} min; "
-                  f"written: {out / 'results.json'}, {out / 'results.png'}, runs in {out / 'runs'}, "
-                  f"benchmark cache {out / 'synthetic.zarr'}", highlight=False, soft_wrap=True)
+                  f"written: {lit(out / 'results.json')}, {lit(out / 'results.png')}, runs in {lit(out / 'runs')}, "
+                  f"benchmark cache {lit(out / 'synthetic.zarr')}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -917,6 +917,8 @@ def main(out, videos, seed, media, clip_model, clap_model, overwrite, **knobs):
     """
     from rich.console import Console
 
+    from .markup import lit
+
     console = Console(stderr=True)
     t0 = time.perf_counter()
     try:
@@ -943,11 +945,11 @@ def main(out, videos, seed, media, clip_model, clap_model, overwrite, **knobs):
     p = SynthParams(videos=videos, seed=seed, **knobs)
     n_train, n_test = _split_sizes(p)
     n_normal, n_anom = _label_counts(p)
-    console.print(f"wrote {out}: {n_train} train / {n_test} test videos ({n_anom} anomalous, {n_normal} normal), "
+    console.print(f"wrote {lit(out)}: {n_train} train / {n_test} test videos ({n_anom} anomalous, {n_normal} normal), "
                   f"text and audio queries, in {time.perf_counter() - t0:.1f} s", highlight=False)
     if media is not None:
-        console.print(f"media: {media}/videos, captions {media}/captions.csv. Features come from RANDOM tiny "
-                      "encoders: retrieval scores on this cache are meaningless.", highlight=False)
+        console.print(f"media: {lit(media / 'videos')}, captions {lit(media / 'captions.csv')}. Features come from "
+                      "RANDOM tiny encoders: retrieval scores on this cache are meaningless.", highlight=False)
 
 
 if __name__ == "__main__":

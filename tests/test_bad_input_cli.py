@@ -100,3 +100,59 @@ def test_search_prints_a_markup_like_query_and_writes_its_files(markup_run, tmp_
     assert res["queries"][0]["query"] == "a [/x] b"
     assert sorted(h["video"] for h in res["queries"][0]["hits"]) == sorted([MARKUP_VIDEO, MARKUP_STYLE])
     assert "a [/x] b" in page.read_text(encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- crafted checkpoint metadata
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> Path:
+    from helpers import write_planted_cache
+
+    return write_planted_cache(tmp_path_factory.mktemp("planted") / "planted.zarr", {"train": 24, "test": 8})
+
+
+def crafted_checkpoint(path: Path, cache: Path, craft) -> Path:
+    """Untrained heads of `cache`'s dims saved as a checkpoint whose varcmp metadata is
+    craft(the honest metadata's JSON text)."""
+    from safetensors.torch import save_file
+
+    from varcmp import checkpoint
+    from varcmp.cache_schema import open_cache
+    from varcmp.evaluate import zero_shot_model
+
+    with open_cache(cache) as c:
+        model = zero_shot_model(c.spec, "text")
+        honest = checkpoint.save(path.with_name("honest.safetensors"), model, {"cache": checkpoint.cache_fingerprint(c)})
+    text = json.dumps(checkpoint.read_meta(honest))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={checkpoint.META_KEY: craft(text)})
+    return path
+
+
+def _absurd_ffn(text: str) -> str:
+    meta = json.loads(text)
+    meta["model_config"]["ffn_dim"] = 100_000_000_000
+    return json.dumps(meta)
+
+
+CRAFTED = {
+    "invalid JSON": (lambda text: text[: len(text) // 2], "not valid JSON"),
+    "a JSON list": (lambda text: json.dumps([json.loads(text)]), "is a JSON list, not an object"),
+    "absurd ffn_dim": (_absurd_ffn, "model_config: ffn_dim must be in [1, 65536], got 100000000000"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CRAFTED))
+@pytest.mark.parametrize("command", ["varcmp-eval", "varcmp-search"])
+def test_crafted_checkpoint_metadata_is_one_line_naming_file_and_field(planted, tmp_path, kind, command):
+    from varcmp.evaluate import main as eval_main
+    from varcmp.search import main as search_main
+
+    craft, needle = CRAFTED[kind]
+    ckpt = crafted_checkpoint(tmp_path / "crafted.safetensors", planted, craft)
+    if command == "varcmp-eval":
+        r = invoke(eval_main, planted, "--checkpoint", ckpt, "--device", "cpu")
+    else:
+        r = invoke(search_main, planted, "--checkpoint", ckpt, "a dog", "--device", "cpu")
+    one_line_error(r, str(ckpt), needle)

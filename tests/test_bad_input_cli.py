@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -156,3 +158,194 @@ def test_crafted_checkpoint_metadata_is_one_line_naming_file_and_field(planted, 
     else:
         r = invoke(search_main, planted, "--checkpoint", ckpt, "a dog", "--device", "cpu")
     one_line_error(r, str(ckpt), needle)
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+READY = "varcmp-test: imported"
+# what a console script does (import the command, call it), saying on stderr when the imports are done:
+# a Ctrl-C during `import torch` is Python's before it is varcmp's
+LAUNCH = ("import importlib, sys; main = importlib.import_module(sys.argv[1]).main; "
+          f"print({READY!r}, file=sys.stderr, flush=True); sys.argv = sys.argv[1:]; main()")
+
+
+def interrupt(module: str, args, ready, after: float = 0.0, timeout: float = 600):
+    """Run command `module` with `args` in its own process group; once ready(stderr lines so far,
+    pid) holds (and `after` more seconds), send SIGINT to the group, as Ctrl-C in a terminal does.
+    Returns the exit code, every stderr line, and the lines written after the signal."""
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, module, *map(str, args)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: list[str] = []
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready(lines, proc.pid):
+            assert proc.poll() is None, "the command ended before it was interrupted:\n" + "\n".join(lines)
+            assert time.monotonic() < deadline, "the command never got ready:\n" + "\n".join(lines)
+            time.sleep(0.01)
+        time.sleep(after)
+        seen = len(lines)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(60)
+    return proc.returncode, lines, lines[seen:]
+
+
+PROGRESS = re.compile(r"\d+/\d+ .*\d+:\d\d:\d\d")  # a progress bar's line: done/total ... elapsed time
+
+
+def one_interrupt_line(code, lines, after) -> str:
+    """Exit code 130, and after the signal one line (progress bars aside) saying so; no traceback."""
+    text = "\n".join(lines)
+    assert code == 130, text
+    assert "Traceback" not in text and "Task was destroyed" not in text and "Aborted" not in text, text
+    said = [x for x in after if x.strip() and not PROGRESS.search(x)]
+    assert len(said) == 1 and said[0].startswith("interrupted"), text
+    return said[0]
+
+
+def started(lines, pid) -> bool:
+    return READY in lines
+
+
+def reading(cache: Path, share: float = 0.1):
+    """A `ready` for `interrupt`: the command has read `share` of the bytes of `cache` since its
+    imports, so that Ctrl-C lands amid zarr's reads (its I/O thread then holds pending tasks)."""
+    size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+    base = []
+
+    def ready(lines, pid) -> bool:
+        if READY not in lines:
+            return False
+        with open(f"/proc/{pid}/io") as f:  # bytes read by every thread of the process
+            now = int(next(x for x in f if x.startswith("rchar:")).split()[1])
+        base[:] = base or [now]
+        return now - base[0] > share * size
+
+    return ready
+
+
+@pytest.fixture(scope="module")
+def eval_cache(tmp_path_factory):
+    """A cache of 40 MB that evaluation reads whole, and untrained heads of its dims."""
+    from helpers import write_planted_cache
+
+    from varcmp import checkpoint
+    from varcmp.cache_schema import CacheSpec, open_cache
+    from varcmp.evaluate import zero_shot_model
+
+    folder = tmp_path_factory.mktemp("eval")
+    spec = CacheSpec(num_frames=32, num_patches=49, dim=64, max_words=8, audio_segments=8, audio_dim=32)
+    cache = write_planted_cache(folder / "c.zarr", {"test": 150}, spec=spec)
+    with open_cache(cache) as c:
+        ckpt = checkpoint.save(folder / "zs.safetensors", zero_shot_model(c.spec, "text"),
+                               {"cache": checkpoint.cache_fingerprint(c)})
+    return cache, ckpt
+
+
+def test_ctrl_c_in_eval_is_one_line_and_exit_130(eval_cache):
+    cache, ckpt = eval_cache
+    # --chunk 1: seconds of scoring after the reads, should the signal come late
+    code, lines, after = interrupt("varcmp.evaluate", [cache, "--checkpoint", ckpt, "--device", "cpu", "--chunk", 1],
+                                   reading(cache))
+    one_interrupt_line(code, lines, after)
+
+
+def test_ctrl_c_in_search_is_one_line_and_exit_130(markup_run, tmp_path):
+    from varcmp import checkpoint
+    from varcmp.cache_schema import open_cache
+    from varcmp.evaluate import zero_shot_model
+
+    _, cache, _ = markup_run
+    with open_cache(cache) as c:
+        ckpt = checkpoint.save(tmp_path / "zs.safetensors", zero_shot_model(c.spec, "text"),
+                               {"cache": checkpoint.cache_fingerprint(c)})
+    queries = tmp_path / "queries.txt"
+    queries.write_text("".join(f"query {i}: a man hits a dog\n" for i in range(3000)))
+    js = tmp_path / "hits.json"
+    code, lines, after = interrupt("varcmp.search", [cache, "--checkpoint", ckpt, "--queries", queries, "--json", js,
+                                                      "--device", "cpu"], started, after=1.0)
+    one_interrupt_line(code, lines, after)
+    assert not js.exists()
+
+
+def test_ctrl_c_in_extract_is_one_line_saying_what_is_saved(tmp_path, tiny_clip):
+    from varcmp.cache_schema import DONE, open_cache
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    for i in range(14):
+        write_video(root / f"Abuse{i:03d}_x264.mp4", noise_frames(40, seed=100 + i), fps=10, audio=tone(4.0, 300))
+    out = tmp_path / "c.zarr"
+
+    def done() -> int:
+        try:
+            return int((open_cache(out).split("train", incomplete="ignore").status == DONE).sum())
+        except Exception:  # noqa: BLE001 - the store may not exist yet
+            return 0
+
+    code, lines, after = interrupt("varcmp.extract", [root, "--out", out, "--clip-model", tiny_clip, "--workers", 1],
+                                   lambda *_: done() >= 1)
+    line = one_interrupt_line(code, lines, after)
+    assert f"finished videos are saved in {out} ({done()} of this run's 14 extracted, 0 failed)" in line, line
+    assert done() < 14
+
+
+# ----------------------------------------------------------------------------- what varcmp-train says it saved
+
+SMALL = ["--heads", "2", "--ffn-dim", "64", "--topk-samples", "20", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def train_cache(tmp_path_factory) -> Path:
+    """180 training videos: an epoch of the default heads at batch size 2 takes seconds."""
+    from helpers import write_planted_cache
+
+    return write_planted_cache(tmp_path_factory.mktemp("train") / "c.zarr", {"train": 200, "test": 8})
+
+
+def test_train_report_prints_a_markup_like_run_directory_literally(train_cache, tmp_path):
+    from varcmp.train import main
+
+    out = tmp_path / "run[/x]"
+    r = invoke(main, train_cache, "--out", out, "--epochs", 1, "-q", *SMALL)
+    no_traceback(r)
+    assert r.exit_code == 0, r.output
+    assert f"best: {out / 'best.safetensors'} (epoch 1, by the mean validation R@1)" in r.output
+    assert squeezed(f"varcmp-train: {out} (R@1") in squeezed(r.output)
+
+
+def test_ctrl_c_in_train_says_which_epoch_is_saved(train_cache, tmp_path):
+    from varcmp.train import STATE_NAME, load_state
+
+    out = tmp_path / "run"
+    code, lines, after = interrupt("varcmp.train", [train_cache, "--out", out, "--epochs", 1000, "-q", *SMALL],
+                                   lambda lines, _: any(x.startswith("epoch 1/") for x in lines))
+    line = one_interrupt_line(code, lines, after)
+    state = load_state(out / STATE_NAME)
+    assert state["epoch"] >= 1
+    assert line == (f"interrupted: {out} holds epoch {state['epoch']} of the run (best so far: epoch "
+                    f"{state['best']['epoch']}); run the same command with --resume to continue")
+
+
+def test_ctrl_c_in_train_before_an_epoch_ends_says_nothing_is_saved(train_cache, tmp_path):
+    from varcmp.train import STATE_NAME
+
+    out = tmp_path / "run"
+    code, lines, after = interrupt("varcmp.train", [train_cache, "--out", out, "--batch-size", 2, "-q",
+                                                    "--device", "cpu"],
+                                   lambda lines, _: any("validation videos of 'train'" in x for x in lines))
+    line = one_interrupt_line(code, lines, after)
+    assert line == (f"interrupted: no epoch of the run is saved in {out} (none had ended); run the same command "
+                    "again to start it")
+    assert not (out / STATE_NAME).exists()

@@ -43,7 +43,7 @@ from .annotations import AnnotationError, label_from_path, read_captions, safe_r
 from .cache_schema import (DONE, FAILED, LOCK_NAME, LOCK_NAMES, RUN_LOCK_NAME, TEXT_CHUNK, CacheError, CacheSpec,
                            CacheWriteError, CacheWriter, Completeness, QueryEntry, VideoEntry, VideoFeatures, fault_point,
                            is_hdf5, probe_target)
-from .cli import OneLineErrors
+from .cli import Interrupted, OneLineErrors
 from .markup import lit
 from .media import AUDIO_EXTENSIONS, AUDIO_RATE, MediaError, audio_windows, find_videos, read_audio, read_frames
 
@@ -776,8 +776,14 @@ def report(summary: Summary, opt: Options, console) -> int:
     if summary.note:
         console.print(lit(summary.note), highlight=False, soft_wrap=True)
     if summary.interrupted:
-        console.print("[yellow]interrupted[/yellow]: finished videos are saved; run the same command again to resume")
+        console.print(lit(interrupted_line(summary, opt)), highlight=False, soft_wrap=True)
     return summary.exit_code if summary.exit_code is not None else _exit_code(summary)
+
+
+def interrupted_line(summary: Summary, opt: Options) -> str:
+    """What an interrupted run saved, in one line."""
+    return (f"interrupted: finished videos are saved in {opt.out} ({summary.already + summary.done} of this run's "
+            f"{summary.total} extracted, {len(summary.failed)} failed); run the same command again to resume")
 
 
 def finalize(out: Path, split: str | None = None, plan: Plan | None = None, console=None) -> int:
@@ -962,6 +968,8 @@ def main(ctx, videos, out, annotations, split, audio, clip_model, clap_model, fr
         summary = run(opt, console, group)
     except (CacheError, AnnotationError, RuntimeError, click.UsageError) as e:
         fail(e)  # a rank that stops here exits 2 at once: torchrun then stops the others
+    if summary.interrupted and group is None:  # one line, as every command (torchrun's ranks report together)
+        raise Interrupted(interrupted_line(summary, opt))
     code = report(summary, opt, console)
     if group is not None:
         _exit_together(group, code)

@@ -107,7 +107,7 @@ import numpy as np
 
 from .annotations import AnnotationError, label_from_path
 from .cache_schema import TEXT_CHUNK, CacheError, CacheSpec, CacheWriter, QueryEntry, VideoEntry, VideoFeatures
-from .cli import CommandError, OneLineErrors
+from .cli import CommandError, Interrupted, OneLineErrors
 
 # --------------------------------------------------------------------------
 # Vocabulary of the world
@@ -823,10 +823,11 @@ def extract_media(media_dir, out, clip_model=None, clap_model=None, frames: int 
                       max_words=words, audio_segments=audio_segments, device="cpu", workers=workers,
                       overwrite=overwrite and n == 0)
         summary = run(opt, console)
+        if summary.interrupted:
+            raise Interrupted(f"interrupted: {out} is not complete; run the same command with --overwrite to make it")
         problems = summary.failed + [(x, "") for x in summary.plan.rejected + summary.plan.missing]
-        if problems or summary.interrupted:
-            raise RuntimeError(f"{out}: extraction of split {split} had problems: {problems[:3]}"
-                               + (" (interrupted)" if summary.interrupted else ""))
+        if problems:
+            raise RuntimeError(f"{out}: extraction of split {split} had problems: {problems[:3]}")
     return out
 
 

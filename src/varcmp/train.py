@@ -83,7 +83,7 @@ import torch
 from .cache_schema import DONE, CacheError, Split, check_finite, open_cache, read_checked
 from .checkpoint import (CheckpointError, atomic_write, cache_fingerprint, check_compatible, read_meta, save,
                          stale_temp_files)
-from .cli import OneLineErrors
+from .cli import Interrupted, OneLineErrors
 from .distributed import (DistInfo, DistSetupError, all_gather_object, barrier, distributed, env_int_or, first_line,
                           gather_rows, is_dist_error, local_rows, rank_seed)
 from .encoders import resolve_device, weights_hash
@@ -930,6 +930,21 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
 
 # ----------------------------------------------------------------------------- report and CLI
 
+def saved_run(out: Path) -> str:
+    """What run directory `out` holds for --resume, in words (said after Ctrl-C). The resume
+    state is the run's commit point: what it holds, --resume restores."""
+    path = out / STATE_NAME
+    if not path.is_file():
+        return f"no epoch of the run is saved in {out} (none had ended); run the same command again to start it"
+    try:
+        st = load_state(path)
+    except TrainError:
+        return f"{path} cannot be read back; run the same command with --overwrite to start over"
+    best = (st.get("best") or {}).get("epoch")
+    return (f"{out} holds epoch {st.get('epoch')} of the run (best so far: epoch {best}); run the same command "
+            "with --resume to continue")
+
+
 def report(summary: RunSummary, console) -> None:
     """The final table (epoch, loss, validation R@1 both ways, best marker) and where things are."""
     from rich.table import Table
@@ -1040,10 +1055,7 @@ def main(cache, out, split, query, val_fraction, levels, anomaly_weighting, epoc
         err.print(f"[red]error[/red]{tag}: {lit(e)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        if not tag:
-            err.print(f"[yellow]interrupted[/yellow]: completed epochs are saved in {out}; "
-                      "run the same command with --resume to continue", highlight=False, soft_wrap=True)
-        sys.exit(130)
+        raise Interrupted("" if tag else f"interrupted: {saved_run(out)}") from None
     except Exception as e:  # noqa: BLE001
         if world > 1 and is_dist_error(e):  # another process failed first: its own error says why
             err.print(f"[red]error[/red]{tag}: lost the other processes ({lit(first_line(e, 160))})",

@@ -325,6 +325,17 @@ def test_train_report_prints_a_markup_like_run_directory_literally(train_cache, 
     assert squeezed(f"varcmp-train: {out} (R@1") in squeezed(r.output)
 
 
+def test_train_without_validation_says_what_picked_best(train_cache, tmp_path):
+    from varcmp.train import main
+
+    out = tmp_path / "run"
+    r = invoke(main, train_cache, "--out", out, "--epochs", 2, "--val-fraction", 0, "-q", *SMALL)
+    assert r.exit_code == 0, r.output
+    assert "validation R@1" not in r.output
+    assert (f"best: {out / 'best.safetensors'} (epoch 2, the last one: --val-fraction 0 holds out no validation "
+            "videos to choose by)") in r.output
+
+
 def test_ctrl_c_in_train_says_which_epoch_is_saved(train_cache, tmp_path):
     from varcmp.train import STATE_NAME, load_state
 

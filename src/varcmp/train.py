@@ -963,8 +963,10 @@ def report(summary: RunSummary, console) -> None:
     console.print(t)
     last = max((r["epoch"] for r in summary.history), default=0)
     if summary.best_epoch is not None:
-        console.print(f"best: {lit(summary.out / 'best.safetensors')} (epoch {summary.best_epoch}, by the mean "
-                      "validation R@1)", highlight=False, soft_wrap=True)
+        picked = ("by the mean validation R@1" if any(r.get("val") for r in summary.history)
+                  else "the last one: --val-fraction 0 holds out no validation videos to choose by")
+        console.print(f"best: {lit(summary.out / 'best.safetensors')} (epoch {summary.best_epoch}, {picked})",
+                      highlight=False, soft_wrap=True)
     console.print(f"last: {lit(summary.out / 'last.safetensors')} (epoch {last}); resume state "
                   f"{lit(summary.out / STATE_NAME)}; history {lit(summary.out / HISTORY_NAME)}", highlight=False,
                   soft_wrap=True)

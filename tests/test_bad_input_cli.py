@@ -33,6 +33,16 @@ def squeezed(text: str) -> str:
     return "".join(text.split())
 
 
+def zero_shot_checkpoint(cache: Path, path: Path) -> Path:
+    """Untrained heads of `cache`'s dims (the frozen-CLIP baseline) saved as checkpoint `path`."""
+    from varcmp import checkpoint
+    from varcmp.cache_schema import open_cache
+    from varcmp.evaluate import zero_shot_model
+
+    with open_cache(cache) as c:
+        return checkpoint.save(path, zero_shot_model(c.spec, "text"), {"cache": checkpoint.cache_fingerprint(c)})
+
+
 def no_traceback(r):
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
     assert "Traceback" not in r.output and "MarkupError" not in r.output, r.output
@@ -82,15 +92,10 @@ def test_extract_error_naming_a_markup_like_string_is_one_line(markup_run, tmp_p
 
 
 def test_search_prints_a_markup_like_query_and_writes_its_files(markup_run, tmp_path):
-    from varcmp import checkpoint
-    from varcmp.cache_schema import open_cache
-    from varcmp.evaluate import zero_shot_model
     from varcmp.search import main
 
     _, cache, _ = markup_run
-    with open_cache(cache) as c:
-        ckpt = checkpoint.save(tmp_path / "best.safetensors", zero_shot_model(c.spec, "text"),
-                               {"cache": checkpoint.cache_fingerprint(c)})
+    ckpt = zero_shot_checkpoint(cache, tmp_path / "best.safetensors")
     js, page = tmp_path / "hits[/x].json", tmp_path / "report.html"
     r = invoke(main, cache, "--checkpoint", ckpt, "a [/x] b", "--json", js, "--html", page, "--device", "cpu")
     no_traceback(r)
@@ -117,17 +122,14 @@ def planted(tmp_path_factory) -> Path:
 def crafted_checkpoint(path: Path, cache: Path, craft) -> Path:
     """Untrained heads of `cache`'s dims saved as a checkpoint whose varcmp metadata is
     craft(the honest metadata's JSON text)."""
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from varcmp import checkpoint
-    from varcmp.cache_schema import open_cache
-    from varcmp.evaluate import zero_shot_model
 
-    with open_cache(cache) as c:
-        model = zero_shot_model(c.spec, "text")
-        honest = checkpoint.save(path.with_name("honest.safetensors"), model, {"cache": checkpoint.cache_fingerprint(c)})
-    text = json.dumps(checkpoint.read_meta(honest))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    honest = zero_shot_checkpoint(cache, path.with_name("honest.safetensors"))
+    with safe_open(str(honest), framework="pt") as f:
+        state, text = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()[checkpoint.META_KEY]
     save_file(state, str(path), metadata={checkpoint.META_KEY: craft(text)})
     return path
 
@@ -240,17 +242,12 @@ def eval_cache(tmp_path_factory):
     """A cache of 40 MB that evaluation reads whole, and untrained heads of its dims."""
     from helpers import write_planted_cache
 
-    from varcmp import checkpoint
-    from varcmp.cache_schema import CacheSpec, open_cache
-    from varcmp.evaluate import zero_shot_model
+    from varcmp.cache_schema import CacheSpec
 
     folder = tmp_path_factory.mktemp("eval")
     spec = CacheSpec(num_frames=32, num_patches=49, dim=64, max_words=8, audio_segments=8, audio_dim=32)
     cache = write_planted_cache(folder / "c.zarr", {"test": 150}, spec=spec)
-    with open_cache(cache) as c:
-        ckpt = checkpoint.save(folder / "zs.safetensors", zero_shot_model(c.spec, "text"),
-                               {"cache": checkpoint.cache_fingerprint(c)})
-    return cache, ckpt
+    return cache, zero_shot_checkpoint(cache, folder / "zs.safetensors")
 
 
 def test_ctrl_c_in_eval_is_one_line_and_exit_130(eval_cache):
@@ -262,14 +259,8 @@ def test_ctrl_c_in_eval_is_one_line_and_exit_130(eval_cache):
 
 
 def test_ctrl_c_in_search_is_one_line_and_exit_130(markup_run, tmp_path):
-    from varcmp import checkpoint
-    from varcmp.cache_schema import open_cache
-    from varcmp.evaluate import zero_shot_model
-
     _, cache, _ = markup_run
-    with open_cache(cache) as c:
-        ckpt = checkpoint.save(tmp_path / "zs.safetensors", zero_shot_model(c.spec, "text"),
-                               {"cache": checkpoint.cache_fingerprint(c)})
+    ckpt = zero_shot_checkpoint(cache, tmp_path / "zs.safetensors")
     queries = tmp_path / "queries.txt"
     queries.write_text("".join(f"query {i}: a man hits a dog\n" for i in range(3000)))
     js = tmp_path / "hits.json"

@@ -409,6 +409,32 @@ def _open_store(path: Path, mode: str):
     return _ZarrStore(path, mode)
 
 
+def finish_pending_io(timeout: float = 5.0) -> None:
+    """Let the reads and writes that an interrupted call (Ctrl-C) left running on zarr's I/O
+    thread end, cancelling those not done within `timeout` seconds. Without this, the interpreter
+    closes that loop at exit and asyncio prints "Task was destroyed but it is pending!" for each."""
+    import asyncio
+    import sys
+
+    sync = sys.modules.get("zarr.core.sync")  # zarr's own loop; absent: no store was ever opened
+    loop = sync.loop[0] if sync is not None else None
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def settle():
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=timeout)
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    try:
+        asyncio.run_coroutine_threadsafe(settle(), loop).result(timeout + 1)
+    except Exception:  # noqa: BLE001 - the process is stopping anyway: never a traceback from here
+        pass
+
+
 # --------------------------------------------------------------------------
 # Writer
 

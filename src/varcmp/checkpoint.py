@@ -131,7 +131,62 @@ def read_meta(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a safetensors checkpoint ({type(e).__name__})") from None
     if meta is None:
         raise CheckpointError(f"{path}: a safetensors file without varcmp metadata")
-    return json.loads(meta)
+    return checked_meta(path, meta)
+
+
+def checked_meta(path: Path, text: str) -> dict:
+    """The metadata of checkpoint `path` (JSON `text`), checked before anything is built from it:
+    a JSON object whose parts that varcmp reads are objects and whose model settings make a
+    valid ModelConfig (types and ranges); else a one-line CheckpointError naming the field."""
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack
+        raise CheckpointError(f"{path}: its varcmp metadata is not valid JSON ({type(e).__name__}: "
+                              f"{str(e)[:80]})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its varcmp metadata is a JSON {_json_type(meta)}, not an object")
+    if "model_config" not in meta:
+        raise CheckpointError(f"{path}: its varcmp metadata has no model_config")
+    for name in ("model_config", "data", "cache.spec", "cache.encoders"):
+        _part(path, meta, name)
+    for name, enc in _part(path, meta, "cache.encoders").items():
+        if enc is not None and not isinstance(enc, dict):
+            raise CheckpointError(f"{path}: metadata field cache.encoders.{name} must be an object or null, "
+                                  f"got a JSON {_json_type(enc)}")
+    model_config(path, meta)
+    return meta
+
+
+def _part(path: Path, meta: dict, name: str) -> dict:
+    """The metadata's part `name` ("cache.spec": nested), {} when absent; a CheckpointError when
+    it (or a part holding it) is not a JSON object."""
+    value = meta
+    for key in name.split("."):
+        value = value.get(key, {})
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{path}: metadata field {name} must be an object, got a JSON {_json_type(value)}")
+    return value
+
+
+def _json_type(value) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def model_config(path: Path, meta: dict) -> ModelConfig:
+    """The ModelConfig that checked metadata describes; a one-line CheckpointError names the setting."""
+    from dataclasses import fields
+
+    settings = meta["model_config"]
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise CheckpointError(f"{path}: metadata field model_config.{unknown[0]} is not a setting of this varcmp "
+                              f"version")
+    try:
+        return ModelConfig(**settings)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: metadata field model_config: {e}") from None
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[VarCMP, dict]:
@@ -140,11 +195,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[VarCMP, 
 
     path = resolve(path)
     meta = read_meta(path)
-    try:
-        cfg = ModelConfig(**meta["model_config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: unusable model settings ({e})") from None
-    model = VarCMP(cfg)
+    model = VarCMP(model_config(path, meta))
     try:
         model.load_state_dict(load_file(str(path)), strict=True)
     except RuntimeError as e:

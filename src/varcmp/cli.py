@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -40,10 +42,23 @@ class CommandError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying the one line a command has to say about what it saved ("" says nothing:
+    e.g. the processes of a torchrun job other than the first)."""
+
+    def __init__(self, line: str = "interrupted"):
+        super().__init__(line)
+        self.line = line
+
+
 class OneLineErrors(click.Command):
     """A click command whose usage errors (a bad option value, a missing argument) are one line
     on stderr with exit code 2, like every other error of varcmp's commands, instead of click's
-    usage block."""
+    usage block; and whose Ctrl-C is one line (see `Interrupted`) with exit code 130, instead of
+    "Aborted!" and exit code 1."""
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:
@@ -56,17 +71,46 @@ class OneLineErrors(click.Command):
         shown as one 'warning: ...' line on stderr instead of Python's two-line format."""
         from .cache_schema import IncompleteCacheWarning
 
-        with warnings.catch_warnings():
-            plain = warnings.showwarning
+        try:
+            with warnings.catch_warnings():
+                plain = warnings.showwarning
 
-            def show(message, category, filename, lineno, file=None, line=None):
-                if issubclass(category, IncompleteCacheWarning):
-                    click.echo(f"warning: {' '.join(str(message).split())}", err=True)
-                else:
-                    plain(message, category, filename, lineno, file, line)
+                def show(message, category, filename, lineno, file=None, line=None):
+                    if issubclass(category, IncompleteCacheWarning):
+                        click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+                    else:
+                        plain(message, category, filename, lineno, file, line)
 
-            warnings.showwarning = show
-            return super().invoke(ctx)
+                warnings.showwarning = show
+                return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            stop_interrupted(e.line if isinstance(e, Interrupted) else "interrupted")
+
+
+def stop_interrupted(line: str):
+    """End a command that Ctrl-C stopped: `line` on stderr, then the storage I/O it left running
+    ends (so that asyncio has nothing to complain about at exit), then exit code 130. A second
+    Ctrl-C meanwhile is ignored."""
+    from .cache_schema import finish_pending_io
+
+    with _sigint_ignored():
+        if line:
+            click.echo(line, err=True)
+        finish_pending_io()
+    raise click.exceptions.Exit(INTERRUPTED)
+
+
+@contextmanager
+def _sigint_ignored():
+    try:
+        before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals are not ours to change
+        before = None
+    try:
+        yield
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
 
 
 class OutputFile(click.Path):
@@ -197,7 +241,7 @@ def main():
     """
 
 
-@main.command()
+@main.command(cls=OneLineErrors)
 @click.option("--out", "-o", default="varcmp-demo", type=click.Path(path_type=Path, file_okay=False),
               help="Where the benchmark, the runs, results.json and results.png go.")
 @click.option("--task", type=click.Choice(["both", "text", "audio"]), default="both",
@@ -226,6 +270,7 @@ def demo(out, task, videos, epochs, seed, device):
     from .checkpoint import CheckpointError
     from .encoders import quiet_transformers
     from .evaluate import UserError
+    from .markup import lit
     from .train import TrainError
 
     quiet_transformers()
@@ -234,17 +279,16 @@ def demo(out, task, videos, epochs, seed, device):
     try:
         results = run_demo(out, tasks, videos, epochs, seed, device, console)
     except (CacheError, CheckpointError, TrainError, UserError, ValueError) as e:
-        console.print(f"[red]error[/red]: {e}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error[/red]: {lit(e)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]: run the same command again to continue")
-        sys.exit(130)
+        raise Interrupted("interrupted: run the same command again to continue") from None
     print_tables(results, Console())
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     save_chart(results, out / "results.png")
     console.print(f"{sum(len(r) for r in results['tasks'].values())} settings in {results['seconds'] / 60:.1f} min; "
-                  f"written: {out / 'results.json'}, {out / 'results.png'}, runs in {out / 'runs'}, "
-                  f"benchmark cache {out / 'synthetic.zarr'}", highlight=False, soft_wrap=True)
+                  f"written: {lit(out / 'results.json')}, {lit(out / 'results.png')}, runs in {lit(out / 'runs')}, "
+                  f"benchmark cache {lit(out / 'synthetic.zarr')}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -410,14 +410,14 @@ def _main(**kw):
     except (UserError, CacheError, CheckpointError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    print_report(result, Console())
-    if json_out is not None:
+    if json_out is not None:  # the file first: nothing printed can then cost it
         text = json.dumps(result, indent=2) + "\n"
         try:
             atomic_write(Path(json_out), lambda tmp: Path(tmp).write_text(text))
         except OSError as e:
             click.echo(f"error: --json {json_out}: {e.strerror or e}", err=True)
             sys.exit(2)
+    print_report(result, Console())
 
 
 @click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True},

@@ -43,7 +43,8 @@ from .annotations import AnnotationError, label_from_path, read_captions, safe_r
 from .cache_schema import (DONE, FAILED, LOCK_NAME, RUN_LOCK_NAME, TEXT_CHUNK, CacheError, CacheSpec,
                            CacheWriteError, CacheWriter, Completeness, QueryEntry, VideoEntry, VideoFeatures, fault_point,
                            is_hdf5, probe_target, remove_store)
-from .cli import OneLineErrors
+from .cli import Interrupted, OneLineErrors
+from .markup import lit
 from .media import (AUDIO_EXTENSIONS, AUDIO_MIX, AUDIO_RATE, MediaError, audio_windows, find_videos, read_audio,
                     read_frames, within)
 
@@ -310,7 +311,7 @@ class _Locks:
                     raise CacheError(busy or f"{self.out}: another varcmp-extract is writing to this store")
             elif not self._flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB):
                 if console is not None:
-                    console.print(f"waiting: another varcmp-extract holds {self.out} (a single-process run, or a "
+                    console.print(f"waiting: another varcmp-extract holds {lit(self.out)} (a single-process run, or a "
                                   "finalization)", highlight=False, soft_wrap=True)
                 self._flock(f, fcntl.LOCK_SH)
         except BaseException:
@@ -399,7 +400,7 @@ def _join_group(console) -> _Group | None:
         long = dist.new_group(backend="gloo", timeout=timedelta(days=7))
     except Exception as e:  # noqa: BLE001 - the store still coordinates the writers
         console.print(f"[yellow]warning[/yellow]: no gloo process group ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}); ranks coordinate through the store only",
+                      f"{lit(str(e).splitlines()[0]) if str(e) else ''}); ranks coordinate through the store only",
                       highlight=False, soft_wrap=True)
         return None
     return _Group(dist, long)
@@ -719,7 +720,7 @@ def _encode_videos(opt: Options, sw, clip, clap, results, total: int, summary: S
         return
     start, handled = time.perf_counter(), 0
     with _progress(console) as progress:
-        task = progress.add_task(f"extract {opt.split}", total=total, vps=0.0, fps=0.0)
+        task = progress.add_task(f"extract {lit(opt.split)}", total=total, vps=0.0, fps=0.0)
         for res in results:
             try:
                 if "error" in res:
@@ -795,8 +796,8 @@ def report(summary: Summary, opt: Options, console) -> int:
     from rich.table import Table
 
     plan = summary.plan
-    t = Table(title=f"varcmp-extract: {opt.out} [{opt.split}]" + (
-        f" shard {opt.shard_index + 1}/{opt.num_shards}" if opt.num_shards > 1 else ""))
+    t = Table(title=lit(f"varcmp-extract: {opt.out} [{opt.split}]" + (
+        f" shard {opt.shard_index + 1}/{opt.num_shards}" if opt.num_shards > 1 else "")))
     for col in ("videos", "before", "new", "failed", "frames", "captions", "time", "frames/s"):
         t.add_column(col, justify="right")
     t.add_row(str(summary.total), str(summary.already), str(summary.done), str(len(summary.failed)),
@@ -804,22 +805,22 @@ def report(summary: Summary, opt: Options, console) -> int:
               f"{summary.frames / max(summary.seconds, 1e-9):.1f}")
     console.print(t)
     for path, why in summary.failed:
-        console.print(f"[red]failed[/red] {path}: {why}", highlight=False, soft_wrap=True)
+        console.print(f"[red]failed[/red] {lit(path)}: {lit(why)}", highlight=False, soft_wrap=True)
     for path, why in summary.failed_elsewhere:
-        console.print(f"[red]failed[/red] {path}: {why} (another shard)", highlight=False, soft_wrap=True)
+        console.print(f"[red]failed[/red] {lit(path)}: {lit(why)} (another shard)", highlight=False, soft_wrap=True)
     for line in plan.rejected:
-        console.print(f"[red]rejected[/red] {line}", highlight=False, soft_wrap=True)
+        console.print(f"[red]rejected[/red] {lit(line)}", highlight=False, soft_wrap=True)
     for line in plan.missing:
-        console.print(f"[yellow]missing[/yellow] {line}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]missing[/yellow] {lit(line)}", highlight=False, soft_wrap=True)
     for line in plan.notes:
-        console.print(f"[dim]note[/dim] {line}", highlight=False, soft_wrap=True)
+        console.print(f"[dim]note[/dim] {lit(line)}", highlight=False, soft_wrap=True)
     _report_notes(summary.noted, console)
     if plan.uncaptioned:
         console.print(f"{plan.uncaptioned} videos have no caption (kept as distractors)")
     if summary.note:
-        console.print(summary.note, highlight=False, soft_wrap=True)
+        console.print(lit(summary.note), highlight=False, soft_wrap=True)
     if summary.interrupted:
-        console.print("[yellow]interrupted[/yellow]: finished videos are saved; run the same command again to resume")
+        console.print(lit(interrupted_line(summary, opt)), highlight=False, soft_wrap=True)
     return summary.exit_code if summary.exit_code is not None else _exit_code(summary)
 
 
@@ -827,15 +828,19 @@ def _report_notes(noted: list[tuple[str, list[tuple[str, str]]]], console) -> No
     """One line per extracted video with remarks (as stored in its `note`), then their count by kind."""
     from collections import Counter
 
-    from rich.markup import escape
-
     for path, notes in noted:
-        console.print(f"[dim]note[/dim] {escape(path)}: {escape('; '.join(text for _, text in notes))}",
+        console.print(f"[dim]note[/dim] {lit(path)}: {lit('; '.join(text for _, text in notes))}",
                       highlight=False, soft_wrap=True)
     kinds = Counter(kind for _, notes in noted for kind, _ in notes)
     if kinds:
         console.print("notes: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())),
                       highlight=False, soft_wrap=True)
+
+
+def interrupted_line(summary: Summary, opt: Options) -> str:
+    """What an interrupted run saved, in one line."""
+    return (f"interrupted: finished videos are saved in {opt.out} ({summary.already + summary.done} of this run's "
+            f"{summary.total} extracted, {len(summary.failed)} failed); run the same command again to resume")
 
 
 def finalize(out: Path, split: str | None = None, plan: Plan | None = None, console=None) -> int:
@@ -880,31 +885,32 @@ def finalize(out: Path, split: str | None = None, plan: Plan | None = None, cons
     finally:
         locks.stop()
 
-    t = Table(title=f"varcmp-extract --finalize: {out}")
+    t = Table(title=lit(f"varcmp-extract --finalize: {out}"))
     for col in ("split", "videos", "done", "failed", "pending", "captions", "encoded", "state"):
         t.add_column(col, justify="left" if col in ("split", "state") else "right", no_wrap=col == "state")
     for c in states:
-        t.add_row(c.split, str(c.videos), str(c.done), str(c.failed), str(len(c.missing)), str(c.captions),
+        t.add_row(lit(c.split), str(c.videos), str(c.done), str(c.failed), str(len(c.missing)), str(c.captions),
                   str(c.captions_encoded), "finalized" if c.complete else "incomplete")
     console.print(t)
     problems = False
     for c in states:
         failed, rejected, missing = details[c.split]
         for path, why in failed:
-            console.print(f"[red]failed[/red] {c.split}: {path}: {why}", highlight=False, soft_wrap=True)
+            console.print(f"[red]failed[/red] {lit(c.split)}: {lit(path)}: {lit(why)}", highlight=False, soft_wrap=True)
         for line in rejected:
-            console.print(f"[red]rejected[/red] {c.split}: {line}", highlight=False, soft_wrap=True)
+            console.print(f"[red]rejected[/red] {lit(c.split)}: {lit(line)}", highlight=False, soft_wrap=True)
         for line in missing:
-            console.print(f"[yellow]missing[/yellow] {c.split}: {line}", highlight=False, soft_wrap=True)
+            console.print(f"[yellow]missing[/yellow] {lit(c.split)}: {lit(line)}", highlight=False, soft_wrap=True)
         problems |= bool(failed or rejected or missing)
     incomplete = [c for c in states if not c.complete]
     for c in incomplete:
         for path in c.missing[:20]:
-            console.print(f"[yellow]not extracted[/yellow] {c.split}: {path}", highlight=False, soft_wrap=True)
+            console.print(f"[yellow]not extracted[/yellow] {lit(c.split)}: {lit(path)}", highlight=False,
+                          soft_wrap=True)
         if len(c.missing) > 20:
-            console.print(f"[yellow]not extracted[/yellow] {c.split}: ... and {len(c.missing) - 20} more")
+            console.print(f"[yellow]not extracted[/yellow] {lit(c.split)}: ... and {len(c.missing) - 20} more")
     for c in incomplete:
-        console.print(f"[red]error[/red]: {c.describe(out)}; run the extraction (every shard) again: it resumes; "
+        console.print(f"[red]error[/red]: {lit(c.describe(out))}; run the extraction (every shard) again: it resumes; "
                       "then --finalize", highlight=False, soft_wrap=True)
     if incomplete:
         return 2
@@ -989,7 +995,7 @@ def main(ctx, videos, out, annotations, split, audio, clip_model, clap_model, fr
     console = Console(stderr=True)
 
     def fail(e) -> None:
-        console.print(f"[red]error[/red]: {e.format_message() if isinstance(e, click.UsageError) else e}",
+        console.print(f"[red]error[/red]: {lit(e.format_message() if isinstance(e, click.UsageError) else e)}",
                       highlight=False, soft_wrap=True)
         sys.exit(2)
 
@@ -1019,6 +1025,8 @@ def main(ctx, videos, out, annotations, split, audio, clip_model, clap_model, fr
         summary = run(opt, console, group)
     except (CacheError, AnnotationError, RuntimeError, click.UsageError) as e:
         fail(e)  # a rank that stops here exits 2 at once: torchrun then stops the others
+    if summary.interrupted and group is None:  # one line, as every command (torchrun's ranks report together)
+        raise Interrupted(interrupted_line(summary, opt))
     code = report(summary, opt, console)
     if group is not None:
         _exit_together(group, code)

@@ -74,6 +74,7 @@ from .cache_schema import CacheError, VideoData, is_hdf5, read_checked
 from .checkpoint import atomic_write
 from .cli import CommandError, OneLineErrors, OutputFile
 from .evaluate import UserError
+from .markup import lit
 from .model import QueryEmb, VarCMP
 from .retrieval.scoring import DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, Ranked, default_chunk, encode_queries, encode_videos, top_k
 
@@ -224,7 +225,8 @@ def load_or_build_index(model: VarCMP, cache, source: CacheVideos, checkpoint: P
         except RuntimeError:
             pass  # unreadable: rebuilt below
     with _progress(console, progress_bar, transient=False) as prog:
-        vectors = index_vectors(model, source, device, chunk=chunk, progress=prog, label=f"indexing {source.name}")
+        vectors = index_vectors(model, source, device, chunk=chunk, progress=prog,
+                                label=f"indexing {lit(source.name)}")
     index = flat_index(vectors)
     info = IndexInfo(str(path), True, 0.0, key)
     try:
@@ -491,7 +493,7 @@ class Searcher:
                                             console=self.console, progress_bar=self.progress)
             self._indexes[source.name], self.index_info[source.name] = idx, info
             if info.note and self.console is not None:
-                self.console.print(f"note: {info.note}", highlight=False, soft_wrap=True)
+                self.console.print(f"note: {lit(info.note)}", highlight=False, soft_wrap=True)
         return self._indexes[source.name]
 
     @torch.inference_mode()
@@ -674,7 +676,7 @@ def print_results(r: dict, console) -> None:
                 f"({ix['path'] or 'in memory'}, {ix['seconds']:.1f} s)")
     levels = r["levels"]
     for n, qr in enumerate(r["queries"], 1):
-        t = Table(title=f"{n}. {qr['query']}", title_justify="left", show_edge=True, header_style="bold")
+        t = Table(title=lit(f"{n}. {qr['query']}"), title_justify="left", show_edge=True, header_style="bold")
         t.add_column("#", justify="right")
         t.add_column("video", overflow="fold")
         t.add_column("split")
@@ -684,7 +686,7 @@ def print_results(r: dict, console) -> None:
         t.add_column("anomaly", justify="right")
         t.add_column("span (s)", justify="right")
         for h in qr["hits"]:
-            t.add_row(str(h["rank"]), h["video"], h["split"], f"{h['score']:.4f}",
+            t.add_row(str(h["rank"]), lit(h["video"]), lit(h["split"]), f"{h['score']:.4f}",
                       *(f"{h['levels'][lv]:.4f}" for lv in levels), f"{h['anomaly']:.2f}", _fmt_span(h))
         if not qr["hits"]:
             say(f"{n}. {qr['query']}: no hits")
@@ -928,14 +930,14 @@ def main(cache, query, checkpoint, audio, queries_file, splits, top, json_out, h
                             mode, candidates, device, chunk, console=err)
     except (UserError, CacheError, CheckpointError, MediaError) as e:
         raise CommandError(" ".join(str(e).split())) from None
-    out = Console()
-    print_results(result, out if out.is_terminal else Console(width=160))
     for flag, path, write in (("--json", json_out, write_json), ("--html", html_out, write_html)):
-        if path is not None:
+        if path is not None:  # the files first: nothing printed can then cost them
             try:
                 write(result, path)
             except OSError as e:
                 raise CommandError(f"{flag} {path}: {e.strerror or e}") from None
+    out = Console()
+    print_results(result, out if out.is_terminal else Console(width=160))
 
 
 if __name__ == "__main__":

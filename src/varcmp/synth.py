@@ -108,7 +108,7 @@ import numpy as np
 from .annotations import AnnotationError, label_from_path
 from .cache_schema import (TEXT_CHUNK, CacheError, CacheSpec, CacheWriter, QueryEntry, VideoEntry, VideoFeatures,
                            probe_target)
-from .cli import CommandError, OneLineErrors
+from .cli import CommandError, Interrupted, OneLineErrors
 
 # --------------------------------------------------------------------------
 # Vocabulary of the world
@@ -830,10 +830,11 @@ def extract_media(media_dir, out, clip_model=None, clap_model=None, frames: int 
                       max_words=words, audio_segments=audio_segments, device="cpu", workers=workers,
                       overwrite=overwrite and n == 0)
         summary = run(opt, console)
+        if summary.interrupted:
+            raise Interrupted(f"interrupted: {out} is not complete; run the same command with --overwrite to make it")
         problems = summary.failed + [(x, "") for x in summary.plan.rejected + summary.plan.missing]
-        if problems or summary.interrupted:
-            raise RuntimeError(f"{out}: extraction of split {split} had problems: {problems[:3]}"
-                               + (" (interrupted)" if summary.interrupted else ""))
+        if problems:
+            raise RuntimeError(f"{out}: extraction of split {split} had problems: {problems[:3]}")
     return out
 
 
@@ -923,6 +924,8 @@ def main(out, videos, seed, media, clip_model, clap_model, overwrite, **knobs):
     """
     from rich.console import Console
 
+    from .markup import lit
+
     console = Console(stderr=True)
     t0 = time.perf_counter()
     try:
@@ -949,11 +952,11 @@ def main(out, videos, seed, media, clip_model, clap_model, overwrite, **knobs):
     p = SynthParams(videos=videos, seed=seed, **knobs)
     n_train, n_test = _split_sizes(p)
     n_normal, n_anom = _label_counts(p)
-    console.print(f"wrote {out}: {n_train} train / {n_test} test videos ({n_anom} anomalous, {n_normal} normal), "
+    console.print(f"wrote {lit(out)}: {n_train} train / {n_test} test videos ({n_anom} anomalous, {n_normal} normal), "
                   f"text and audio queries, in {time.perf_counter() - t0:.1f} s", highlight=False)
     if media is not None:
-        console.print(f"media: {media}/videos, captions {media}/captions.csv. Features come from RANDOM tiny "
-                      "encoders: retrieval scores on this cache are meaningless.", highlight=False)
+        console.print(f"media: {lit(media / 'videos')}, captions {lit(media / 'captions.csv')}. Features come from "
+                      "RANDOM tiny encoders: retrieval scores on this cache are meaningless.", highlight=False)
 
 
 if __name__ == "__main__":

@@ -83,11 +83,12 @@ import torch
 from .cache_schema import DONE, CacheError, Split, check_finite, open_cache, read_checked
 from .checkpoint import (CheckpointError, atomic_write, cache_fingerprint, check_compatible, read_meta, save,
                          stale_temp_files)
-from .cli import OneLineErrors
+from .cli import Interrupted, OneLineErrors
 from .distributed import (DistInfo, DistSetupError, all_gather_object, barrier, distributed, env_int_or, first_line,
                           gather_rows, is_dist_error, local_rows, rank_seed)
 from .encoders import resolve_device, weights_hash
 from .evaluate import EvalData, retrieval_metrics
+from .markup import lit
 from .retrieval.scoring import encode_queries, encode_videos, score_matrix
 from .model import LEVELS, QUERIES, ModelConfig, VarCMP
 
@@ -666,7 +667,6 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
     (from `distributed()`); opts.batch_size is the global batch, split across the processes;
     process 0 alone validates, writes the run directory and prints."""
     from rich.console import Console
-    from rich.markup import escape
 
     main_rank = dist is None or dist.rank == 0
     world = 1 if dist is None else dist.world_size
@@ -719,7 +719,8 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
     if main_rank:
         _prepare_out(out, remove)
     for line in plan.notes:
-        console.print(("[yellow]" if line.startswith("warning") else "[dim]") + line, highlight=False, soft_wrap=True)
+        console.print(("[yellow]" if line.startswith("warning") else "[dim]") + lit(line), highlight=False,
+                      soft_wrap=True)
 
     # ---- data
     t_load = time.perf_counter()
@@ -743,7 +744,7 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
         where = (f"{world} processes ({dist.backend}), device {device} in process 0, {precision}; global batch "
                  f"{opts.batch_size} = {opts.batch_size // world} pairs per process")
     console.print(f"[dim]{len(plan.train_rows)} training and {len(plan.val_rows)} validation videos of "
-                  f"'{opts.split}' ({need / 2**30:.2f} GiB, {'in memory' if memory else 'streamed'}, read in "
+                  f"'{lit(opts.split)}' ({need / 2**30:.2f} GiB, {'in memory' if memory else 'streamed'}, read in "
                   f"{load_seconds:.1f} s); {where}", highlight=False, soft_wrap=True)
 
     # ---- model, optimiser, state
@@ -792,7 +793,7 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
         _set_rng_state(state["rng"], device)
         history, best = list(state["history"]), dict(state["best"])
         start = int(state["epoch"]) + 1
-        console.print(f"resuming {out} after epoch {state['epoch']}", highlight=False, soft_wrap=True)
+        console.print(f"resuming {lit(out)} after epoch {state['epoch']}", highlight=False, soft_wrap=True)
         if main_rank:
             # the state is the run's commit point (written first each epoch): restore whatever a kill or a full
             # disk kept from being written after it; best is then either on disk or this last epoch
@@ -804,10 +805,10 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
                     continue
                 if epoch_of == done:
                     write(path, lambda p=path: save(p, model, meta(done, metrics)), done, True)
-                    console.print(f"[dim]restored {escape(str(path))} (epoch {done}) from {STATE_NAME}",
+                    console.print(f"[dim]restored {lit(path)} (epoch {done}) from {STATE_NAME}",
                                   highlight=False, soft_wrap=True)
                 else:
-                    console.print(f"[yellow]warning: {escape(str(path))} does not hold epoch {epoch_of}, the best "
+                    console.print(f"[yellow]warning: {lit(path)} does not hold epoch {epoch_of}, the best "
                                   f"epoch recorded in {STATE_NAME}", highlight=False, soft_wrap=True)
             write(out / HISTORY_NAME, write_history, done, True)
     elif ev is not None:
@@ -927,12 +928,27 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
 
 # ----------------------------------------------------------------------------- report and CLI
 
+def saved_run(out: Path) -> str:
+    """What run directory `out` holds for --resume, in words (said after Ctrl-C). The resume
+    state is the run's commit point: what it holds, --resume restores."""
+    path = out / STATE_NAME
+    if not path.is_file():
+        return f"no epoch of the run is saved in {out} (none had ended); run the same command again to start it"
+    try:
+        st = load_state(path)
+    except TrainError:
+        return f"{path} cannot be read back; run the same command with --overwrite to start over"
+    best = (st.get("best") or {}).get("epoch")
+    return (f"{out} holds epoch {st.get('epoch')} of the run (best so far: epoch {best}); run the same command "
+            "with --resume to continue")
+
+
 def report(summary: RunSummary, console) -> None:
     """The final table (epoch, loss, validation R@1 both ways, best marker) and where things are."""
     from rich.table import Table
 
     q, v = _dirs(summary.query)
-    t = Table(title=f"varcmp-train: {summary.out} (R@1 on the validation subset, %)")
+    t = Table(title=lit(f"varcmp-train: {summary.out} (R@1 on the validation subset, %)"))
     for col in ("epoch", "loss", "bce", f"{q} R@1", f"{v} R@1", "mean", "time", "best"):
         t.add_column(col, justify="right", no_wrap=True)
     for rec in summary.history:
@@ -945,10 +961,13 @@ def report(summary: RunSummary, console) -> None:
     console.print(t)
     last = max((r["epoch"] for r in summary.history), default=0)
     if summary.best_epoch is not None:
-        console.print(f"best: {summary.out / 'best.safetensors'} (epoch {summary.best_epoch}, by the mean "
-                      "validation R@1)", highlight=False, soft_wrap=True)
-    console.print(f"last: {summary.out / 'last.safetensors'} (epoch {last}); resume state "
-                  f"{summary.out / STATE_NAME}; history {summary.out / HISTORY_NAME}", highlight=False, soft_wrap=True)
+        picked = ("by the mean validation R@1" if any(r.get("val") for r in summary.history)
+                  else "the last one: --val-fraction 0 holds out no validation videos to choose by")
+        console.print(f"best: {lit(summary.out / 'best.safetensors')} (epoch {summary.best_epoch}, {picked})",
+                      highlight=False, soft_wrap=True)
+    console.print(f"last: {lit(summary.out / 'last.safetensors')} (epoch {last}); resume state "
+                  f"{lit(summary.out / STATE_NAME)}; history {lit(summary.out / HISTORY_NAME)}", highlight=False,
+                  soft_wrap=True)
 
 
 D = TrainOptions()
@@ -1016,7 +1035,6 @@ def main(cache, out, split, query, val_fraction, levels, anomaly_weighting, epoc
     global batch; process 0 alone writes OUT and prints.
     """
     from rich.console import Console
-    from rich.markup import escape
 
     err = Console(stderr=True)
     world, rank = env_int_or("WORLD_SIZE", 1), env_int_or("RANK", 0)
@@ -1031,19 +1049,16 @@ def main(cache, out, split, query, val_fraction, levels, anomaly_weighting, epoc
             summary = train(cache, out, opts, Runtime(device=device, precision=precision, data=data),
                             resume=resume, overwrite=overwrite, console=err, quiet=quiet, dist=dist)
     except (NonFiniteLoss, OutputError) as e:
-        err.print(f"[red]error[/red]{tag}: {escape(str(e))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error[/red]{tag}: {lit(e)}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except (TrainError, DistSetupError, CacheError, CheckpointError) as e:
-        err.print(f"[red]error[/red]{tag}: {escape(str(e))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error[/red]{tag}: {lit(e)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        if not tag:
-            err.print(f"[yellow]interrupted[/yellow]: completed epochs are saved in {out}; "
-                      "run the same command with --resume to continue", highlight=False, soft_wrap=True)
-        sys.exit(130)
+        raise Interrupted("" if tag else f"interrupted: {saved_run(out)}") from None
     except Exception as e:  # noqa: BLE001
         if world > 1 and is_dist_error(e):  # another process failed first: its own error says why
-            err.print(f"[red]error[/red]{tag}: lost the other processes ({escape(first_line(e, 160))})",
+            err.print(f"[red]error[/red]{tag}: lost the other processes ({lit(first_line(e, 160))})",
                       highlight=False, soft_wrap=True)
             sys.exit(1)
         raise

@@ -20,6 +20,51 @@ Covered elsewhere, not repeated here:
   tests/test_search.py::test_bad_input_is_one_line_with_exit_code_2;
 - a crafted pickle as a checkpoint or training state: tests/test_train.py::test_loading_never_executes_code;
 - a silent audio file as a search query: tests/test_search.py::test_bad_input_is_one_line_with_exit_code_2.
+
+Red-team pass (issue 13), one file per area:
+- `--overwrite` on a non-store folder or file (extract, synth):
+  tests/test_bad_input_paths.py::test_what_is_not_a_varcmp_store_is_neither_written_nor_deleted
+- the video root or its parent as `--out --overwrite`:
+  tests/test_bad_input_paths.py::test_overwrite_never_deletes_the_video_root_or_a_folder_holding_it
+- a store holding the video root or synth `--media`:
+  tests/test_bad_input_paths.py::test_overwrite_never_deletes_a_varcmp_store_holding_what_the_command_reads
+- symlinks leaving the video root: tests/test_bad_input_paths.py::test_find_videos_follows_only_links_that_stay_inside_the_root
+- a caption path leaving the root through a symlink:
+  tests/test_bad_input_paths.py::test_a_caption_cannot_reach_outside_the_root_through_a_link
+- an `--audio DIR` file linking outside DIR: tests/test_bad_input_paths.py::test_audio_files_are_taken_only_from_inside_the_audio_folder
+- `--json`/`--html` into a missing folder:
+  tests/test_bad_input_paths.py::test_an_output_file_in_a_missing_folder_is_one_line_and_creates_nothing
+- rotated video (display matrix 90/180/270): tests/test_bad_input_media.py::test_rotated_video_is_read_as_a_viewer_shows_it
+- raw H.264/HEVC stream without timestamps, named .mp4:
+  tests/test_bad_input_media.py::test_raw_stream_without_timestamps_is_timed_by_its_rate
+- sparse frame times (0 s, 1 h, 10 h): tests/test_bad_input_media.py::test_sparse_video_lasts_until_its_last_frame_ends
+- stereo / 5.1 mix-down: tests/test_bad_input_media.py::test_audio_is_mixed_down_as_the_mean_of_its_channels
+- a store of the old mix-down, resumed: tests/test_bad_input_media.py::test_store_of_the_old_mix_down_is_refused_in_one_line
+- unreadable / missing / too-short audio, noted and counted:
+  tests/test_bad_input_media.py::test_audio_notes_are_recorded_reported_and_counted
+- CSV unbalanced quote, line break in a field, field over the limit (CLI, exit 2):
+  tests/test_bad_input_captions.py::test_csv_row_that_is_not_one_line_is_an_error_naming_the_line
+- a line break around a video name is allowed; errors name the text line:
+  tests/test_bad_input_captions.py::test_a_line_break_around_a_video_name_is_allowed_and_errors_name_the_line
+- over-long field in xlsx/JSONL: tests/test_bad_input_captions.py::test_fields_past_the_limit_are_errors_in_xlsx_and_jsonl_too
+- JSONL null / non-string value: tests/test_bad_input_captions.py::test_jsonl_null_or_non_string_value_is_rejected_naming_row_and_key
+- xlsx formula without a stored value:
+  tests/test_bad_input_captions.py::test_xlsx_formula_without_a_stored_value_is_rejected_naming_the_cell
+- no usable caption row: tests/test_bad_input_captions.py::test_no_usable_caption_row_says_why
+- captions cut to --max-words: tests/test_bad_input_captions.py::test_extraction_reports_captions_cut_to_max_words
+- a caption path found only by file name:
+  tests/test_bad_input_captions.py::test_caption_path_found_only_by_file_name_is_a_note_naming_both,
+  ::test_caption_path_whose_file_name_is_ambiguous_is_rejected_naming_the_candidates
+- names, queries, splits or run directories with rich markup:
+  tests/test_bad_input_cli.py::test_extract_prints_markup_like_names_and_split_literally,
+  ::test_extract_error_naming_a_markup_like_string_is_one_line, ::test_search_prints_a_markup_like_query_and_writes_its_files,
+  ::test_train_report_prints_a_markup_like_run_directory_literally
+- crafted checkpoint metadata (invalid JSON, a JSON list, absurd ffn_dim):
+  tests/test_bad_input_cli.py::test_crafted_checkpoint_metadata_is_one_line_naming_file_and_field
+- Ctrl-C: tests/test_bad_input_cli.py::test_ctrl_c_in_eval_is_one_line_and_exit_130, ::test_ctrl_c_in_search_is_one_line_and_exit_130,
+  ::test_ctrl_c_in_extract_is_one_line_saying_what_is_saved, ::test_ctrl_c_in_train_says_which_epoch_is_saved,
+  ::test_ctrl_c_in_train_before_an_epoch_ends_says_nothing_is_saved
+- `--val-fraction 0` and what picked the checkpoint: tests/test_bad_input_cli.py::test_train_without_validation_says_what_picked_best
 """
 
 from __future__ import annotations

@@ -97,6 +97,7 @@ def test_search_prints_a_markup_like_query_and_writes_its_files(markup_run, tmp_
     _, cache, _ = markup_run
     ckpt = zero_shot_checkpoint(cache, tmp_path / "best.safetensors")
     js, page = tmp_path / "hits[/x].json", tmp_path / "report.html"
+    js.parent.mkdir()  # a folder named 'hits[': output files are never given folders they lack
     r = invoke(main, cache, "--checkpoint", ckpt, "a [/x] b", "--json", js, "--html", page, "--device", "cpu")
     no_traceback(r)
     assert r.exit_code == 0, r.output

@@ -109,7 +109,7 @@ class Stage:
 
 def generate(V: int, Q: int, seed: int = 0):
     """Production-shaped cache contents (float16 like the cache), written block by block."""
-    from varcmp.cache_schema import VideoData
+    from varcmp.cache.reader import VideoData
 
     g = torch.Generator().manual_seed(seed)
     N, P, C, L = 32, 49, 512, 32

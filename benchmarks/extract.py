@@ -33,7 +33,7 @@ import torch  # noqa: E402
 def make_vit_b32(out: Path) -> Path:
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    from varcmp.tiny_models import make_tiny_clip
+    from varcmp.encoders.tiny import make_tiny_clip
 
     make_tiny_clip(out)  # tokenizer and image processor files
     tok = CLIPTokenizer.from_pretrained(out)
@@ -45,7 +45,7 @@ def make_vit_b32(out: Path) -> Path:
 
 
 def make_videos(root: Path, n: int, seconds: float, fps: int = 30) -> None:
-    from varcmp.media import write_video
+    from varcmp.media.files import write_video
 
     rng = np.random.default_rng(0)
     for i in range(n):
@@ -56,8 +56,9 @@ def make_videos(root: Path, n: int, seconds: float, fps: int = 30) -> None:
 
 def bare_forward(clip, root: Path, frames: int, batch: int) -> tuple[float, int]:
     """Seconds spent in the CLIP image forward alone, over the same frames the pipeline encodes."""
-    from varcmp.encoders import preprocess_images
-    from varcmp.media import find_videos, read_frames
+    from varcmp.encoders.frozen import preprocess_images
+    from varcmp.media.files import find_videos
+    from varcmp.media.video import read_frames
 
     pixels = [preprocess_images(clip.processor, read_frames(root / p, frames).images) for p in find_videos(root)]
     total, count = 0.0, 0
@@ -80,7 +81,7 @@ def bare_forward(clip, root: Path, frames: int, batch: int) -> tuple[float, int]
 def main(videos, seconds, frames, workers, batch_size, repeats):
     from rich.console import Console
 
-    from varcmp.encoders import ClipEncoder, quiet_transformers
+    from varcmp.encoders.frozen import ClipEncoder, quiet_transformers
     from varcmp.extract import Options, run
 
     quiet_transformers()

@@ -7,11 +7,11 @@ and 100k videos, in one run.
 
 The collection. Production shapes (32 frames, 49 patches, 512-d, 32-token queries), far too big
 to store at 100k (160 GB at float16), so features are generated on demand and never kept:
-varcmp-synth's world (`varcmp.synth.World`: concepts with families, Zipf-distributed subjects,
+varcmp-synth's world (`varcmp.synth.world.World`: concepts with families, Zipf-distributed subjects,
 16 scenes, 13 anomalous actions and 10 normal activities, a camera vector per video, bystanders,
 an anomalous event filling a 4-frame span of 32 and a few moving patches) fixes what each video
 shows and each caption says; `WorldVideos` renders a video's frame and patch features from it
-with the amplitudes of `synth.AMP` (the same recipe as `World.video_features`). Two changes make
+with the amplitudes of `synth.world.AMP` (the same recipe as `World.video_features`). Two changes make
 rendering ~10x cheaper than `World.video_features` (which would take 20 minutes at 100k): the
 patch noise is drawn in a random 16-dimensional subspace per video (coefficients x 16 random
 directions, the same expected norm) instead of fresh 512-d noise per patch, and features stay
@@ -31,7 +31,7 @@ the frozen-CLIP baseline) unless --checkpoint gives trained ones. Trained heads 
 the coarse level predicts the full score, so the share kept depends on them.
 
 What is timed (generation, standing in for reading the cache, is excluded from both modes and
-reported separately; reading a production video from a Zarr cache costs ~5 ms, see DESIGN.md):
+reported separately; reading a production video from a Zarr cache costs ~5 ms):
 
 - exhaustive, one query: encoding every video (VarCMP.encode_videos, all levels) + scoring them
   (retrieval.scoring.score_matrix), through `retrieval.scoring.top_k(..., candidates=None)`, the code `varcmp-search
@@ -65,11 +65,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from varcmp.cache_schema import CacheSpec, VideoData  # noqa: E402
+from varcmp.cache_schema import CacheSpec  # noqa: E402
+from varcmp.cache.reader import VideoData
 from varcmp.evaluate import zero_shot_model  # noqa: E402
 from varcmp.retrieval.scoring import encode_queries, top_k  # noqa: E402
-from varcmp.search import default_pool, flat_index, index_candidates, index_vectors  # noqa: E402
-from varcmp.synth import AMP, SynthParams, World  # noqa: E402
+from varcmp.retrieval.index import default_pool, flat_index, index_candidates, index_vectors  # noqa: E402
+from varcmp.synth.world import AMP, SynthParams, World  # noqa: E402
 
 NOISE_RANK = 24
 
@@ -215,8 +216,8 @@ def trained_heads(seed: int, videos: int, epochs: int, say):
 
     from rich.console import Console
 
-    from varcmp.checkpoint import load
-    from varcmp.synth import make_synthetic_cache
+    from varcmp.model.checkpoint import load
+    from varcmp.synth.world import make_synthetic_cache
     from varcmp.train import Runtime, TrainOptions, train
 
     t0 = time.perf_counter()
@@ -355,7 +356,7 @@ def main(sizes, n_queries, n_two, pools, checkpoint, zero_shot, train_videos, ep
     t_all = time.perf_counter()
     say(f"varcmp-search benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads")
     if checkpoint is not None:
-        from varcmp.checkpoint import load
+        from varcmp.model.checkpoint import load
 
         model, _ = load(checkpoint)
         say(f"heads: {checkpoint}")

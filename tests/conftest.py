@@ -9,7 +9,8 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from varcmp.media import AUDIO_RATE, write_video  # noqa: E402
+from varcmp.media.audio import AUDIO_RATE  # noqa: E402
+from varcmp.media.files import write_video
 
 SR = AUDIO_RATE
 
@@ -29,7 +30,7 @@ def noise_frames(n: int, seed: int, h: int = 96, w: int = 128) -> list[np.ndarra
 def write_audio_only(path: Path, seconds: float = 2.0) -> None:
     import av
 
-    from varcmp.media import audio_stream, mux_audio
+    from varcmp.media.audio import audio_stream, mux_audio
 
     with av.open(str(path), "w") as c:
         mux_audio(c, audio_stream(c, SR), tone(seconds, 330), SR)
@@ -37,14 +38,14 @@ def write_audio_only(path: Path, seconds: float = 2.0) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
-    from varcmp.tiny_models import make_tiny_clip
+    from varcmp.encoders.tiny import make_tiny_clip
 
     return make_tiny_clip(tmp_path_factory.mktemp("models") / "clip")
 
 
 @pytest.fixture(scope="session")
 def tiny_clap(tmp_path_factory) -> Path:
-    from varcmp.tiny_models import make_tiny_clap
+    from varcmp.encoders.tiny import make_tiny_clap
 
     return make_tiny_clap(tmp_path_factory.mktemp("models") / "clap")
 

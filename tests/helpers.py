@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from varcmp.cache_schema import CacheSpec, CacheWriter, QueryEntry, VideoEntry, VideoFeatures
+from varcmp.cache_schema import CacheSpec, QueryEntry, VideoEntry, VideoFeatures
+from varcmp.cache.writer import CacheWriter
 
 SPEC = CacheSpec(num_frames=8, num_patches=6, dim=32, max_words=6, audio_segments=8, audio_dim=32)
 ENCODERS = {"clip": {"name": "planted-clip", "config_hash": "sha256:0", "weights_hash": "sha256:0"},

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from conftest import CAPTIONS
-from varcmp.annotations import AnnotationError, label_from_path, read_captions, safe_relative
+from varcmp.media.captions import AnnotationError, label_from_path, read_captions, safe_relative
 
 
 def test_release_xlsx_layout(captions_xlsx):

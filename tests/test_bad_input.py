@@ -83,11 +83,13 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import noise_frames, tone
-from varcmp.annotations import read_captions
-from varcmp.cache_schema import DONE, FAILED, open_cache
+from varcmp.media.captions import read_captions
+from varcmp.cache_schema import DONE, FAILED
+from varcmp.cache.reader import open_cache
 from varcmp.extract import main
-from varcmp.media import (MediaError, audio_windows, find_videos, audio_stream, mux_audio, read_audio, read_frames, sample_times,
-                          write_video)
+from varcmp.media.video import MediaError, read_frames, sample_times
+from varcmp.media.audio import audio_windows, audio_stream, mux_audio, read_audio
+from varcmp.media.files import find_videos, write_video
 
 VFR_MS = [0, 40, 80, 120, 400, 420, 440, 1000, 1500, 1520, 1540, 1560, 2500, 2900]  # frame times, ms
 UHD = (2160, 3840)
@@ -202,7 +204,7 @@ def test_variable_frame_rate_is_sampled_by_timestamp(tmp_path, gop, n):
 
 _PEAK = """
 import sys, av
-from varcmp.media import read_frames
+from varcmp.media.video import read_frames
 def peak_mb():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024

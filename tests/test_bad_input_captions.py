@@ -11,10 +11,11 @@ from click.testing import CliRunner
 
 from conftest import noise_frames
 from helpers import one_line_error
-from varcmp.annotations import MAX_FIELD_CHARS, AnnotationError, read_captions
-from varcmp.cache_schema import open_cache
-from varcmp.extract import main, make_plan
-from varcmp.media import write_video
+from varcmp.media.captions import MAX_FIELD_CHARS, AnnotationError, read_captions
+from varcmp.cache.reader import open_cache
+from varcmp.extract import main
+from varcmp.media.plan import make_plan
+from varcmp.media.files import write_video
 
 
 @pytest.fixture(scope="module")

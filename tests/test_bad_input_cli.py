@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from helpers import one_line_error
 
 from conftest import noise_frames, tone
-from varcmp.media import write_video
+from varcmp.media.files import write_video
 
 WIDE = {"COLUMNS": "400"}  # rich wraps at 80 columns off a terminal: keep long lines whole
 
@@ -35,8 +35,8 @@ def squeezed(text: str) -> str:
 
 def zero_shot_checkpoint(cache: Path, path: Path) -> Path:
     """Untrained heads of `cache`'s dims (the frozen-CLIP baseline) saved as checkpoint `path`."""
-    from varcmp import checkpoint
-    from varcmp.cache_schema import open_cache
+    from varcmp.model import checkpoint
+    from varcmp.cache.reader import open_cache
     from varcmp.evaluate import zero_shot_model
 
     with open_cache(cache) as c:
@@ -92,7 +92,7 @@ def test_extract_error_naming_a_markup_like_string_is_one_line(markup_run, tmp_p
 
 
 def test_search_prints_a_markup_like_query_and_writes_its_files(markup_run, tmp_path):
-    from varcmp.search import main
+    from varcmp.cli.search import main
 
     _, cache, _ = markup_run
     ckpt = zero_shot_checkpoint(cache, tmp_path / "best.safetensors")
@@ -126,7 +126,7 @@ def crafted_checkpoint(path: Path, cache: Path, craft) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from varcmp import checkpoint
+    from varcmp.model import checkpoint
 
     honest = zero_shot_checkpoint(cache, path.with_name("honest.safetensors"))
     with safe_open(str(honest), framework="pt") as f:
@@ -152,7 +152,7 @@ CRAFTED = {
 @pytest.mark.parametrize("command", ["varcmp-eval", "varcmp-search"])
 def test_crafted_checkpoint_metadata_is_one_line_naming_file_and_field(planted, tmp_path, kind, command):
     from varcmp.evaluate import main as eval_main
-    from varcmp.search import main as search_main
+    from varcmp.cli.search import main as search_main
 
     craft, needle = CRAFTED[kind]
     ckpt = crafted_checkpoint(tmp_path / "crafted.safetensors", planted, craft)
@@ -265,14 +265,15 @@ def test_ctrl_c_in_search_is_one_line_and_exit_130(markup_run, tmp_path):
     queries = tmp_path / "queries.txt"
     queries.write_text("".join(f"query {i}: a man hits a dog\n" for i in range(3000)))
     js = tmp_path / "hits.json"
-    code, lines, after = interrupt("varcmp.search", [cache, "--checkpoint", ckpt, "--queries", queries, "--json", js,
+    code, lines, after = interrupt("varcmp.cli.search", [cache, "--checkpoint", ckpt, "--queries", queries, "--json", js,
                                                       "--device", "cpu"], started, after=1.0)
     one_interrupt_line(code, lines, after)
     assert not js.exists()
 
 
 def test_ctrl_c_in_extract_is_one_line_saying_what_is_saved(tmp_path, tiny_clip):
-    from varcmp.cache_schema import DONE, open_cache
+    from varcmp.cache_schema import DONE
+    from varcmp.cache.reader import open_cache
 
     root = tmp_path / "videos"
     root.mkdir()
@@ -329,7 +330,7 @@ def test_train_without_validation_says_what_picked_best(train_cache, tmp_path):
 
 
 def test_ctrl_c_in_train_says_which_epoch_is_saved(train_cache, tmp_path):
-    from varcmp.train import STATE_NAME, load_state
+    from varcmp.training.state import STATE_NAME, load_state
 
     out = tmp_path / "run"
     code, lines, after = interrupt("varcmp.train", [train_cache, "--out", out, "--epochs", 1000, "-q", *SMALL],
@@ -342,7 +343,7 @@ def test_ctrl_c_in_train_says_which_epoch_is_saved(train_cache, tmp_path):
 
 
 def test_ctrl_c_in_train_before_an_epoch_ends_says_nothing_is_saved(train_cache, tmp_path):
-    from varcmp.train import STATE_NAME
+    from varcmp.training.state import STATE_NAME
 
     out = tmp_path / "run"
     code, lines, after = interrupt("varcmp.train", [train_cache, "--out", out, "--batch-size", 2, "-q",

@@ -10,10 +10,14 @@ from click.testing import CliRunner
 
 from conftest import noise_frames, tone
 from test_bad_input import all_frames, write_vfr
-from varcmp.cache_schema import DONE, ROOT_KEY, CacheWriter, open_cache
+from varcmp.cache_schema import DONE, ROOT_KEY
+from varcmp.cache.writer import CacheWriter
+from varcmp.cache.reader import open_cache
 from varcmp.extract import main
-from varcmp.media import AUDIO_RATE, read_audio, read_frames, sample_times, write_video
-from varcmp.search import read_query_audio
+from varcmp.media.audio import AUDIO_RATE, read_audio
+from varcmp.media.video import read_frames, sample_times
+from varcmp.media.files import write_video
+from varcmp.retrieval.search import read_query_audio
 
 H, W = 48, 64
 

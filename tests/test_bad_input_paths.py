@@ -14,15 +14,15 @@ from click.testing import CliRunner
 from helpers import one_line_error, write_planted_cache
 
 from conftest import noise_frames, tone, write_audio_only
-from varcmp import checkpoint
-from varcmp.cache_schema import open_cache
+from varcmp.model import checkpoint
+from varcmp.cache.reader import open_cache
 from varcmp.evaluate import main as eval_main
 from varcmp.evaluate import zero_shot_model
 from varcmp.extract import main as extract_main
-from varcmp.extract import make_plan
-from varcmp.media import find_videos, write_video
-from varcmp.search import main as search_main
-from varcmp.synth import main as synth_main
+from varcmp.media.plan import make_plan
+from varcmp.media.files import find_videos, write_video
+from varcmp.cli.search import main as search_main
+from varcmp.cli.synth import main as synth_main
 
 VIDEO = "Abuse/Abuse001_x264.mp4"
 SYNTH = ["-n", "10", "--dim", "32", "--frames", "4", "--patches", "12", "--object-patches", "1", "--words", "12",

@@ -3,8 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from varcmp.cache_schema import (DONE, FAILED, PENDING, SCHEMA_VERSION, CacheError, CacheSpec, CacheWriter, QueryEntry,
-                                 VideoEntry, VideoFeatures, open_cache)
+from varcmp.cache_schema import DONE, FAILED, PENDING, SCHEMA_VERSION, CacheError, CacheSpec, QueryEntry, VideoEntry, VideoFeatures
+from varcmp.cache.writer import CacheWriter
+from varcmp.cache.reader import open_cache
 
 SPEC = CacheSpec(num_frames=4, num_patches=3, dim=8, max_words=5, audio_segments=2, audio_dim=6)
 ENC = {"clip": {"name": "tiny-clip", "config_hash": "sha256:1"}, "clap": {"name": "tiny-clap", "config_hash": "sha256:2"}}

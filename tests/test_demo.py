@@ -7,7 +7,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from varcmp.cli import SETTINGS, main
+from varcmp.cli.demo import SETTINGS
+from varcmp.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,12 +18,15 @@ import torch
 from click.testing import CliRunner
 from helpers import write_planted_cache
 
-import varcmp.distributed as D
+import varcmp.training.distributed as D
 import varcmp.train as T
-from varcmp import checkpoint
-from varcmp.cache_schema import open_cache
-from varcmp.encoders import weights_hash
-from varcmp.evaluate import load_eval_data
+import varcmp.training as TR
+import varcmp.training.data as TD
+import varcmp.training.step as TP
+from varcmp.model import checkpoint
+from varcmp.cache.reader import open_cache
+from varcmp.encoders.frozen import weights_hash
+from varcmp.retrieval.pairs import load_eval_data
 from varcmp.retrieval.scoring import encode_queries, encode_videos, score_matrix
 
 needs_gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -178,9 +181,12 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-import varcmp.distributed as D
+import varcmp.training.distributed as D
 import varcmp.train as T
-from varcmp.cache_schema import open_cache
+import varcmp.training as TR
+import varcmp.training.data as TD
+import varcmp.training.step as TP
+from varcmp.cache.reader import open_cache
 from varcmp.model import VarCMP
 
 cache, out = sys.argv[1], Path(sys.argv[2])
@@ -193,23 +199,23 @@ with D.distributed("cpu") as dist:
     # gathered batch, "backward" = x world size, DDP's average) against one process on the whole batch
     split = open_cache(cache).split("train")
     cfg = T.TrainOptions(dropout=0.0, **opts).model_config(open_cache(cache).spec)
-    plan = T.plan_data(split, "text", 0.2, 0)
-    vsrc = T.Rows(split, T.video_keys(cfg), plan.train_rows, True, torch.device("cpu"))
-    qsrc = T.Rows(split, T.TEXT_KEYS, plan.train_queries, True, torch.device("cpu"))
+    plan = TD.plan_data(split, "text", 0.2, 0)
+    vsrc = TD.Rows(split, TD.video_keys(cfg), plan.train_rows, True, torch.device("cpu"))
+    qsrc = TD.Rows(split, TD.TEXT_KEYS, plan.train_queries, True, torch.device("cpu"))
     labels = torch.from_numpy(plan.labels)
     torch.manual_seed(0)
     model = VarCMP(cfg).train()
     model.patch_selector.eval()  # the hard top-k: "finer" without a random draw, its patches gathered too
     ref = copy.deepcopy(model)
-    ddp = DistributedDataParallel(T.TrainStep(model, dist), static_graph=True)
-    batches = T.epoch_batches(plan, 1, 0, 8)
+    ddp = DistributedDataParallel(TP.TrainStep(model, dist), static_graph=True)
+    batches = TD.epoch_batches(plan, 1, 0, 8)
     for vrows, qrows in (batches[0], batches[-1]):  # 8 rows (4 + 4), and the last, uneven one (3: 2 + 1)
         model.zero_grad(set_to_none=True)
         ref.zero_grad(set_to_none=True)
         lv, lq, sizes = D.local_rows(vrows, qrows, dist)
         got = ddp(vsrc.get(lv), qsrc.get(lq), labels[lv], sizes, labels[vrows])
         got["backward"].backward()
-        want = T.TrainStep(ref)(vsrc.get(vrows), qsrc.get(qrows), labels[vrows], None, labels[vrows])
+        want = TP.TrainStep(ref)(vsrc.get(vrows), qsrc.get(qrows), labels[vrows], None, labels[vrows])
         assert want["backward"] is want["loss"]
         want["backward"].backward()
         torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-6, atol=0)
@@ -279,7 +285,7 @@ def test_global_batch_split_and_gather_order():
 
 def test_ddp_setting_errors_are_one_line(planted, tmp_path, monkeypatch):
     dist = D.DistInfo(0, 3, 0, torch.device("cpu"), "gloo")
-    with pytest.raises(T.TrainError, match="--batch-size 8 is the global batch and must be divisible by the 3"):
+    with pytest.raises(TR.TrainError, match="--batch-size 8 is the global batch and must be divisible by the 3"):
         T.train(planted, tmp_path / "run", T.TrainOptions(epochs=1), dist=dist)
     assert not (tmp_path / "run").exists()
     with pytest.raises(D.DistSetupError, match="CUDA_VISIBLE_DEVICES"):

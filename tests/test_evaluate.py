@@ -13,12 +13,13 @@ import torch
 from click.testing import CliRunner
 from helpers import ENCODERS, SPEC, one_line_error, write_planted_cache
 
-from varcmp import checkpoint
-from varcmp.cache_schema import CacheWriter, VideoEntry, VideoFeatures, open_cache
-from varcmp.evaluate import (
-    DEFAULT_METRICS, METRICS, format_metric, load_eval_data, main, metric_label, postprocess, query_to_video_ranks,
-    retrieval_metrics, summarize, video_to_query_ranks, zero_shot_model,
-)
+from varcmp.model import checkpoint
+from varcmp.cache.writer import CacheWriter
+from varcmp.cache_schema import VideoEntry, VideoFeatures
+from varcmp.cache.reader import open_cache
+from varcmp.evaluate import DEFAULT_METRICS, main, zero_shot_model
+from varcmp.retrieval.metrics import METRICS, format_metric, metric_label, postprocess, query_to_video_ranks, retrieval_metrics, summarize, video_to_query_ranks
+from varcmp.retrieval.pairs import load_eval_data
 from varcmp.model import ModelConfig, VarCMP
 from varcmp.retrieval.scoring import DEFAULT_CHUNK, encode_queries, encode_videos, score_matrix
 

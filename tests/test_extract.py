@@ -12,9 +12,11 @@ import torch
 from click.testing import CliRunner
 
 from conftest import BAD, CAPTIONS, GOOD, noise_frames, tone
-from varcmp.cache_schema import DONE, FAILED, open_cache
+from varcmp.cache_schema import DONE, FAILED
+from varcmp.cache.reader import open_cache
 from varcmp.extract import main
-from varcmp.media import read_frames, write_video
+from varcmp.media.video import read_frames
+from varcmp.media.files import write_video
 
 
 def extract(*args):
@@ -104,7 +106,7 @@ def test_stored_features_equal_the_model_outputs(text_cache, video_root, tiny_cl
 def test_audio_cache(audio_cache, video_root, tiny_clap):
     from transformers import ClapFeatureExtractor, ClapModel
 
-    from varcmp.media import audio_windows, read_audio
+    from varcmp.media.audio import audio_windows, read_audio
 
     out, code, log = audio_cache
     assert code == 1
@@ -194,7 +196,7 @@ def test_second_split_adds_to_the_store_and_hdf5_matches_zarr(tmp_path, video_ro
     assert a.paths.tolist() == b.paths.tolist()
     np.testing.assert_array_equal(cz.split("test").load_text().sentence, ch.split("test").load_text().sentence)
     # a different model into the same store is refused with a clear message
-    from varcmp.tiny_models import make_tiny_clip
+    from varcmp.encoders.tiny import make_tiny_clip
 
     other = make_tiny_clip(tmp_path / "other", seed=1)
     code, log = extract(video_root, "--out", z, "--split", "x", "--clip-model", other, "--workers", 0)

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from varcmp.cache_schema import RUN_LOCK_NAME, CacheError, IncompleteCacheWarning, open_cache
+from varcmp.cache_schema import RUN_LOCK_NAME, CacheError, IncompleteCacheWarning
+from varcmp.cache.reader import open_cache
 from varcmp.extract import main
 
 

@@ -30,7 +30,9 @@ import pytest
 from click.testing import CliRunner
 
 from test_extract_distributed import assert_same_store
-from varcmp.cache_schema import DONE, FAILED, FAULT_ENV, PENDING, IncompleteCacheWarning, open_cache
+from varcmp.cache_schema import DONE, FAILED, PENDING, IncompleteCacheWarning
+from varcmp.cache.store import FAULT_ENV
+from varcmp.cache.reader import open_cache
 from varcmp.extract import main
 
 FAILED_ONES = ["Abuse/audio_only.mp4", "Abuse/notes.mp4", "Abuse/truncated.mp4", "Abuse/zero_bytes.mp4"]

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from conftest import noise_frames, tone
-from varcmp.media import (AUDIO_RATE, MediaError, audio_windows, find_videos, read_audio, read_frames, sample_times,
-                          write_video)
+from varcmp.media.audio import AUDIO_RATE, audio_windows, read_audio
+from varcmp.media.video import MediaError, read_frames, sample_times
+from varcmp.media.files import find_videos, write_video
 
 
 def all_frames(path):

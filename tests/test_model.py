@@ -7,9 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from varcmp.model import (
-    LEVELS, ModelConfig, PerturbedTopK, QueryEmb, VarCMP, VideoEmb, info_nce, mil_bce, video_scores,
-)
+from varcmp.model import LEVELS, ModelConfig, PerturbedTopK, QueryEmb, VarCMP, VideoEmb, info_nce, mil_bce, video_scores
 
 C, N, P, M = 16, 6, 5, 2
 FRAMES = [[0, 1, 2, 3, 4, 5], [0, 1, 2], [1, 3, 4]]      # valid frames per video (one with holes)

@@ -17,14 +17,16 @@ import torch
 from click.testing import CliRunner
 from helpers import SPEC, one_line_error, write_planted_cache
 
-from varcmp import checkpoint
-from varcmp.cache_schema import open_cache
-from varcmp.evaluate import load_eval_data, zero_shot_model
+from varcmp.model import checkpoint
+from varcmp.cache.reader import open_cache
+from varcmp.retrieval.pairs import load_eval_data
+from varcmp.evaluate import zero_shot_model
 from varcmp.model import VarCMP
-from varcmp.search import (
-    INDEX_DIR, Searcher, best_span, default_pool, main, print_results, relevance, render_html, search_features,
-    write_json,
-)
+from varcmp.retrieval.index import INDEX_DIR, default_pool
+from varcmp.retrieval.search import Searcher, search_features
+from varcmp.retrieval.spans import best_span, relevance
+from varcmp.cli.search import main
+from varcmp.retrieval.report import print_results, render_html, write_json
 from varcmp.retrieval.scoring import encode_queries, encode_videos, score_matrix
 
 # ----------------------------------------------------------------------------- fixtures
@@ -249,7 +251,7 @@ def test_index_is_stored_reused_and_rebuilt_for_other_weights(bigger, tmp_path):
 
 
 def test_auto_mode_and_progress(bigger, tmp_path, monkeypatch):
-    import varcmp.search as S
+    import varcmp.retrieval.search as S
 
     ckpt = save_checkpoint(perturbed(SPEC, seed=7), bigger, tmp_path / "r" / "best.safetensors")
     feats, texts, _ = captions(bigger)
@@ -424,7 +426,7 @@ def test_html_report_renders_in_headless_chromium(extracted, tmp_path):
 
 
 def test_cli_refuses_another_clip_and_reports_unreachable_videos(extracted, tmp_path):
-    from varcmp.tiny_models import make_tiny_clip
+    from varcmp.encoders.tiny import make_tiny_clip
 
     cache, ckpt = extracted
     other = make_tiny_clip(tmp_path / "other-clip", seed=1)
@@ -486,7 +488,7 @@ def test_cli_end_to_end_with_real_audio(video_root, tiny_clip, tiny_clap, tmp_pa
 def write_silent(path: Path, seconds: float = 2.0) -> Path:
     import av
 
-    from varcmp.media import audio_stream, mux_audio
+    from varcmp.media.audio import audio_stream, mux_audio
 
     with av.open(str(path), "w") as c:
         mux_audio(c, audio_stream(c, 48_000), np.zeros(int(48_000 * seconds), np.float32), 48_000)

@@ -9,11 +9,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from varcmp.annotations import label_from_path
-from varcmp.cache_schema import DONE, CacheError, open_cache, text_arrays, video_arrays
-from varcmp.evaluate import load_eval_data, retrieval_metrics, zero_shot_model
+from varcmp.media.captions import label_from_path
+from varcmp.cache_schema import DONE, CacheError, text_arrays, video_arrays
+from varcmp.cache.reader import open_cache
+from varcmp.retrieval.pairs import load_eval_data
+from varcmp.retrieval.metrics import retrieval_metrics
+from varcmp.evaluate import zero_shot_model
 from varcmp.retrieval.scoring import encode_queries, encode_videos, score_matrix
-from varcmp.synth import SynthParams, World, extract_media, main, make_synthetic_cache, render_media
+from varcmp.synth.world import SynthParams, World, make_synthetic_cache
+from varcmp.synth.media import extract_media, render_media
+from varcmp.cli.synth import main
 
 # small but structured: 60 videos, half of each kind in test
 SMALL = dict(dim=128, frames=8, patches=16, words=16, audio_segments=8)
@@ -224,8 +229,9 @@ def _tone_level(samples, rate, freq, t0, t1):
 
 
 def test_media_renders_real_files_and_extracts_with_tiny_encoders(tmp_path, tiny_clip, tiny_clap):
-    from varcmp.media import AUDIO_RATE, read_audio, read_frames
-    from varcmp.synth import media_style
+    from varcmp.media.audio import AUDIO_RATE, read_audio
+    from varcmp.media.video import read_frames
+    from varcmp.synth.media import media_style
 
     world = World(SynthParams(videos=6, seed=0, test_share=0.34, frames=8, span=2, audio_segments=4))
     media = tmp_path / "media"

@@ -14,8 +14,14 @@ from click.testing import CliRunner
 from helpers import write_planted_cache
 
 import varcmp.train as T
-from varcmp import checkpoint
-from varcmp.cache_schema import Cache, CacheSpec, CacheWriter, VideoEntry, VideoFeatures, open_cache, read_rows
+import varcmp.training as TR
+import varcmp.training.data as TD
+import varcmp.training.state as TS
+import varcmp.training.step as TP
+from varcmp.model import checkpoint
+from varcmp.cache.reader import Cache, open_cache, read_rows
+from varcmp.cache_schema import CacheSpec, VideoEntry, VideoFeatures
+from varcmp.cache.writer import CacheWriter
 from varcmp.retrieval.scoring import encode_queries, encode_videos, score_matrix
 from varcmp.model import VarCMP
 
@@ -98,7 +104,7 @@ def weights(path) -> dict[str, torch.Tensor]:
 
 
 def scores(model: VarCMP, cache: Path, split: str = "test") -> np.ndarray:
-    from varcmp.evaluate import load_eval_data
+    from varcmp.retrieval.pairs import load_eval_data
 
     ev = load_eval_data(open_cache(cache).split(split), model.cfg.query)
     model.eval()
@@ -129,8 +135,8 @@ def test_training_lowers_the_loss_and_raises_validation_r1(planted, tmp_path):
     # the best checkpoint, reloaded, gives the recorded validation metrics again
     model, _ = checkpoint.load(tmp_path / "run")
     cache = open_cache(planted)
-    plan = T.plan_data(cache.split("train"), "audio", 0.25, 0)
-    again = T.validate(model, T.load_validation(cache.split("train"), plan, model.cfg), torch.device("cpu"))
+    plan = TD.plan_data(cache.split("train"), "audio", 0.25, 0)
+    again = TP.validate(model, TD.load_validation(cache.split("train"), plan, model.cfg), torch.device("cpu"))
     assert again == h[s.best_epoch]["val"]
     hist = json.loads((tmp_path / "run" / "history.json").read_text())
     assert hist["best_epoch"] == s.best_epoch and len(hist["epochs"]) == 6
@@ -207,14 +213,14 @@ def test_loading_never_executes_code(planted, tmp_path):
     run.mkdir()
     for blob in (pickle.dumps(_Payload(marker)), None):
         if blob is None:  # ...also as a torch.save file
-            torch.save(_Payload(marker), run / T.STATE_NAME)
+            torch.save(_Payload(marker), run / TS.STATE_NAME)
         else:
-            (run / T.STATE_NAME).write_bytes(blob)
+            (run / TS.STATE_NAME).write_bytes(blob)
         (run / "best.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
         res = cli(planted, "--out", run, "--resume", *SMALL_ARGS, code=2)
         assert "not a varcmp training state" in one_line_error(res)
-        with pytest.raises(T.TrainError):
-            T.load_state(run / T.STATE_NAME)
+        with pytest.raises(TR.TrainError):
+            TS.load_state(run / TS.STATE_NAME)
         with pytest.raises(checkpoint.CheckpointError):
             checkpoint.load(run / "best.safetensors")
         with pytest.raises(checkpoint.CheckpointError):
@@ -312,7 +318,7 @@ def test_module_entry_point():
 
 def test_non_finite_loss_stops_with_a_message(planted, tmp_path, monkeypatch):
     seen = {}
-    batches, loss = T.epoch_batches, VarCMP.loss
+    batches, loss = TD.epoch_batches, VarCMP.loss
 
     def record(plan, epoch, seed, bs):
         seen["epoch"] = epoch
@@ -336,7 +342,7 @@ def test_non_finite_loss_stops_with_a_message(planted, tmp_path, monkeypatch):
 
 def test_validation_is_held_out_of_training_and_never_touches_test(planted, tmp_path, monkeypatch):
     opened, batched = [], []
-    split, batches = Cache.split, T.epoch_batches
+    split, batches = Cache.split, TD.epoch_batches
 
     def record_split(self, name):
         opened.append(name)
@@ -373,12 +379,12 @@ def test_validation_is_held_out_of_training_and_never_touches_test(planted, tmp_
 
 
 def test_several_captions_per_video_one_per_batch():
-    plan = T.Plan("text", np.array([f"v{i}" for i in range(6)], dtype=object), np.array([1, 0, 1, 0, 1, 0]),
+    plan = TD.Plan("text", np.array([f"v{i}" for i in range(6)], dtype=object), np.array([1, 0, 1, 0, 1, 0]),
                   train_rows=np.arange(6), val_rows=np.zeros(0, np.int64),
                   cap_rows=np.arange(12), cap_video=np.repeat(np.arange(6), 2))
     drawn = set()
     for epoch in range(1, 6):
-        out = T.epoch_batches(plan, epoch, 0, 4)
+        out = TD.epoch_batches(plan, epoch, 0, 4)
         assert [len(v) for v, _ in out] == [4, 2]
         for v, q in out:
             assert np.array_equal(plan.cap_video[q], v) and len(set(v.tolist())) == len(v)
@@ -386,7 +392,7 @@ def test_several_captions_per_video_one_per_batch():
     assert len(drawn) > 6  # both captions of some videos were used across epochs
     # a trailing single pair is merged into the previous batch (no InfoNCE without a negative)
     plan.train_rows, plan.cap_rows, plan.cap_video = np.arange(5), np.arange(5), np.arange(5)
-    assert [len(v) for v, _ in T.epoch_batches(plan, 1, 0, 4)] == [5]
+    assert [len(v) for v, _ in TD.epoch_batches(plan, 1, 0, 4)] == [5]
 
 
 def test_hdf5_cache_in_memory_and_streamed(tmp_path):
@@ -404,4 +410,4 @@ def test_read_rows_any_order(planted):
     arr = open_cache(planted).split("train").array("videos/frame_feat")
     rows = np.array([5, 1, 5, 0])
     np.testing.assert_array_equal(read_rows(arr, rows), np.asarray(arr[:])[rows])
-    assert T.available_memory() > 2**20  # Linux: MemAvailable of /proc/meminfo
+    assert TD.available_memory() > 2**20  # Linux: MemAvailable of /proc/meminfo

@@ -21,8 +21,10 @@ from click.testing import CliRunner
 from helpers import write_planted_cache
 
 import varcmp.train as T
-from varcmp import checkpoint
-from varcmp.cache_schema import open_cache
+import varcmp.training.data as TD
+import varcmp.training.state as TS
+from varcmp.model import checkpoint
+from varcmp.cache.reader import open_cache
 
 # --val-fraction 0: best.safetensors is rewritten every epoch (best = last), so every write is exercised
 ARGS = ["--heads", "2", "--ffn-dim", "64", "--topk-samples", "20", "--lr", "1e-3", "--val-fraction", "0",
@@ -85,8 +87,8 @@ def assert_nothing_partial(run: Path) -> None:
     """Every checkpoint on disk loads whole; the resume state loads; no temp file is left."""
     for path in run.glob("*.safetensors"):
         checkpoint.load(path)
-    if (run / T.STATE_NAME).exists():
-        T.load_state(run / T.STATE_NAME)
+    if (run / TS.STATE_NAME).exists():
+        TS.load_state(run / TS.STATE_NAME)
     assert not list(run.glob(".*.tmp")), list(run.glob(".*.tmp"))
 
 
@@ -101,6 +103,8 @@ import safetensors.torch
 import torch
 
 import varcmp.train as T
+import varcmp.training.data as TD
+import varcmp.training.state as TS
 from varcmp.model import VarCMP
 
 torch.set_num_threads(1)
@@ -142,7 +146,7 @@ T.main(prog_name="varcmp-train")
 """
 
 
-@pytest.mark.parametrize("point", ["step", T.STATE_NAME, "best.safetensors"])
+@pytest.mark.parametrize("point", ["step", TS.STATE_NAME, "best.safetensors"])
 def test_kill_9_then_resume_gives_the_uninterrupted_run(planted, reference, tmp_path, point):
     """kill -9 in epoch 2: mid-epoch (step 2); while writing the resume state (before it commits the epoch);
     while writing best.safetensors (after the state committed it). No checkpoint on disk is ever partial,
@@ -158,7 +162,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_run(planted, reference, tmp_
         assert [p.name.startswith(f".{point}.") for p in temps] == [True], temps
     for path in run.glob("*.safetensors"):
         checkpoint.load(path)
-    committed = T.load_state(run / T.STATE_NAME)["epoch"]
+    committed = TS.load_state(run / TS.STATE_NAME)["epoch"]
     assert committed == (2 if point == "best.safetensors" else 1)
     assert checkpoint.read_meta(run / "last.safetensors")["epoch"] == 1
     res = cli(planted, *ARGS, "--out", run, "--resume")
@@ -172,10 +176,10 @@ def test_kill_9_then_resume_gives_the_uninterrupted_run(planted, reference, tmp_
 # ----------------------------------------------------------------------------- a damaged cache
 
 
-def damaged_copy(planted: Path, tmp_path: Path) -> tuple[Path, T.Plan]:
+def damaged_copy(planted: Path, tmp_path: Path) -> tuple[Path, TD.Plan]:
     copy = tmp_path / "damaged.zarr"
     shutil.copytree(planted, copy)
-    return copy, T.plan_data(open_cache(copy).split("train"), "text", 0.25, 0)
+    return copy, TD.plan_data(open_cache(copy).split("train"), "text", 0.25, 0)
 
 
 def test_nan_features_are_named_at_load_and_at_read(planted, tmp_path):
@@ -274,7 +278,7 @@ def test_a_full_disk_stops_with_one_line_and_nothing_partial(planted, reference,
                          preexec_fn=limit, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1, (res.returncode, res.stderr[-2000:])
     line = one_line_error(res.stderr, alone=False)
-    assert f"cannot write {run / T.STATE_NAME} (" in line and "nothing of the run was saved" in line, line
+    assert f"cannot write {run / TS.STATE_NAME} (" in line and "nothing of the run was saved" in line, line
     assert "--resume" in line
     assert not [p for p in run.iterdir()], list(run.iterdir())  # no partial file, no temp file
     res = cli(planted, *ARGS, "--out", run, "--resume")
@@ -289,7 +293,7 @@ def test_a_full_disk_after_the_epoch_is_committed_resumes(planted, reference, tm
     import safetensors.torch
 
     now = {"epoch": 0}
-    batches, save_file = T.epoch_batches, safetensors.torch.save_file
+    batches, save_file = TD.epoch_batches, safetensors.torch.save_file
 
     def record(plan, epoch, seed, batch_size):
         now["epoch"] = epoch
@@ -307,7 +311,7 @@ def test_a_full_disk_after_the_epoch_is_committed_resumes(planted, reference, tm
     run = tmp_path / "run"
     line = one_line_error(cli(planted, *ARGS, "--out", run, code=1).stderr, alone=False)
     assert line.startswith(f"error: cannot write {run / 'last.safetensors'} (No space left on device): stopped at "
-                           f"epoch 2, epoch 2 is saved in {T.STATE_NAME}"), line
+                           f"epoch 2, epoch 2 is saved in {TS.STATE_NAME}"), line
     assert_nothing_partial(run)
     assert checkpoint.read_meta(run / "last.safetensors")["epoch"] == 1
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)

@@ -1,5 +1,5 @@
-"""Retrieval metrics, all-pairs scoring from the cache (shared with training's validation and
-with search), and the `varcmp-eval` command.
+"""`varcmp-eval`: retrieval metrics of a checkpoint (or of zero-shot CLIP) on one split, scored by
+the engine that validation and search share (`retrieval.scoring`), measured by `retrieval.metrics`.
 
 Rank of the true item = 1 + the number of other items scoring at least as high:
 ties count against the model.
@@ -7,186 +7,28 @@ ties count against the model.
     varcmp-eval cache.zarr --checkpoint runs/ucf --split test --metrics r1,r5,r10,mdr
     varcmp-eval cache.zarr --checkpoint runs/xd --split test --json results.json
     varcmp-eval cache.zarr --zero-shot --split test
-    varcmp-eval cache.zarr --checkpoint runs/ucf --levels coarse --no-anomaly-weighting
-"""
+    varcmp-eval cache.zarr --checkpoint runs/ucf --levels coarse --no-anomaly-weighting"""
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-
 import click
 import numpy as np
 import torch
 
-from .cache_schema import CacheError, Split, VideoData
-from .cli import OneLineErrors, OutputFile
+from .cache_schema import CacheError
+from .cli.common import OneLineErrors, OutputFile
 from .model import VarCMP
 from .retrieval.scoring import DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, default_chunk, encode_queries, encode_videos, score_matrix
+from .errors import UserError
+from .retrieval.metrics import METRICS, POST, POST_LABEL, SINKHORN_ITERS, format_metric, metric_label, parse_metrics, postprocess, query_to_video_ranks, summarize, video_to_query_ranks
+from .retrieval.pairs import load_eval_data
 
-METRICS = ("r1", "r5", "r10", "r50", "mdr", "mnr")
+
 DEFAULT_METRICS = ("r1", "r5", "r10", "mdr")
 ENCODE_BATCH = 16           # videos per encode_videos forward in the CLI (memory, not results)
-POST = ("dsl", "sinkhorn")
-SINKHORN_ITERS = 4          # alternating row/column normalisations (log domain)
-
-
-# --------------------------------------------------------------------------
-# Ranks and metrics
-
-
-def _finite_or_worst(sim: np.ndarray) -> np.ndarray:
-    """NaN scores (a broken model) rank last, so they can never flatter a result."""
-    sim = np.asarray(sim)
-    return np.where(np.isnan(sim), -np.inf, sim) if np.isnan(sim).any() else sim
-
-
-def _pairing(sim: np.ndarray, query_video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    sim = _finite_or_worst(sim)
-    query_video = np.asarray(query_video, dtype=np.int64)
-    if sim.ndim != 2 or query_video.shape != (sim.shape[1],) or (
-            len(query_video) and not 0 <= query_video.min() <= query_video.max() < sim.shape[0]):
-        raise ValueError(f"query_video must give a row of sim {sim.shape} for each of its {sim.shape[-1]} "
-                         f"columns, got {query_video.shape} values")
-    return sim, query_video
-
-
-def query_to_video_ranks(sim: np.ndarray, query_video: np.ndarray) -> np.ndarray:
-    """sim [V, Q]; query_video[q] = row of q's video. Rank of that video among all videos, per query:
-    1 + the number of other videos scoring >= the true one."""
-    sim, query_video = _pairing(sim, query_video)
-    q = np.arange(sim.shape[1])
-    true = sim[query_video, q]  # [Q]
-    return (sim >= true[None, :]).sum(0)  # the true video itself + every other video scoring >= it
-
-
-def video_to_query_ranks(sim: np.ndarray, query_video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per video that has queries: 1 + the number of other videos' queries scoring at least as high
-    as its best-scoring own query (a video with several captions is retrieved by its best one).
-    Returns (ranks, video rows)."""
-    sim, query_video = _pairing(sim, query_video)
-    V, Q = sim.shape
-    rows = np.unique(query_video)
-    if Q == 0:
-        return np.zeros(0, dtype=np.int64), rows
-    true = sim[query_video, np.arange(Q)].astype(np.float64)     # float64 holds every value exactly
-    best = np.full(V, -np.inf)
-    np.maximum.at(best, query_video, true)                       # best own query per video
-    at_least = (sim[rows] >= best[rows, None]).sum(1)            # all queries >= it, own ones included
-    own = np.bincount(query_video[true >= best[query_video]], minlength=V)[rows]
-    return (1 + at_least - own).astype(np.int64), rows
-
-
-def summarize(ranks: np.ndarray, metrics=METRICS) -> dict[str, float]:
-    """R@K in percent, MdR and MnR of 1-based ranks."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    out = {}
-    for m in metrics:
-        if m.startswith("r") and m[1:].isdigit():
-            out[m] = float(100.0 * (ranks <= int(m[1:])).mean()) if len(ranks) else float("nan")
-        elif m == "mdr":
-            out[m] = float(np.median(ranks)) if len(ranks) else float("nan")
-        elif m == "mnr":
-            out[m] = float(ranks.mean()) if len(ranks) else float("nan")
-        else:
-            raise ValueError(f"unknown metric {m!r}; choose from {', '.join(METRICS)}")
-    return out
-
-
-def retrieval_metrics(sim: np.ndarray, query_video: np.ndarray, metrics=METRICS) -> dict[str, dict[str, float]]:
-    """Both directions: 'q2v' (text/audio -> video) and 'v2q' (video -> text/audio)."""
-    v2q, _ = video_to_query_ranks(sim, query_video)
-    return {"q2v": summarize(query_to_video_ranks(sim, query_video), metrics), "v2q": summarize(v2q, metrics)}
-
-
-# --------------------------------------------------------------------------
-# Opt-in post-processing (never applied unless asked for; the output says which was used)
-
-
-def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
-    x = x - x.max(axis=axis, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(axis=axis, keepdims=True)
-
-
-def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
-    m = x.max(axis=axis, keepdims=True)
-    return m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
-
-
-def postprocess(sim: np.ndarray, method: str | None, scale: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
-    """Matrices ranked in each direction, (for query->video, for video->query), from raw sim [V, Q].
-
-    None: the raw similarities for both.
-    "dsl": dual softmax (CAMoE): the raw score times a prior, the softmax of scale * sim over the
-        *other* axis: query->video ranks sim * softmax_q(scale * sim) (each video's distribution
-        over the queries), video->query ranks sim * softmax_v(scale * sim).
-    "sinkhorn": log-domain Sinkhorn normalisation of exp(scale * sim): SINKHORN_ITERS rounds of
-        normalising the rows (videos), then the columns (queries); the same matrix is ranked in
-        both directions.
-    Both use the statistics of the whole test collection (transductive): they are not raw
-    similarities and are labelled as such in every output. scale: the model's logit scale."""
-    sim = np.asarray(sim, dtype=np.float64)
-    if method is None:
-        return sim, sim
-    if method == "dsl":
-        z = scale * sim
-        return sim * _softmax(z, axis=1), sim * _softmax(z, axis=0)
-    if method == "sinkhorn":
-        z = scale * sim
-        for _ in range(SINKHORN_ITERS):
-            z = z - _logsumexp(z, axis=1)
-            z = z - _logsumexp(z, axis=0)
-        return z, z
-    raise ValueError(f"unknown post-processing {method!r}; choose from {', '.join(POST)}")
-
-
-POST_LABEL = {None: "none (raw similarities)", "dsl": "DSL, dual softmax (not raw similarities)",
-              "sinkhorn": f"Sinkhorn, {SINKHORN_ITERS} iterations (not raw similarities)"}
-
-
-# --------------------------------------------------------------------------
-# What is evaluated
-
-
-@dataclass
-class EvalData:
-    """Videos and queries of one split, with the pairing and what had to be left out."""
-
-    videos: VideoData
-    query: str  # "text" or "audio"
-    query_feats: dict[str, np.ndarray]  # text: word_feat, word_mask, sentence; audio: seg_feat, seg_mask
-    query_video: np.ndarray  # [Q] row in `videos` of each query's video
-    query_text: list[str]  # captions, or the video path of an audio query
-    dropped: list[str] = field(default_factory=list)  # one line per query left out, and why
-    no_query: int = 0  # videos (kept in the gallery) that have no query
-
-
-def load_eval_data(split: Split, query: str, patches: bool = True) -> EvalData:
-    """Every extracted video of the split, and every query whose video was extracted."""
-    if query == "text":
-        videos = split.load_videos(patches=patches, audio=False)
-        t = split.load_text()
-        row = {int(i): n for n, i in enumerate(videos.index)}
-        keep = np.array([t.done[q] and int(t.video_index[q]) in row for q in range(len(t.text))], dtype=bool)
-        paths = split.paths
-        dropped = [f"caption {q} ({t.text[q][:40]!r}): its video {paths[t.video_index[q]]} was not extracted"
-                   for q in np.flatnonzero(~keep)]
-        qv = np.array([row[int(i)] for i in t.video_index[keep]], dtype=np.int64)
-        feats = {"word_feat": t.word_feat[keep], "word_mask": t.word_mask[keep], "sentence": t.sentence[keep]}
-        return EvalData(videos, "text", feats, qv, [str(x) for x in t.text[keep]], dropped,
-                        int(len(videos.index) - len(np.unique(qv))))
-    if query == "audio":
-        if not split.has_audio:
-            raise CacheError(f"{split.cache.path}: split '{split.name}' has no audio features (extract with --audio)")
-        videos = split.load_videos(patches=patches, audio=True)
-        has = videos.audio_mask.any(1)
-        qv = np.flatnonzero(has)
-        feats = {"seg_feat": videos.audio_feat[has], "seg_mask": videos.audio_mask[has]}
-        return EvalData(videos, "audio", feats, qv, [str(p) for p in videos.paths[has]], [], int((~has).sum()))
-    raise ValueError(f"query must be 'text' or 'audio', got {query!r}")
 
 
 # --------------------------------------------------------------------------
@@ -197,34 +39,8 @@ DIRECTIONS = {"text": (("t2v", "text->video"), ("v2t", "video->text")),
 SHOWN_DROPPED = 5
 
 
-class UserError(Exception):
-    """Something the user asked for that cannot be done: a one-line message, exit code 2."""
-
-
-def parse_metrics(text) -> tuple[str, ...]:
-    """'r1,r5,r10,mdr' -> ('r1', 'r5', 'r10', 'mdr'); any rK (K >= 1), mdr and mnr."""
-    names = [m.strip().lower() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
-    if not names:
-        raise UserError(f"--metrics: name at least one of {', '.join(METRICS)}")
-    for m in names:
-        if not (m in ("mdr", "mnr") or (m.startswith("r") and m[1:].isdigit() and int(m[1:]) >= 1)):
-            raise UserError(f"--metrics: unknown metric {m!r}; choose from {', '.join(METRICS)} (or any rK)")
-    return tuple(dict.fromkeys(names))
-
-
-def metric_label(m: str) -> str:
-    return {"mdr": "MdR", "mnr": "MnR"}.get(m, f"R@{m[1:]}")
-
-
-def format_metric(m: str, value: float) -> str:
-    """How the table prints a value: R@K and MnR with one decimal, MdR as it is (x or x.5)."""
-    if value != value:  # NaN
-        return "-"
-    return f"{value:.0f}" if m == "mdr" and float(value).is_integer() else f"{value:.1f}"
-
-
 def _device(name: str) -> torch.device:
-    from .encoders import resolve_device
+    from .encoders.frozen import resolve_device
 
     try:
         return resolve_device(name)
@@ -266,7 +82,7 @@ def evaluate_split(cache, checkpoint=None, split: str = "test", query: str | Non
                    chunk: int | None = None, device: str = "auto", post: str | None = None) -> dict:
     """Everything `varcmp-eval` reports, as a JSON-ready dict. Raises UserError, CacheError or
     CheckpointError (one-line messages) for what cannot be evaluated."""
-    from .cache_schema import open_cache
+    from .cache.reader import open_cache
 
     c = open_cache(cache)
     try:
@@ -279,7 +95,7 @@ def evaluate_split(cache, checkpoint=None, split: str = "test", query: str | Non
 def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, anomaly_weighting, chunk, device,
                     post) -> dict:
     from . import __version__
-    from .checkpoint import check_compatible, load, read_meta, resolve
+    from .model.checkpoint import check_compatible, load, read_meta, resolve
 
     metrics = parse_metrics(metrics)
     if zero_shot == (checkpoint is not None):
@@ -401,7 +217,8 @@ def print_report(r: dict, console) -> None:
 def _main(**kw):
     from rich.console import Console
 
-    from .checkpoint import CheckpointError, atomic_write
+    from .model.checkpoint import CheckpointError
+    from .atomic import atomic_write
 
     json_out = kw.pop("json_out")
     kw["anomaly_weighting"] = False if kw.pop("no_anomaly_weighting") else None

@@ -22,201 +22,30 @@ the consolidated metadata. Who does it:
 - otherwise (SLURM array, processes started by hand) the last shard to finish:
   the one that, after releasing its shared run lock, gets it exclusively;
 - or `varcmp-extract --out STORE --finalize [--split NAME]`, run once all shards
-  have ended (it reports what is missing, exit code 2, if a shard did not finish).
-"""
+  have ended (it reports what is missing, exit code 2, if a shard did not finish)."""
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import multiprocessing as mp
 import os
 import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-
 import click
 import numpy as np
 
-from .annotations import AnnotationError, label_from_path, read_captions, safe_relative
-from .cache_schema import (DONE, FAILED, LOCK_NAME, RUN_LOCK_NAME, TEXT_CHUNK, CacheError, CacheSpec,
-                           CacheWriteError, CacheWriter, Completeness, QueryEntry, VideoEntry, VideoFeatures, fault_point,
-                           is_hdf5, probe_target, remove_store)
-from .cli import Interrupted, OneLineErrors
-from .markup import lit
-from .media import (AUDIO_EXTENSIONS, AUDIO_MIX, AUDIO_RATE, MediaError, audio_windows, find_videos, read_audio,
-                    read_frames, within)
-
-# --------------------------------------------------------------------------
-# What to extract
-
-
-@dataclass
-class Plan:
-    videos: list[VideoEntry]
-    queries: list[QueryEntry] | None
-    rejected: list[str] = field(default_factory=list)  # caption rows refused (one line each)
-    missing: list[str] = field(default_factory=list)  # caption rows whose video is not there
-    uncaptioned: int = 0  # videos (of the split) that no caption names
-    notes: list[str] = field(default_factory=list)  # skipped folders, dropped repeated caption rows
-
-
-def make_plan(root: Path, annotations: Path | None, all_videos: bool = False) -> Plan:
-    """The split's videos and queries. With a caption file the videos are those it names
-    (plus every other video under the root with `all_videos`); without one, every video."""
-    notes: list[str] = []
-    found = find_videos(root, notes)
-    if annotations is None:
-        return Plan([_entry(p) for p in found], None, notes=notes)
-    captions = read_captions(annotations, notes)
-    by_name: dict[str, list[str]] = {}
-    for p in found:
-        by_name.setdefault(PurePosixPath(p).name, []).append(p)
-    found_set = set(found)
-    plan = Plan([], [], notes=notes)
-    index: dict[str, int] = {}
-    where = annotations.name
-    for c in captions:
-        if c.problem:
-            plan.rejected.append(f"{where} row {c.row}: {c.problem}")
-            continue
-        try:
-            rel = safe_relative(c.video, root)
-        except ValueError as e:
-            plan.rejected.append(f"{where} row {c.row}: {e}")
-            continue
-        if not c.text:
-            plan.rejected.append(f"{where} row {c.row}: empty caption for {rel!r}")
-            continue
-        if rel not in found_set:
-            name = PurePosixPath(rel).name
-            alt = by_name.get(name, [])
-            if len(alt) == 1:  # the release's folder layout differs from the user's: say which file is used
-                plan.notes.append(f"{where} row {c.row}: video {rel!r} not found; used {alt[0]!r}, the only video "
-                                  f"named {name!r} under {root}")
-                rel = alt[0]
-            elif alt:
-                shown = ", ".join(map(repr, alt[:5])) + (f" and {len(alt) - 5} more" if len(alt) > 5 else "")
-                plan.rejected.append(f"{where} row {c.row}: video {rel!r} not found, and {len(alt)} videos are named "
-                                     f"{name!r} ({shown}); write its path relative to {root}")
-                continue
-            else:
-                why = "not found" if (root / rel).exists() is False else "not a video file"
-                plan.missing.append(f"{where} row {c.row}: video {rel!r} {why} under {root}")
-                continue
-        if rel not in index:
-            index[rel] = len(plan.videos)
-            plan.videos.append(_entry(rel))
-        plan.queries.append(QueryEntry(c.text, index[rel], c.row))
-    if all_videos:
-        for p in found:
-            if p not in index:
-                index[p] = len(plan.videos)
-                plan.videos.append(_entry(p))
-                plan.uncaptioned += 1
-    return plan
-
-
-def _entry(rel: str) -> VideoEntry:
-    label, category = label_from_path(rel)
-    return VideoEntry(rel, label, category)
-
-
-def _looks_local(name: str) -> bool:
-    """A local path rather than a hub id ('namespace/name')."""
-    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
-
-
-def _audio_source(audio: str | None, root: Path, rel: str, notes: list[str]) -> str | None:
-    """Where a video's audio comes from: the video itself, a file named by its stem, or nowhere.
-    A file of the --audio folder that is a link to outside it is skipped (a line in `notes`)."""
-    if audio is None:
-        return None
-    if audio == "video":
-        return str(root / rel)
-    stem = PurePosixPath(rel).stem
-    for ext in AUDIO_EXTENSIONS:
-        for cand in (Path(audio) / PurePosixPath(rel).parent / (stem + ext), Path(audio) / (stem + ext)):
-            if not cand.is_file():
-                continue
-            if within(cand, audio):
-                return str(cand)
-            notes.append(f"--audio {cand}: symbolic link to {os.path.realpath(cand)}, outside {audio}, skipped")
-    return ""  # no file for this video
-
-
-# --------------------------------------------------------------------------
-# Worker side: decode + preprocess (no model weights here)
-
-_W: dict = {}
-
-
-def _init_pool_worker(*args) -> None:
-    """A decoding process: one thread, Ctrl-C left to the main process, then the shared state."""
-    import signal
-
-    import torch
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
-    try:
-        _init_worker(*args)
-    except Exception as e:  # noqa: BLE001 - reported per job instead of a worker traceback
-        _W["broken"] = str(e)
-
-
-def _init_worker(clip_name: str, clap_name: str | None, num_frames: int, audio_segments: int) -> None:
-    from .encoders import load_audio_feature_extractor, load_image_processor, quiet_transformers
-
-    quiet_transformers()
-    _W.update(processor=load_image_processor(clip_name), num_frames=num_frames, audio_segments=audio_segments,
-              extractor=load_audio_feature_extractor(clap_name) if clap_name else None)
-
-
-def _prepare(job: tuple[int, str, str | None]) -> dict:
-    """Decode and preprocess one video; never raises (errors come back as `error`). Each frame is
-    preprocessed as it is decoded, so a worker never holds the video's full-size frames. Remarks
-    come back as `notes`: (kind, text) pairs."""
-    import torch
-
-    from .encoders import preprocess_audio, preprocess_images
-
-    i, path, audio_path = job
-    if "broken" in _W:
-        return {"index": i, "error": f"decoding worker could not start: {_W['broken']}"}
-    try:
-        fr = read_frames(path, _W["num_frames"], lambda img: preprocess_images(_W["processor"], [img])[0])
-        out = {"index": i, "pixels": torch.stack(fr.images), "times": fr.times,
-               "duration": fr.duration, "fps": fr.fps, "total": fr.total_frames, "notes": []}
-        k, n = len(fr.images), _W["num_frames"]
-        if k < n:
-            out["notes"].append(("fewer frames", f"{k} frame{'' if k == 1 else 's'} (fewer than {n}): rest masked"
-                                 if fr.total_frames < n else f"{k} distinct frames at the {n} sample times: rest masked"))
-        if _W["extractor"] is not None:
-            samples, offset, why = _audio_of(audio_path)
-            win = audio_windows(samples, offset, fr.duration, _W["audio_segments"], AUDIO_RATE)
-            if why or win.note:
-                out["notes"].append(why or (win.kind, win.note))
-            out["audio"] = preprocess_audio(_W["extractor"], win.windows, AUDIO_RATE)
-            out["audio_mask"], out["audio_spans"] = win.mask, win.spans
-        return out
-    except MediaError as e:
-        return {"index": i, "error": str(e)}
-    except Exception as e:  # noqa: BLE001 - a bad file must not kill the batch job
-        return {"index": i, "error": f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-
-
-def _audio_of(audio_path: str | None) -> tuple[np.ndarray | None, float, tuple[str, str] | None]:
-    """A video's audio samples and offset (`read_audio`), and the (kind, text) note saying why
-    there is nothing to read, when so."""
-    if audio_path == "":
-        return None, 0.0, ("no audio file", "no audio file")
-    try:
-        got = read_audio(audio_path, AUDIO_RATE)
-    except MediaError as e:
-        return None, 0.0, ("audio unreadable", f"audio unreadable ({e})")
-    return (*got, None) if got is not None else (None, 0.0, None)
+from .media.captions import AnnotationError
+from .cache_schema import DONE, FAILED, TEXT_CHUNK, CacheError, CacheSpec, CacheWriteError, VideoFeatures
+from .cache.writer import CacheWriter, probe_target, remove_store
+from .cache.reader import Completeness
+from .cache.store import fault_point, is_hdf5
+from .cli.common import Interrupted, OneLineErrors
+from .cli.markup import lit
+from .media.audio import AUDIO_MIX, AUDIO_RATE
+from .cache.locks import _Locks, _running
+from .media.decoding import _decoded, _decoders
+from .media.plan import Plan, _audio_source, _looks_local, make_plan
 
 
 # --------------------------------------------------------------------------
@@ -264,91 +93,6 @@ class Summary:
     remaining: int = 0  # videos of the split not yet extracted when this process ended (not finalized)
     note: str = ""  # one line about finalization for the report
     exit_code: int | None = None  # decided by the run itself when shards agree on it (torchrun)
-
-
-class _Locks:
-    """The store's two lock files (flock): `run` held for a whole run, shared by the shards and
-    exclusive for a single-process run or a finalize; `meta` around the short metadata sections.
-    An HDF5 file is written by one process: one lock file beside it, no metadata lock."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        if is_hdf5(out):
-            self.run_path, self.meta_path = out.with_name(out.name + ".lock"), None
-        else:
-            self.run_path, self.meta_path = out / RUN_LOCK_NAME, out / LOCK_NAME
-        self._run = None
-
-    def _open(self, path: Path):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return open(path, "a+")
-        except OSError as e:
-            raise CacheWriteError(f"{self.out}: cannot write to the store ({e.strerror or e})") from None
-
-    def _flock(self, f, how: int) -> bool:
-        """False when a non-blocking request would wait."""
-        import fcntl
-
-        try:
-            fcntl.flock(f, how)
-            return True
-        except BlockingIOError:
-            return False
-        except OSError as e:
-            raise CacheError(f"{self.out}: cannot lock {Path(f.name).name} ({e.strerror or e}); "
-                             "the file system must support flock") from None
-
-    def start(self, exclusive: bool, console=None, busy: str | None = None) -> None:
-        """Take the run lock: exclusive (refused at once when another run holds it) or shared
-        (waits for a single-process run or a finalize to end)."""
-        import fcntl
-
-        f = self._open(self.run_path)
-        try:
-            if exclusive:
-                if not self._flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB):
-                    raise CacheError(busy or f"{self.out}: another varcmp-extract is writing to this store")
-            elif not self._flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB):
-                if console is not None:
-                    console.print(f"waiting: another varcmp-extract holds {lit(self.out)} (a single-process run, or a "
-                                  "finalization)", highlight=False, soft_wrap=True)
-                self._flock(f, fcntl.LOCK_SH)
-        except BaseException:
-            f.close()
-            raise
-        self._run = f
-
-    def last_writer(self) -> bool:
-        """Release this shard's shared run lock; True when no other run holds it, i.e. this is the
-        last writer to finish: it then holds the run lock exclusively (until `stop`)."""
-        import fcntl
-
-        self._flock(self._run, fcntl.LOCK_UN)
-        return self._flock(self._run, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-    def stop(self) -> None:
-        if self._run is not None:
-            import fcntl
-
-            fcntl.flock(self._run, fcntl.LOCK_UN)
-            self._run.close()
-            self._run = None
-
-    @contextmanager
-    def meta(self):
-        if self.meta_path is None:
-            yield
-            return
-        import fcntl
-
-        f = self._open(self.meta_path)
-        try:
-            self._flock(f, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-            f.close()
 
 
 class _Group:
@@ -419,7 +163,7 @@ def run(opt: Options, console=None, group: "_Group | None" = None) -> Summary:
     With `opt.distributed` the ranks join a process group (`group`, when the caller joined it)."""
     from rich.console import Console
 
-    from .encoders import quiet_transformers
+    from .encoders.frozen import quiet_transformers
 
     quiet_transformers()
     console = console or Console(stderr=True)
@@ -506,7 +250,7 @@ def _device_name(opt: Options) -> str:
 
 
 def _extract(opt: Options, plan: Plan, pool, summary: Summary, locks: _Locks, group: _Group | None, console) -> None:
-    from .encoders import ClapEncoder, ClipEncoder, resolve_device
+    from .encoders.frozen import ClapEncoder, ClipEncoder, resolve_device
 
     try:
         device = resolve_device(_device_name(opt))
@@ -644,15 +388,6 @@ def _exit_together(group: _Group, code: int) -> None:
     sys.exit(code)
 
 
-def _running(pid: int) -> bool:
-    """Whether process `pid` still runs (an exited one that its parent has not reaped does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
 def _encode_text(sw, clip, texts: list[str], max_words: int) -> int:
     status = sw.text_status()
     chunks = [s for s in range(0, len(texts), TEXT_CHUNK) if not (status[s:s + TEXT_CHUNK] == DONE).all()]
@@ -674,45 +409,6 @@ def _progress(console):
         TextColumn("{task.fields[vps]:.2f} videos/s  {task.fields[fps]:.1f} frames/s"),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
         console=console, transient=False)
-
-
-@contextmanager
-def _decoders(workers: int, init: tuple):
-    """A pool of decoding processes, started at once (None with workers=0: decode in-process)."""
-    if workers <= 0:
-        _init_worker(*init)
-        yield None
-        return
-    ctx = mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
-    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_pool_worker, initargs=init)
-    for _ in range(workers):
-        pool.submit(int)  # processes start on first submit: start them now
-    try:
-        yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _decoded(jobs: list, pool, workers: int):
-    """Decoded videos in roughly submission order, at most 2 x workers + 1 in flight. Jobs are
-    submitted as soon as this is called (not when first iterated)."""
-    if pool is None:
-        return (_prepare(j) for j in jobs)
-    it = iter(jobs)
-    running = {pool.submit(_prepare, j) for j in _take(it, 2 * workers + 1)}
-
-    def results():
-        nonlocal running
-        while running:
-            try:
-                done, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                running |= {pool.submit(_prepare, j) for j in _take(it, len(done))}
-                for res in sorted((f.result() for f in done), key=lambda r: r["index"]):
-                    yield res
-            except cf.process.BrokenProcessPool:
-                raise RuntimeError("a decoding worker died (out of memory?); finished videos are saved, "
-                                   "run the same command again to resume") from None
-    return results()
 
 
 def _encode_videos(opt: Options, sw, clip, clap, results, total: int, summary: Summary, console) -> None:
@@ -740,16 +436,6 @@ def _encode_videos(opt: Options, sw, clip, clap, results, total: int, summary: S
             dt = max(time.perf_counter() - start, 1e-9)
             progress.update(task, advance=1, vps=handled / dt, fps=summary.frames / dt)
     summary.video_seconds = time.perf_counter() - start
-
-
-def _take(it, n: int) -> list:
-    out = []
-    for _ in range(n):
-        try:
-            out.append(next(it))
-        except StopIteration:
-            break
-    return out
 
 
 def _features(res: dict, clip, clap, opt: Options) -> VideoFeatures:

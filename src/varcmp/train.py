@@ -57,11 +57,10 @@ Decisions (the paper gives the loss, AdamW, lr 1e-4, batch 8, 15 epochs, M = 4; 
   the perturbed top-k draw per process, seeded by (seed, epoch, rank): a resumed DDP run redraws the
   same. Process 0 alone validates, writes the run directory and prints; every epoch the processes
   compare a hash of their weights (recorded in history.json) and stop if they differ. All processes
-  must see the same cache and the same run directory (a shared filesystem across nodes): checked.
-"""
+  must see the same cache and the same run directory (a shared filesystem across nodes): checked."""
+
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -70,46 +69,32 @@ import re
 import sys
 import tempfile
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
 import click
 import numpy as np
 import torch
 
-from .cache_schema import DONE, CacheError, Split, check_finite, open_cache, read_checked
-from .checkpoint import (CheckpointError, atomic_write, cache_fingerprint, check_compatible, read_meta, save,
-                         stale_temp_files)
-from .cli import Interrupted, OneLineErrors
-from .distributed import (DistInfo, DistSetupError, all_gather_object, barrier, distributed, env_int_or, first_line,
-                          gather_rows, is_dist_error, local_rows, rank_seed)
-from .encoders import resolve_device, weights_hash
-from .evaluate import EvalData, retrieval_metrics
-from .markup import lit
-from .retrieval.scoring import encode_queries, encode_videos, score_matrix
+from .cache_schema import CacheError
+from .cache.reader import open_cache
+from .model.checkpoint import CheckpointError, cache_fingerprint, check_compatible, save
+from .atomic import atomic_write, stale_temp_files
+from .cli.common import Interrupted, OneLineErrors
+from .training.distributed import DistInfo, DistSetupError, all_gather_object, barrier, distributed, env_int_or, first_line, is_dist_error, local_rows, rank_seed
+from .encoders.frozen import resolve_device, weights_hash
+from .cli.markup import lit
 from .model import LEVELS, QUERIES, ModelConfig, VarCMP
+from .training import NonFiniteLoss, OutputError, TrainError
+from .training.data import Plan, Rows, TEXT_KEYS, available_memory, bytes_needed, describe_caption, describe_video, epoch_batches, load_validation, plan_data, video_keys
+from .training.state import STATE_FORMAT, STATE_NAME, _holds_epoch, _rng_state, _save_state, _set_rng_state, load_state
+from .training.step import TrainStep, _amp, resolve_precision, val_score, validate
 
-STATE_NAME = "last.state.pt"
-STATE_FORMAT = "varcmp-train-state/1"
+
 HISTORY_NAME = "history.json"
 RUN_FILES = ("best.safetensors", "best.json", "last.safetensors", "last.json", STATE_NAME, HISTORY_NAME)
 RESUMABLE = ("epochs",)  # the only hyper-parameter that --resume may change
 PARTS = ("loss", "v2q", "q2v", "bce", "sim_total")  # loss parts averaged per epoch
-
-
-class TrainError(Exception):
-    """A problem of the user's run (bad options, incompatible resume...); one line."""
-
-
-class NonFiniteLoss(TrainError):
-    """The loss became NaN or infinite."""
-
-
-class OutputError(TrainError):
-    """A file of the run directory could not be written mid-run (disk full, permissions)."""
 
 
 # ----------------------------------------------------------------------------- options
@@ -183,329 +168,6 @@ class Runtime:
     data: str = "auto"       # auto | memory | stream
 
 
-def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None, False
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp32":
-        return None, False
-    if precision == "bf16":
-        return torch.bfloat16, False
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise TrainError(f"--precision fp16 needs a CUDA device (this run uses {device})")
-        return torch.float16, True
-    raise TrainError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-
-
-def available_memory() -> int | None:
-    """Bytes of RAM available to a new allocation (MemAvailable), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-# ----------------------------------------------------------------------------- the data plan
-
-@dataclass
-class Plan:
-    """Which rows of the split train and which validate. Rows are rows of /<split>/videos
-    (and /<split>/text for captions)."""
-
-    query: str
-    paths: np.ndarray           # [V] every video path of the split
-    labels: np.ndarray          # [V] 0/1
-    train_rows: np.ndarray      # sorted video rows that are trained on
-    val_rows: np.ndarray        # sorted video rows held out for validation (disjoint from train_rows)
-    cap_rows: np.ndarray | None = None   # text: query rows grouped by video (ascending video row)
-    cap_video: np.ndarray | None = None  # text: the video row of each entry of cap_rows
-    notes: list[str] = field(default_factory=list)
-
-    def captions_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(start, count) into cap_rows of each video row in `rows`."""
-        lo = np.searchsorted(self.cap_video, rows, "left")
-        return lo, np.searchsorted(self.cap_video, rows, "right") - lo
-
-    @property
-    def train_queries(self) -> np.ndarray | None:
-        if self.cap_rows is None:
-            return None
-        return np.sort(self.cap_rows[np.isin(self.cap_video, self.train_rows)])
-
-    def val_queries(self) -> tuple[np.ndarray, np.ndarray]:
-        """(query rows, their video rows) used as validation queries (every caption of each
-        validation video; audio: the video itself)."""
-        if self.cap_rows is None:
-            return self.val_rows, self.val_rows
-        keep = np.isin(self.cap_video, self.val_rows)
-        return self.cap_rows[keep], self.cap_video[keep]
-
-    def digest(self) -> str:
-        """Identifies the train/validation division (checked on --resume)."""
-        h = hashlib.sha256()
-        for rows in (self.train_rows, self.val_rows):
-            h.update("\n".join(str(p) for p in self.paths[rows]).encode())
-            h.update(b"\0")
-        return "sha256:" + h.hexdigest()[:16]
-
-
-def _stratified_pick(rows: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """n of `rows`, each label represented in proportion (largest remainder), seeded."""
-    kinds = np.unique(labels)
-    share = np.array([(labels == k).sum() for k in kinds], dtype=np.float64) * n / len(rows)
-    take = np.floor(share).astype(int)
-    for i in np.argsort(-(share - take), kind="stable")[: n - take.sum()]:
-        take[i] += 1
-    out = [rng.choice(rows[labels == k], size=t, replace=False) for k, t in zip(kinds, take) if t]
-    return np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)
-
-
-def plan_data(split: Split, query: str, val_fraction: float, seed: int) -> Plan:
-    """Pairs of the split (done videos with a query) divided into training and validation."""
-    where = f"{split.cache.path}: split '{split.name}'"
-    status = split.status
-    done = status == DONE
-    labels = split.labels.astype(np.int64)
-    paths = split.paths
-    notes = []
-    if (~done).any():
-        notes.append(f"{int((~done).sum())} of {len(done)} videos were not extracted (failed or pending): left out")
-    cap_rows = cap_video = None
-    if query == "text":
-        if not split.has_text:
-            raise CacheError(f"{where} holds no captions (extract with --annotations), so --query text "
-                             "cannot train; use --query audio for an audio cache")
-        tstat = np.asarray(split.array("text/status")[:])
-        tvid = np.asarray(split.array("text/video_index")[:]).astype(np.int64)
-        ok = (tstat == DONE) & (tvid >= 0) & (tvid < len(done))
-        ok[ok] = done[tvid[ok]]
-        if (~ok).any():
-            notes.append(f"{int((~ok).sum())} of {len(ok)} captions left out "
-                         "(not encoded, or their video was not extracted)")
-        q = np.flatnonzero(ok)
-        order = np.lexsort((q, tvid[q]))
-        cap_rows, cap_video = q[order], tvid[q][order]
-        paired = np.unique(cap_video)
-        if len(np.unique(cap_video)) < len(cap_video):
-            notes.append(f"{len(cap_video)} captions of {len(paired)} videos: "
-                         "one caption per video is drawn each epoch")
-    elif query == "audio":
-        if not split.has_audio:
-            raise CacheError(f"{where} holds no audio features (extract with --audio), so --query audio "
-                             "cannot train; use --query text for a caption cache")
-        has = np.asarray(split.array("videos/audio_mask")[:]).any(1)
-        paired = np.flatnonzero(done & has)
-        if (done & ~has).any():
-            notes.append(f"{int((done & ~has).sum())} extracted videos have no valid audio segment: left out")
-    else:
-        raise TrainError(f"--query must be text or audio, got {query!r}")
-    if (done.sum() - len(paired)) > 0 and query == "text":
-        notes.append(f"{int(done.sum() - len(paired))} extracted videos have no caption: left out")
-
-    n_val = 0 if val_fraction <= 0 else max(2, int(round(val_fraction * len(paired))))
-    if len(paired) - n_val < 2:
-        raise TrainError(f"{where} has {len(paired)} usable {query} pairs: too few to train"
-                         + (f" and hold out {n_val} for validation (lower --val-fraction)" if n_val else ""))
-    rng = np.random.default_rng([seed, 0x5A11D])  # the validation draw, apart from the batch order
-    val_rows = _stratified_pick(paired, labels[paired], n_val, rng) if n_val else np.zeros(0, np.int64)
-    train_rows = np.setdiff1d(paired, val_rows)
-    if "test" in split.name.lower():
-        notes.append(f"warning: training on split '{split.name}': keep the test split for the final evaluation only")
-    kinds = set(labels[train_rows].tolist())
-    if len(kinds) < 2:
-        notes.append("warning: the training videos are all " + ("anomalous" if 1 in kinds else "normal")
-                     + "; the anomaly classifier can only learn a constant")
-    return Plan(query, paths, labels, train_rows.astype(np.int64), val_rows.astype(np.int64),
-                cap_rows, cap_video, notes)
-
-
-def epoch_batches(plan: Plan, epoch: int, seed: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(video rows, query rows) per step of `epoch`: a seeded permutation of the training videos,
-    one caption drawn per video (text), a trailing single pair merged into the previous batch."""
-    rng = np.random.default_rng([seed, epoch])
-    vids = plan.train_rows[rng.permutation(len(plan.train_rows))]
-    if plan.cap_rows is not None:
-        start, count = plan.captions_of(vids)
-        queries = plan.cap_rows[start + np.floor(rng.random(len(vids)) * count).astype(np.int64)]
-    else:
-        queries = vids
-    bounds = list(range(0, len(vids), batch_size)) + [len(vids)]
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] < 2:
-        del bounds[-2]
-    return [(vids[a:b], queries[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-# ----------------------------------------------------------------------------- feature access
-
-class Rows:
-    """Some arrays of a split restricted to `rows`: in memory (tensors, on `device`, indexed per
-    batch) or read from the cache per batch. Every read is checked (read_checked): a corrupt
-    chunk or a NaN is a one-line DamagedCacheError naming the video (`describe(row)`), at load time in
-    memory, at the batch's read when streamed."""
-
-    def __init__(self, split: Split, keys: list[str], rows: np.ndarray, memory: bool, device: torch.device,
-                 describe=None):
-        self.memory, self.device = memory, device
-        self.describe = describe or (lambda r: f"{split.cache.path}: row {r} of split '{split.name}'")
-        self.lazy = {k.split("/")[-1]: split.array(k) for k in keys}
-        self.keys = {k.split("/")[-1]: k for k in keys}
-        self.lookup = np.full(int(rows.max()) + 1 if len(rows) else 0, -1, dtype=np.int64)
-        self.lookup[rows] = np.arange(len(rows))
-        self.data = {}
-        if memory:
-            self.data = {k: torch.from_numpy(read_checked(a, rows, self.keys[k], self.describe)).to(device)
-                         for k, a in self.lazy.items()}
-
-    def get(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        if self.memory:
-            idx = torch.from_numpy(self.lookup[rows]).to(self.device)
-            return {k: t.index_select(0, idx) for k, t in self.data.items()}
-        return {k: torch.from_numpy(read_checked(a, rows, self.keys[k], self.describe)) for k, a in self.lazy.items()}
-
-
-def describe_video(split: Split, paths: np.ndarray):
-    """describe(row) for video rows: the video's path, its row and split, the cache."""
-    return split.describe_video
-
-
-def describe_caption(split: Split, plan: "Plan"):
-    """describe(row) for caption rows: the caption's row and its video's path."""
-    def describe(r):
-        hit = np.flatnonzero(plan.cap_rows == r) if plan.cap_rows is not None else []
-        video = f", video {plan.paths[plan.cap_video[hit[0]]]}" if len(hit) else ""
-        return f"{split.cache.path}: caption {r} of split '{split.name}'{video}"
-    return describe
-
-
-def video_keys(cfg: ModelConfig) -> list[str]:
-    keys = ["videos/frame_feat", "videos/frame_mask"]
-    if "finer" in cfg.levels:
-        keys.append("videos/patch_feat")
-    if cfg.query == "audio":
-        keys += ["videos/audio_feat", "videos/audio_mask"]
-    return keys
-
-
-TEXT_KEYS = ["text/word_feat", "text/word_mask", "text/sentence"]
-
-
-def bytes_needed(split: Split, plan: Plan, cfg: ModelConfig) -> int:
-    def row_bytes(key):
-        a = split.array(key)
-        return int(np.prod(a.shape[1:], dtype=np.int64)) * np.dtype(a.dtype).itemsize
-
-    total = len(plan.train_rows) * sum(row_bytes(k) for k in video_keys(cfg))
-    if plan.cap_rows is not None:
-        total += len(plan.train_queries) * sum(row_bytes(k) for k in TEXT_KEYS)
-    return total
-
-
-def load_validation(split: Split, plan: Plan, cfg: ModelConfig) -> EvalData | None:
-    """The validation subset as evaluate's EvalData (in memory), checked like the training data
-    (a corrupt chunk or a NaN is a one-line DamagedCacheError naming the video)."""
-    if len(plan.val_rows) == 0:
-        return None
-    vdesc = describe_video(split, plan.paths)
-    try:
-        videos = split.load_videos(index=plan.val_rows, patches="finer" in cfg.levels, audio=cfg.query == "audio")
-    except Exception:  # noqa: BLE001 - name the damaged video if there is one, else the original error
-        for key in video_keys(cfg) + ["videos/frame_time"] + (["videos/audio_time"] if cfg.query == "audio" else []):
-            read_checked(split.array(key), plan.val_rows, key, vdesc)
-        raise
-    for key, a in (("videos/frame_feat", videos.frame_feat), ("videos/patch_feat", videos.patch_feat),
-                   ("videos/audio_feat", videos.audio_feat)):
-        if a is not None:
-            check_finite(a, plan.val_rows, key, vdesc)
-    qrows, qvid = plan.val_queries()
-    qv = np.searchsorted(plan.val_rows, qvid).astype(np.int64)
-    if cfg.query == "text":
-        cdesc = describe_caption(split, plan)
-        feats = {k.split("/")[-1]: read_checked(split.array(k), qrows, k, cdesc) for k in TEXT_KEYS}
-        texts = [str(t) for t in split.cache.store.read_str(f"{split.name}/text/text", qrows)]
-    else:
-        feats = {"seg_feat": videos.audio_feat, "seg_mask": videos.audio_mask}
-        texts = [str(p) for p in videos.paths]
-    return EvalData(videos, cfg.query, feats, qv, texts)
-
-
-def _amp(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def validate(model: VarCMP, ev: EvalData, device: torch.device, amp_dtype=None) -> dict:
-    """Retrieval metrics of the validation subset (both directions), with evaluate's scorer."""
-    was = model.training
-    model.eval()
-    try:
-        with _amp(device, amp_dtype):
-            v = encode_videos(model, ev.videos, device, batch=32)  # bounds the float32 patch copies
-            q = encode_queries(model, ev.query_feats, device)
-            sims = score_matrix(model, v, q)
-    finally:
-        model.train(was)
-    return retrieval_metrics(sims["total"], ev.query_video)
-
-
-def val_score(metrics: dict | None) -> float:
-    """Model selection: the mean of the two R@1."""
-    if not metrics:
-        return float("nan")
-    return 0.5 * (metrics["q2v"]["r1"] + metrics["v2q"]["r1"])
-
-
-# ----------------------------------------------------------------------------- state
-
-def _rng_state(device: torch.device) -> dict:
-    np_state = np.random.get_state()
-    py = random.getstate()
-    st = {"torch": torch.get_rng_state(),
-          "numpy": [str(np_state[0]), torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                    int(np_state[3]), float(np_state[4])],
-          "python": [py[0], list(py[1]), py[2]]}
-    if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    if device.type == "mps":
-        st["mps"] = torch.mps.get_rng_state()
-    return st
-
-
-def _set_rng_state(st: dict, device: torch.device) -> None:
-    torch.set_rng_state(st["torch"])
-    name, keys, pos, has_gauss, gauss = st["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
-    if device.type == "cuda" and st.get("cuda"):
-        torch.cuda.set_rng_state_all(st["cuda"])
-    if device.type == "mps" and st.get("mps") is not None:
-        torch.mps.set_rng_state(st["mps"])
-
-
-def load_state(path: Path) -> dict:
-    """The resume state, read without executing code (weights_only); one-line errors."""
-    try:
-        with warnings.catch_warnings():  # e.g. "pickle protocol 4" of a foreign file: it is refused anyway
-            warnings.simplefilter("ignore", UserWarning)
-            st = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - anything that is not our plain-data state
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise TrainError(f"{path}: not a varcmp training state, refusing to load it "
-                         f"({type(e).__name__}: {first})") from None
-    if not isinstance(st, dict) or st.get("format") != STATE_FORMAT:
-        what = st.get("format") if isinstance(st, dict) else type(st).__name__
-        raise TrainError(f"{path}: not a varcmp training state ({what!r})")
-    return st
-
-
 def _check_resume(st: dict, path: Path, cache, opts: TrainOptions, plan: Plan) -> None:
     try:
         check_compatible({"cache": st.get("cache")}, cache, path)
@@ -520,36 +182,6 @@ def _check_resume(st: dict, path: Path, cache, opts: TrainOptions, plan: Plan) -
     if st.get("plan") != plan.digest():
         raise TrainError(f"cannot resume {path}: the videos of split '{opts.split}' differ from those the run "
                          "started with (another cache?); use --overwrite to start over")
-
-
-# ----------------------------------------------------------------------------- the training step (DDP-aware)
-
-class TrainStep(torch.nn.Module):
-    """The forward of one training step: encode this process's rows, gather the global batch's
-    embeddings (several processes), the loss of eq. 12 (VarCMP.loss's parts) plus "backward", what to
-    backpropagate. DistributedDataParallel wraps this module, so that it sees the whole forward.
-
-    Gradient scale: every process computes the same global loss L, but its backward reaches the
-    parameters only through its own rows, giving g_r with sum_r g_r = dL/dtheta, the one-process
-    gradient. DDP averages, (1/N) sum_r: so "backward" is N * L, and the averaged gradient is exactly
-    one process's on the global batch. With one process "backward" is the loss itself."""
-
-    def __init__(self, model: VarCMP, dist: DistInfo | None = None):
-        super().__init__()
-        self.model = model
-        self.rank = 0 if dist is None else dist.rank
-        self.world = 1 if dist is None else dist.world_size
-
-    def forward(self, vb: dict, qb: dict | None, labels: torch.Tensor, sizes: list[int] | None,
-                batch_labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        m = self.model
-        v = m.encode_videos(vb["frame_feat"], vb["frame_mask"], vb.get("patch_feat"), labels=labels)
-        q = m.encode_queries(qb if qb is not None else {"seg_feat": vb["audio_feat"], "seg_mask": vb["audio_mask"]})
-        if sizes is not None:
-            v, q = gather_rows(v, sizes, self.rank), gather_rows(q, sizes, self.rank)
-        parts = m.loss(v, q, batch_labels)
-        parts["backward"] = parts["loss"] if sizes is None else parts["loss"] * self.world
-        return parts
 
 
 # ----------------------------------------------------------------------------- training
@@ -623,18 +255,6 @@ def _prepare_out(out: Path, remove: list[str]) -> None:
         raise TrainError(f"{out}: cannot remove {e.filename} ({e.strerror})") from None
 
 
-def _save_state(state: dict, path) -> None:
-    """torch.save through a Python file object: a failing write (disk full) then surfaces as the OSError
-    it is, where torch's own file writer reports only "unexpected pos"."""
-    with open(path, "wb") as f:
-        try:
-            torch.save(state, f)
-        except RuntimeError as e:
-            if isinstance(e.__context__, OSError):
-                raise e.__context__ from None
-            raise
-
-
 def _io_reason(e: BaseException) -> str:
     """Why a write failed, in words: the OSError's text (also inside safetensors' "(os error N)")."""
     x = e
@@ -645,17 +265,6 @@ def _io_reason(e: BaseException) -> str:
     text = first_line(e)
     code = re.search(r"os error (\d+)", text)
     return os.strerror(int(code.group(1))) if code else text
-
-
-def _holds_epoch(path: Path, epoch, plan_digest: str) -> bool:
-    """Whether checkpoint `path` and its .json copy both hold `epoch` of this run's data plan."""
-    try:
-        meta = read_meta(path)
-        copy = json.loads(path.with_suffix(".json").read_text())
-    except Exception:  # noqa: BLE001 - missing or foreign: not the epoch asked for
-        return False
-    return (meta.get("epoch") == epoch and copy.get("epoch") == epoch
-            and (meta.get("data") or {}).get("plan") == plan_digest)
 
 
 def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime = Runtime(), *,

@@ -1,25 +1,16 @@
-"""`varcmp`: the umbrella command. `varcmp demo` runs the whole job (generate, train,
-evaluate) on the built-in synthetic benchmark: no download, no data of yours.
-
-The demo's table is shaped like the paper's Tables 3-5: the frozen-CLIP baseline
-(zero-shot), then VarCMP trained with the coarse level only, coarse+fine, all three
-levels, and all three without anomaly-biased weighting; R@1, R@10 and MdR in both
-directions on the synthetic test split. A killed demo resumes where it stopped
-when run again with the same options.
-"""
+"""`varcmp demo`: generate, train and evaluate the paper's ablations on the synthetic benchmark."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
-
 import click
+
+from .common import Interrupted, OneLineErrors
+
 
 # (row label, levels, anomaly weighting); None levels = zero-shot
 SETTINGS = [
@@ -33,102 +24,6 @@ METRICS = ("r1", "r10", "mdr")
 TASKS = {"text": ("t2v", "v2t"), "audio": ("a2v", "v2a")}
 
 
-class CommandError(click.ClickException):
-    """A user error of a varcmp command: one line on stderr, exit code 2."""
-
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
-
-
-INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, carrying the one line a command has to say about what it saved ("" says nothing:
-    e.g. the processes of a torchrun job other than the first)."""
-
-    def __init__(self, line: str = "interrupted"):
-        super().__init__(line)
-        self.line = line
-
-
-class OneLineErrors(click.Command):
-    """A click command whose usage errors (a bad option value, a missing argument) are one line
-    on stderr with exit code 2, like every other error of varcmp's commands, instead of click's
-    usage block; and whose Ctrl-C is one line (see `Interrupted`) with exit code 130, instead of
-    "Aborted!" and exit code 1."""
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent, **extra)
-        except click.UsageError as e:
-            raise CommandError(" ".join(e.format_message().split()) + " (see --help)") from None
-
-    def invoke(self, ctx):
-        """Run the command with varcmp's own warnings (e.g. a cache split that is not complete)
-        shown as one 'warning: ...' line on stderr instead of Python's two-line format."""
-        from .cache_schema import IncompleteCacheWarning
-
-        try:
-            with warnings.catch_warnings():
-                plain = warnings.showwarning
-
-                def show(message, category, filename, lineno, file=None, line=None):
-                    if issubclass(category, IncompleteCacheWarning):
-                        click.echo(f"warning: {' '.join(str(message).split())}", err=True)
-                    else:
-                        plain(message, category, filename, lineno, file, line)
-
-                warnings.showwarning = show
-                return super().invoke(ctx)
-        except KeyboardInterrupt as e:
-            stop_interrupted(e.line if isinstance(e, Interrupted) else "interrupted")
-
-
-def stop_interrupted(line: str):
-    """End a command that Ctrl-C stopped: `line` on stderr, then the storage I/O it left running
-    ends (so that asyncio has nothing to complain about at exit), then exit code 130. A second
-    Ctrl-C meanwhile is ignored."""
-    from .cache_schema import finish_pending_io
-
-    with _sigint_ignored():
-        if line:
-            click.echo(line, err=True)
-        finish_pending_io()
-    raise click.exceptions.Exit(INTERRUPTED)
-
-
-@contextmanager
-def _sigint_ignored():
-    try:
-        before = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread: signals are not ours to change
-        before = None
-    try:
-        yield
-    finally:
-        if before is not None:
-            signal.signal(signal.SIGINT, before)
-
-
-class OutputFile(click.Path):
-    """A file option a command writes (--json, --html): its folder must exist. A mistyped folder
-    is a one-line error before any work, never created (folders of runs and stores are)."""
-
-    def __init__(self):
-        super().__init__(dir_okay=False, path_type=Path)
-
-    def convert(self, value, param, ctx):
-        path = super().convert(value, param, ctx)
-        folder = path.parent
-        if not folder.is_dir():
-            self.fail(f"{path}: folder {folder} {'is not a folder' if folder.exists() else 'does not exist'}",
-                      param, ctx)
-        return path
-
-
 def _run_name(levels, weighting) -> str:
     return "-".join(levels) + ("" if weighting else "-noweight")
 
@@ -140,9 +35,9 @@ def run_demo(out: Path, tasks: tuple[str, ...], videos: int, epochs: int, seed: 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .evaluate import evaluate_split
-    from .synth import make_synthetic_cache
-    from .train import Runtime, TrainOptions, train
+    from ..evaluate import evaluate_split
+    from ..synth.world import make_synthetic_cache
+    from ..train import Runtime, TrainOptions, train
 
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "synthetic.zarr"
@@ -226,22 +121,7 @@ def save_chart(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.version_option(package_name="varcmp")
-def main():
-    """varcmp: video anomaly retrieval with frozen CLIP/CLAP features (VarCMP, AAAI 2025).
-
-    \b
-    The stages have commands of their own:
-      varcmp-extract   videos -> feature cache (CLIP frames/patches/words, CLAP audio)
-      varcmp-train     cache -> trained heads (checkpoints)
-      varcmp-eval      cache + checkpoint -> R@K, MdR, MnR in both directions
-      varcmp-search    cache + checkpoint + a text or audio query -> ranked videos and time spans
-      varcmp-synth     a synthetic benchmark as a cache
-    """
-
-
-@main.command(cls=OneLineErrors)
+@click.command(cls=OneLineErrors)
 @click.option("--out", "-o", default="varcmp-demo", type=click.Path(path_type=Path, file_okay=False),
               help="Where the benchmark, the runs, results.json and results.png go.")
 @click.option("--task", type=click.Choice(["both", "text", "audio"]), default="both",
@@ -266,12 +146,12 @@ def demo(out, task, videos, epochs, seed, device):
     """
     from rich.console import Console
 
-    from .cache_schema import CacheError
-    from .checkpoint import CheckpointError
-    from .encoders import quiet_transformers
-    from .evaluate import UserError
+    from ..cache_schema import CacheError
+    from ..model.checkpoint import CheckpointError
+    from ..encoders.frozen import quiet_transformers
+    from ..errors import UserError
     from .markup import lit
-    from .train import TrainError
+    from ..training import TrainError
 
     quiet_transformers()
     console = Console(stderr=True)
@@ -289,7 +169,3 @@ def demo(out, task, videos, epochs, seed, device):
     console.print(f"{sum(len(r) for r in results['tasks'].values())} settings in {results['seconds'] / 60:.1f} min; "
                   f"written: {lit(out / 'results.json')}, {lit(out / 'results.png')}, runs in {lit(out / 'runs')}, "
                   f"benchmark cache {lit(out / 'synthetic.zarr')}", highlight=False, soft_wrap=True)
-
-
-if __name__ == "__main__":
-    main()

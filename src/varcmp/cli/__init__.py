@@ -1,0 +1,1 @@
+"""The command-line layer: what every command shares (common, progress, markup), the `varcmp` umbrella command (main) with its demo, and the search and synth commands. Nothing here is imported by the library at import time except common, progress and markup, which import no stage."""

@@ -1,0 +1,90 @@
+"""The model's settings, one dataclass whose fields declare their types and ranges."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, field
+
+
+LEVELS = ("coarse", "fine", "finer")
+QUERIES = ("text", "audio")
+
+
+def within(default, lo, hi, ends: str = "[]"):
+    """A ModelConfig field whose value must lie between lo and hi; `ends` says whether each end
+    is allowed ("[", "]") or not ("(", ")")."""
+    return field(default=default, metadata={"range": (lo, hi, ends)})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every setting of the heads. Types and ranges are checked on construction, so a crafted
+    checkpoint or option fails with one line naming the setting before anything is built."""
+
+    query: str = "text"          # "text" (UCFCrime-AR) or "audio" (XDViolence-AR)
+    dim: int = within(512, 1, 16384)               # C, the CLIP joint space
+    audio_dim: int = within(512, 1, 16384)         # CLAP embedding size
+    num_frames: int = within(32, 1, 4096)          # N_v (also fixes k = N_v // 16 + 1 of the MIL score)
+    num_patches: int = within(49, 1, 4096)
+    max_words: int = within(32, 1, 4096)
+    audio_segments: int = within(32, 1, 4096)      # N_a
+    top_patches: int = within(4, 1, 4096)          # M
+    selector_dim: int = within(128, 1, 16384)      # hidden width of the patch scorer MLP
+    heads: int = within(8, 1, 1024)
+    ffn_dim: int = within(1024, 1, 65536)
+    dropout: float = within(0.1, 0.0, 1.0, "[)")
+    shift_fraction: float = within(0.25, 0.0, 1.0)  # channels token-shifted: half from frame t-1, half from t+1
+    levels: tuple = LEVELS
+    anomaly_weighting: bool = True
+    tau: float = within(0.1, 0.0, 1e4, "(]")       # temperature of eq. 7
+    topk_sigma: float = within(0.05, 0.0, 1e4, "(]")  # perturbed top-k noise (training only)
+    topk_samples: int = within(100, 1, 100000)
+    logit_scale: float = within(100.0, 0.0, 1e4, "(]")
+
+    def __post_init__(self):
+        levels = self.levels.split(",") if isinstance(self.levels, str) else self.levels
+        object.__setattr__(self, "levels", levels)
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _checked(f, getattr(self, f.name)))
+        if not self.levels:
+            raise ValueError("levels must name at least one of %s" % (LEVELS,))
+        for lv in self.levels:
+            if lv not in LEVELS:
+                raise ValueError(f"unknown level {lv!r}; choose from {LEVELS}")
+        if len(set(self.levels)) != len(self.levels):
+            raise ValueError(f"duplicate level in {self.levels}")
+        if self.query not in QUERIES:
+            raise ValueError(f"query must be one of {QUERIES}, got {self.query!r}")
+        if self.top_patches > self.num_patches:
+            raise ValueError(f"top_patches ({self.top_patches}) > num_patches ({self.num_patches})")
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+
+
+# the Python values each annotated type of ModelConfig accepts (JSON gives lists for tuples, ints for floats)
+_TYPES = {"int": ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), int),
+          "float": ("a finite number",
+                    lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v), float),
+          "bool": ("true or false", lambda v: isinstance(v, bool), bool),
+          "str": ("a string", lambda v: isinstance(v, str), str),
+          "tuple": ("a list", lambda v: isinstance(v, (list, tuple)), tuple)}
+
+
+def _checked(f: dataclasses.Field, value):
+    """`value` of ModelConfig field `f` as its annotated type, or a ValueError naming the field."""
+    what, ok, cast = _TYPES[getattr(f.type, "__name__", f.type)]
+    if not ok(value):
+        raise ValueError(f"{f.name} must be {what}, got {_shown(value)}")
+    value = cast(value)
+    if "range" in f.metadata:
+        lo, hi, ends = f.metadata["range"]
+        if not ((lo <= value if ends[0] == "[" else lo < value) and (value <= hi if ends[1] == "]" else value < hi)):
+            raise ValueError(f"{f.name} must be in {ends[0]}{lo:g}, {hi:g}{ends[1]}, got {_shown(value)}")
+    return value
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -1,0 +1,165 @@
+"""The learnable heads: weights, temporal encoder, anomaly classifier, patch selection, audio encoder."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ModelConfig
+from .similarity import _f32, masked_mean, masked_softmax
+
+
+def token_shift(x: Tensor, fold: int) -> Tensor:
+    """TokShift over frames: channels [0, fold) come from frame t-1, [fold, 2 fold) from
+    frame t+1, zeros beyond the ends; the other channels stay. x: [V, N, C]."""
+    prev = F.pad(x[:, :-1, :fold], (0, 0, 1, 0))
+    nxt = F.pad(x[:, 1:, fold:2 * fold], (0, 0, 0, 1))
+    return torch.cat([prev, nxt, x[..., 2 * fold:]], dim=-1)
+
+
+def _key_padding(mask: Tensor) -> Tensor:
+    """Key padding mask (True = ignore) for nn.TransformerEncoderLayer; a sequence with no
+    valid position attends to everything (outputs are masked later) instead of NaN."""
+    return ~(mask | ~mask.any(-1, keepdim=True))
+
+
+def _zero_init(layer: nn.Linear) -> nn.Linear:
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _transformer_layer(cfg: ModelConfig) -> nn.TransformerEncoderLayer:
+    return nn.TransformerEncoderLayer(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.dropout, activation="gelu",
+                                      batch_first=True, norm_first=True)
+
+
+# ----------------------------------------------------------------------------- heads
+
+class WeightHead(nn.Module):
+    """f_*w (DRL style): Linear(C,C) -> ReLU -> Linear(C,1) on the un-normalised token, then a
+    softmax over the valid tokens. The last layer starts at zero: uniform weights."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = _zero_init(nn.Linear(dim, 1))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        return masked_softmax(self.fc2(F.relu(self.fc1(x))).squeeze(-1), mask)
+
+
+class TemporalEncoder(nn.Module):
+    """Video embedding e_v: token shift over frames, learned frame positions, one Transformer
+    layer, masked mean, residual to the mean frame feature. The output projection starts at
+    zero, so an untrained encoder returns the mean CLIP frame feature (zero-shot CLIP)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fold = int(cfg.dim * cfg.shift_fraction / 2)
+        self.pos = nn.Parameter(0.02 * torch.randn(cfg.num_frames, cfg.dim))
+        self.layer = _transformer_layer(cfg)
+        self.proj = _zero_init(nn.Linear(cfg.dim, cfg.dim))
+
+    def forward(self, f: Tensor, mask: Tensor) -> Tensor:
+        x = token_shift(f, self.fold) + self.pos[: f.shape[1]]
+        x = self.layer(x, src_key_padding_mask=_key_padding(mask))
+        return masked_mean(f, mask) + masked_mean(self.proj(x), mask)
+
+
+class AnomalyHead(nn.Module):
+    """Eq. 5 (VadCLIP): A = sigmoid(FC(FFN(f) + f)). FC starts at zero: A = 0.5."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.fc = _zero_init(nn.Linear(cfg.dim, 1))
+
+    def forward(self, f: Tensor) -> Tensor:
+        return torch.sigmoid(_f32(self.fc(self.ffn(f) + f).squeeze(-1)))
+
+
+class PerturbedTopK(torch.autograd.Function):
+    """Differentiable top-k by perturbed maximum (Berthet et al. 2020; TS2-Net's selector).
+    forward: E_Z[ indicators of top-k(x + sigma Z) ], Monte-Carlo over `samples` draws of
+    Z ~ N(0, I), each draw's k indices sorted ascending so row m of the [B, k, P] output is
+    the m-th selected patch in patch order. backward: the estimator of the same paper,
+    d E[F(x + sigma Z)] / dx = E[F(x + sigma Z) Z^T] / sigma, contracted with the incoming
+    gradient g as E[<g, F(x + sigma Z)> Z] / sigma (the full Jacobian, not its diagonal)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, k: int, samples: int, sigma: float) -> Tensor:
+        noise = torch.randn(x.shape[0], samples, x.shape[1], device=x.device, dtype=x.dtype)
+        idx = (x[:, None, :] + sigma * noise).topk(k, dim=-1).indices.sort(dim=-1).values  # [B, S, k]
+        # mean over draws of the one-hot indicators, counted without building [B, S, k, P]
+        out = x.new_zeros(x.shape[0], k, x.shape[1])
+        out.scatter_add_(2, idx.transpose(1, 2), x.new_full(idx.transpose(1, 2).shape, 1.0 / samples))
+        ctx.save_for_backward(idx, noise)
+        ctx.sigma = sigma
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        idx, noise = ctx.saved_tensors
+        h = g.to(noise.dtype)[:, None].expand(-1, idx.shape[1], -1, -1).gather(3, idx[..., None]).sum((2, 3))  # [B, S]
+        grad = torch.einsum("bs,bsp->bp", h, noise) / (noise.shape[1] * ctx.sigma)
+        return grad, None, None, None
+
+
+class PatchSelector(nn.Module):
+    """Keep the M most salient patches of each frame. Score of patch p of a frame with [CLS]
+    f: cos(p, f) + MLP([p, f]), a small MLP in the spirit of TS2-Net's predictor:
+    Linear(2C, H) -> GELU -> Linear(H, 1), H = selector_dim. Its first layer is applied as
+    W_p p + W_f f, so the frame half is computed once per frame rather than once per patch
+    (the same function, a fraction of the cost). The last layer starts at zero, so an
+    untrained selector keeps the patches closest to their frame's [CLS].
+    Training: perturbed top-k (soft, differentiable); eval: hard top-k, ties to the lower index."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.k, self.sigma, self.samples = cfg.top_patches, cfg.topk_sigma, cfg.topk_samples
+        self.patch_in = nn.Linear(cfg.dim, cfg.selector_dim)
+        self.frame_in = nn.Linear(cfg.dim, cfg.selector_dim, bias=False)
+        self.out = _zero_init(nn.Linear(cfg.selector_dim, 1))
+
+    def scores(self, patches: Tensor, cls: Tensor) -> Tensor:
+        """patches [V, N, P, C], frame [CLS] features cls [V, N, C] -> [V, N, P] (float32)."""
+        # cos(p, f) as a dot product over the two norms: no normalised copy of every patch
+        norms = patches.norm(dim=-1).clamp_min(1e-12) * cls.norm(dim=-1).clamp_min(1e-12)[..., None]
+        cos = torch.einsum("vnpc,vnc->vnp", patches, cls) / norms
+        hidden = F.gelu(self.patch_in(patches) + self.frame_in(cls)[:, :, None, :])
+        return _f32(cos) + _f32(self.out(hidden).squeeze(-1))
+
+    def forward(self, patches: Tensor, cls: Tensor) -> Tensor:
+        """-> selected patches [V, N*M, C], frame-major (frame 0's M patches, then frame 1's...)."""
+        V, N, P, C = patches.shape
+        s = self.scores(patches, cls)
+        if self.training:
+            ind = PerturbedTopK.apply(s.reshape(V * N, P), self.k, self.samples, self.sigma)  # [VN, M, P]
+            sel = ind.to(patches.dtype) @ patches.reshape(V * N, P, C)
+        else:
+            # a stable descending sort keeps equal scores in index order: ties -> lower index
+            idx = s.sort(dim=-1, descending=True, stable=True).indices[..., : self.k].sort(dim=-1).values
+            sel = patches.gather(2, idx[..., None].expand(V, N, self.k, C))
+        return sel.reshape(V, N * self.k, C)
+
+
+class AudioEncoder(nn.Module):
+    """Audio side: Linear(audio_dim, C), learned segment positions, a learned [CLS] prepended,
+    one Transformer layer. Returns m_a (the [CLS] output) [Q, C] and e_a [Q, Na, C]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.inp = nn.Linear(cfg.audio_dim, cfg.dim)
+        self.cls = nn.Parameter(0.02 * torch.randn(cfg.dim))
+        self.pos = nn.Parameter(0.02 * torch.randn(cfg.audio_segments, cfg.dim))
+        self.layer = _transformer_layer(cfg)
+
+    def forward(self, seg: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.inp(seg) + self.pos[: seg.shape[1]]
+        x = torch.cat([self.cls.expand(len(x), 1, -1).to(x.dtype), x], dim=1)
+        keep = torch.cat([mask.new_ones(len(mask), 1), mask], dim=1)
+        y = self.layer(x, src_key_padding_mask=~keep)
+        return y[:, 0], y[:, 1:]

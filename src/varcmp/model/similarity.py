@@ -1,0 +1,104 @@
+"""Per-part embeddings and the token-wise similarity of eq. 2-4."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+class _Rows:
+    """Row-wise helpers for the dataclasses of tensors below (None fields stay None)."""
+
+    def _map(self, fn):
+        return type(self)(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                             for f in dataclasses.fields(self)})
+
+    def take(self, index) -> "_Rows":
+        """Rows `index` (an index tensor, a list or a slice) of every field."""
+        return self._map(lambda t: t[index])
+
+    def to(self, device) -> "_Rows":
+        return self._map(lambda t: t.to(device))
+
+    def detach(self) -> "_Rows":
+        return self._map(lambda t: t.detach())
+
+    def __len__(self) -> int:
+        return len(getattr(self, dataclasses.fields(self)[0].name))
+
+    @classmethod
+    def cat(cls, parts):
+        """Concatenate embeddings computed block by block (same sequence lengths)."""
+        parts = list(parts)
+        return cls(**{f.name: None if getattr(parts[0], f.name) is None
+                      else torch.cat([getattr(p, f.name) for p in parts])
+                      for f in dataclasses.fields(cls)})
+
+
+@dataclass
+class VideoEmb(_Rows):
+    video: Tensor          # e_v [V, C]
+    frames: Tensor         # f_v [V, N, C], raw CLIP frame features (zero on padded frames)
+    frame_mask: Tensor     # [V, N] bool
+    frame_weights: Tensor  # [V, N] after eq. 6; sum 1 over valid frames, 0 on padded
+    anomaly: Tensor        # A [V, N], eq. 5 (meaningless on padded frames)
+    video_score: Tensor    # [V] mean of the top-k valid A
+    anomalous: Tensor      # [V] bool: the label used by eq. 6 (ground truth or video_score > 0.5)
+    patches: Tensor | None = None        # selected patches [V, N*M, C], frame-major
+    patch_weights: Tensor | None = None  # [V, N*M]; sum 1 over valid, 0 on padded
+    patch_mask: Tensor | None = None     # [V, N*M] bool
+
+
+@dataclass
+class QueryEmb(_Rows):
+    glob: Tensor           # [Q, C]: sentence s_t, or the audio [CLS] output m_a
+    tokens: Tensor         # [Q, L, C]: words o_t, or audio segment outputs e_a (zero on padded)
+    token_mask: Tensor     # [Q, L] bool
+    token_weights: Tensor  # [Q, L]: sum 1 over valid tokens, 0 on padded
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _f32(x: Tensor) -> Tensor:
+    """Half precision (cache or autocast) -> float32; float32/64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _l2(x: Tensor) -> Tensor:
+    return F.normalize(x, dim=-1)
+
+
+def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
+    """Softmax over the last axis restricted to mask; exactly 0 on masked positions
+    (an all-masked row gives all zeros, never NaN)."""
+    logits = _f32(logits)
+    p = torch.softmax(logits.masked_fill(~mask, torch.finfo(logits.dtype).min), dim=-1)
+    return torch.where(mask, p, 0.0)
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of x [..., N, C] over the valid N (0 where none is valid)."""
+    total = torch.where(mask[..., None], x, 0.0).sum(-2)
+    return total / mask.sum(-1, keepdim=True).clamp_min(1).to(total.dtype)
+
+
+def token_wise(x: Tensor, x_mask: Tensor, x_w: Tensor, t: Tensor, t_mask: Tensor, t_w: Tensor) -> Tensor:
+    """Two-sided weighted token-wise similarity of eq. 2-4 (DRL style), for all pairs:
+        1/2 ( sum_i u_i max_j cos(t_i, x_j) + sum_j w_j max_i cos(t_i, x_j) )
+    video side x [V, J, C] (mask, weights w [V, J]), query side t [Q, L, C] (mask,
+    weights u [Q, L]) -> [V, Q]. One matrix product; peak memory about one [V, J, Q, L] tensor.
+    Padded tokens of either side are -inf in the similarity, so they never win a max; a row of
+    a padded token gives -2 (below any cosine), multiplied by its weight 0."""
+    V, J, C = x.shape
+    Q, L, _ = t.shape
+    sim = (_l2(x).reshape(V * J, C) @ _l2(t).reshape(Q * L, C).T).view(V, J, Q, L)
+    sim = sim.masked_fill(~x_mask[:, :, None, None], float("-inf"))
+    sim.masked_fill_(~t_mask[None, None], float("-inf"))
+    q2v = sim.amax(1).clamp_min(-2.0)  # [V, Q, L]  best video token per query token
+    v2q = sim.amax(3).clamp_min(-2.0)  # [V, J, Q]  best query token per video token
+    return 0.5 * ((_f32(q2v) * t_w[None]).sum(-1) + (_f32(v2q) * x_w[:, :, None]).sum(1))

@@ -1,0 +1,148 @@
+"""Ranks and retrieval metrics (R@K, MdR, MnR) in both directions, ties counted against the model, and the opt-in post-processing (DSL, Sinkhorn)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import UserError
+
+
+METRICS = ("r1", "r5", "r10", "r50", "mdr", "mnr")
+POST = ("dsl", "sinkhorn")
+SINKHORN_ITERS = 4          # alternating row/column normalisations (log domain)
+
+
+# --------------------------------------------------------------------------
+# Ranks and metrics
+
+
+def _finite_or_worst(sim: np.ndarray) -> np.ndarray:
+    """NaN scores (a broken model) rank last, so they can never flatter a result."""
+    sim = np.asarray(sim)
+    return np.where(np.isnan(sim), -np.inf, sim) if np.isnan(sim).any() else sim
+
+
+def _pairing(sim: np.ndarray, query_video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sim = _finite_or_worst(sim)
+    query_video = np.asarray(query_video, dtype=np.int64)
+    if sim.ndim != 2 or query_video.shape != (sim.shape[1],) or (
+            len(query_video) and not 0 <= query_video.min() <= query_video.max() < sim.shape[0]):
+        raise ValueError(f"query_video must give a row of sim {sim.shape} for each of its {sim.shape[-1]} "
+                         f"columns, got {query_video.shape} values")
+    return sim, query_video
+
+
+def query_to_video_ranks(sim: np.ndarray, query_video: np.ndarray) -> np.ndarray:
+    """sim [V, Q]; query_video[q] = row of q's video. Rank of that video among all videos, per query:
+    1 + the number of other videos scoring >= the true one."""
+    sim, query_video = _pairing(sim, query_video)
+    q = np.arange(sim.shape[1])
+    true = sim[query_video, q]  # [Q]
+    return (sim >= true[None, :]).sum(0)  # the true video itself + every other video scoring >= it
+
+
+def video_to_query_ranks(sim: np.ndarray, query_video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per video that has queries: 1 + the number of other videos' queries scoring at least as high
+    as its best-scoring own query (a video with several captions is retrieved by its best one).
+    Returns (ranks, video rows)."""
+    sim, query_video = _pairing(sim, query_video)
+    V, Q = sim.shape
+    rows = np.unique(query_video)
+    if Q == 0:
+        return np.zeros(0, dtype=np.int64), rows
+    true = sim[query_video, np.arange(Q)].astype(np.float64)     # float64 holds every value exactly
+    best = np.full(V, -np.inf)
+    np.maximum.at(best, query_video, true)                       # best own query per video
+    at_least = (sim[rows] >= best[rows, None]).sum(1)            # all queries >= it, own ones included
+    own = np.bincount(query_video[true >= best[query_video]], minlength=V)[rows]
+    return (1 + at_least - own).astype(np.int64), rows
+
+
+def summarize(ranks: np.ndarray, metrics=METRICS) -> dict[str, float]:
+    """R@K in percent, MdR and MnR of 1-based ranks."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    out = {}
+    for m in metrics:
+        if m.startswith("r") and m[1:].isdigit():
+            out[m] = float(100.0 * (ranks <= int(m[1:])).mean()) if len(ranks) else float("nan")
+        elif m == "mdr":
+            out[m] = float(np.median(ranks)) if len(ranks) else float("nan")
+        elif m == "mnr":
+            out[m] = float(ranks.mean()) if len(ranks) else float("nan")
+        else:
+            raise ValueError(f"unknown metric {m!r}; choose from {', '.join(METRICS)}")
+    return out
+
+
+def retrieval_metrics(sim: np.ndarray, query_video: np.ndarray, metrics=METRICS) -> dict[str, dict[str, float]]:
+    """Both directions: 'q2v' (text/audio -> video) and 'v2q' (video -> text/audio)."""
+    v2q, _ = video_to_query_ranks(sim, query_video)
+    return {"q2v": summarize(query_to_video_ranks(sim, query_video), metrics), "v2q": summarize(v2q, metrics)}
+
+
+# --------------------------------------------------------------------------
+# Opt-in post-processing (never applied unless asked for; the output says which was used)
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    x = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    m = x.max(axis=axis, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
+
+
+def postprocess(sim: np.ndarray, method: str | None, scale: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
+    """Matrices ranked in each direction, (for query->video, for video->query), from raw sim [V, Q].
+
+    None: the raw similarities for both.
+    "dsl": dual softmax (CAMoE): the raw score times a prior, the softmax of scale * sim over the
+        *other* axis: query->video ranks sim * softmax_q(scale * sim) (each video's distribution
+        over the queries), video->query ranks sim * softmax_v(scale * sim).
+    "sinkhorn": log-domain Sinkhorn normalisation of exp(scale * sim): SINKHORN_ITERS rounds of
+        normalising the rows (videos), then the columns (queries); the same matrix is ranked in
+        both directions.
+    Both use the statistics of the whole test collection (transductive): they are not raw
+    similarities and are labelled as such in every output. scale: the model's logit scale."""
+    sim = np.asarray(sim, dtype=np.float64)
+    if method is None:
+        return sim, sim
+    if method == "dsl":
+        z = scale * sim
+        return sim * _softmax(z, axis=1), sim * _softmax(z, axis=0)
+    if method == "sinkhorn":
+        z = scale * sim
+        for _ in range(SINKHORN_ITERS):
+            z = z - _logsumexp(z, axis=1)
+            z = z - _logsumexp(z, axis=0)
+        return z, z
+    raise ValueError(f"unknown post-processing {method!r}; choose from {', '.join(POST)}")
+
+
+POST_LABEL = {None: "none (raw similarities)", "dsl": "DSL, dual softmax (not raw similarities)",
+              "sinkhorn": f"Sinkhorn, {SINKHORN_ITERS} iterations (not raw similarities)"}
+
+
+def parse_metrics(text) -> tuple[str, ...]:
+    """'r1,r5,r10,mdr' -> ('r1', 'r5', 'r10', 'mdr'); any rK (K >= 1), mdr and mnr."""
+    names = [m.strip().lower() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
+    if not names:
+        raise UserError(f"--metrics: name at least one of {', '.join(METRICS)}")
+    for m in names:
+        if not (m in ("mdr", "mnr") or (m.startswith("r") and m[1:].isdigit() and int(m[1:]) >= 1)):
+            raise UserError(f"--metrics: unknown metric {m!r}; choose from {', '.join(METRICS)} (or any rK)")
+    return tuple(dict.fromkeys(names))
+
+
+def metric_label(m: str) -> str:
+    return {"mdr": "MdR", "mnr": "MnR"}.get(m, f"R@{m[1:]}")
+
+
+def format_metric(m: str, value: float) -> str:
+    """How the table prints a value: R@K and MnR with one decimal, MdR as it is (x or x.5)."""
+    if value != value:  # NaN
+        return "-"
+    return f"{value:.0f}" if m == "mdr" and float(value).is_integer() else f"{value:.1f}"

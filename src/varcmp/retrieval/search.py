@@ -1,0 +1,400 @@
+"""`varcmp-search`: find the video, and the moment in it, by text or by sound.
+
+    varcmp-search cache.zarr --checkpoint runs/ucf "a man in a black shirt hits a dog with a stick" --top 10
+    varcmp-search cache.zarr --checkpoint runs/xd --audio gunshot.wav --top 5
+    varcmp-search cache.zarr --checkpoint runs/ucf --queries queries.txt --json hits.json
+    varcmp-search cache.zarr --checkpoint runs/ucf "car on fire" --html report.html
+
+The query is encoded by the frozen encoder the cache was extracted with (its recorded config and
+weights hashes are checked): text with CLIP exactly as captions are extracted (the cache's
+max_words, word features and sentence), audio with CLAP over the extraction's windows of the
+clip (`media.audio_windows`, mono 48 kHz, `is_longer` False). It is then scored against the
+videos through the scoring engine (`retrieval.scoring`: `VarCMP.encode_videos`, `encode_queries`, `similarity`), the code
+training and evaluation use.
+
+Modes (per split):
+
+- **exhaustive**: every video is read, encoded and scored with the full three-level score, page by
+  page (memory does not grow with the collection); the top hits are kept as it goes.
+- **two-stage**: a faiss inner-product index over one vector per video picks `--candidates` K
+  videos per query; the full score reranks them, through the same page-by-page code as the
+  exhaustive mode (which is this mode with every video a candidate: with K >= the collection the
+  two modes give identical hits and scores). The vector (`VarCMP.video_vectors`) is the normalised video
+  embedding ~e_v (the coarse level), plus, for text checkpoints, half the fine level's weighted
+  mean of the normalised frames: its inner product with the normalised sentence is exactly the
+  coarse score plus the weighted-mean half of the fine score (eq. 1-2), the part of the total
+  that is linear in the query. Measured on the benchmark world with trained heads, this keeps the
+  exhaustive top 10 in a pool ~10x smaller than the coarse level alone (benchmarks/search.py).
+  Audio checkpoints use ~e_v alone (eq. 3 has no linear part).
+- **auto** (default): two-stage for a split of more than `AUTO_TWO_STAGE` videos, else exhaustive.
+  The default pool is `DEFAULT_POOL_SHARE` of the split, at least `DEFAULT_CANDIDATES` videos.
+
+The index (`faiss.IndexFlatIP`: exact inner products, ~15 ms a query at 100k videos x 512-d) is
+built once per (cache, checkpoint, split) and stored with the cache: in a `.varcmp-search/` folder
+inside a Zarr store (which `varcmp-extract --overwrite` clears with the rest), or in
+`CACHE.varcmp-search/` next to an HDF5 file. Its file name carries a key hashing the checkpoint's
+weights and settings, the split, its done videos (rows and paths) and the cache's encoders and
+dims, so an index of other weights or of another state of the split is never used; it is written
+atomically and checked against freshly computed vectors of its first videos when loaded.
+Indexes of the same split and checkpoint path with another key (the checkpoint was retrained) are
+deleted.
+
+Time span of a hit (seconds, from the stored frame timestamps): over the valid sampled frames j,
+
+    s_j  the frame-query similarity: cos(sentence, f_j) for text (the fine level's frame term,
+         eq. 2), max_i cos(e_a_i, f_j) over valid audio segments for audio (eq. 3's frame term);
+    w_j  the frame weight the fine level uses (after anomaly-biased weighting, eq. 6);
+    r_j = (w_j / max w) * (s_j - min s) / (max s - min s)   (s-part 1 when all s_j are equal);
+
+the peak is the frame maximising r_j (the first on ties) and the span is the longest run of
+consecutive valid frames around it whose r_j >= SPAN_THRESHOLD (0.5) x r_peak. Frame j covers
+from the midpoint with its previous frame to the midpoint with its next one (0 and the duration
+at the ends), which for the extraction's uniform sampling is exactly its segment of the video."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..cli.markup import lit
+from ..model import QueryEmb
+from .scoring import Ranked, default_chunk, encode_queries, encode_videos, top_k
+from ..cli.progress import _progress
+from .index import IndexInfo, default_pool, index_candidates, load_or_build_index
+from .spans import SPAN_THRESHOLD, best_span, relevance
+from .videos import CacheVideos
+
+
+AUTO_TWO_STAGE = 5000       # --mode auto: two-stage for splits with more videos than this
+MODES = ("auto", "exhaustive", "two-stage")
+TEXT_BATCH = 256
+AUDIO_BATCH = 32
+
+
+# --------------------------------------------------------------------------
+# Queries
+
+
+def _encoder_record(cache, which: str) -> dict:
+    rec = (cache.encoders or {}).get(which)
+    if not rec:
+        what = "CLIP" if which == "clip" else "CLAP (extract with --audio)"
+        raise UserError(f"{cache.path}: no {what} encoder recorded in this cache; cannot encode the query")
+    return rec
+
+
+def _check_encoder(loaded: dict, recorded: dict, flag: str, name: str, cache_path) -> None:
+    for k in ("config_hash", "weights_hash"):
+        if loaded.get(k) != recorded.get(k):
+            what = "configuration" if k == "config_hash" else "weights"
+            raise UserError(f"{flag} {name}: its {what} ({loaded.get(k)}) differ from the encoder {cache_path} was "
+                            f"extracted with ({recorded.get('name')}, {recorded.get(k)}); pass the same model")
+
+
+def read_query_audio(path, segments: int) -> dict:
+    """The extraction's windows of an audio clip (mono 48 kHz): `segments` windows centred on the
+    centres of equal parts of the clip, clamp(duration / segments, 1 s, 10 s) long (the clip is
+    its own 'video': offset 0, duration = its length). Raises UserError for a missing,
+    unreadable, empty or silent file."""
+    from ..media.audio import AUDIO_RATE, audio_windows, read_audio
+    from ..media.video import MediaError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--audio {path}: no such file")
+    try:
+        got = read_audio(path, AUDIO_RATE)
+    except MediaError as e:
+        raise UserError(f"--audio {path}: {e}") from None
+    if got is None:
+        raise UserError(f"--audio {path}: no audio track")
+    samples, _ = got
+    duration = len(samples) / AUDIO_RATE
+    win = audio_windows(samples, 0.0, duration, segments, AUDIO_RATE)
+    if not win.mask.any():
+        raise UserError(f"--audio {path}: {win.note or 'no usable audio'} (nothing to search with)")
+    return {"windows": win.windows, "mask": win.mask, "duration": duration}
+
+
+class Searcher:
+    """A cache, a checkpoint and the splits to search. Raises UserError, CacheError or
+    CheckpointError (one-line messages) for what cannot be searched."""
+
+    def __init__(self, cache, checkpoint, splits=None, device: str = "auto", chunk: int | None = None,
+                 mode: str = "auto", candidates: int | None = None, console=None, progress: bool = True):
+        from ..cache.reader import open_cache
+        from ..model.checkpoint import check_compatible, load, read_meta, resolve
+        from ..evaluate import _device
+
+        if mode not in MODES:
+            raise UserError(f"--mode {mode}: choose from {', '.join(MODES)}")
+        if candidates is not None and candidates < 1:
+            raise UserError(f"--candidates {candidates}: must be >= 1")
+        if chunk is not None and chunk < 1:
+            raise UserError(f"--chunk {chunk}: must be >= 1")
+        self.device = _device(device)
+        self.chunk = chunk or default_chunk(self.device)
+        self.mode, self.candidates = mode, None if candidates is None else int(candidates)
+        self.console, self.progress = console, progress
+        self.cache = open_cache(cache)
+        try:
+            names = list(splits) if splits else self.cache.splits
+            if not names:
+                raise UserError(f"{self.cache.path}: holds no split to search")
+            self.sources = [CacheVideos(self.cache.split(s)) for s in dict.fromkeys(names)]
+            if sum(s.n for s in self.sources) == 0:
+                raise UserError(f"{self.cache.path}: no extracted video in split(s) {', '.join(names)}")
+            self.checkpoint = resolve(checkpoint)
+            check_compatible(read_meta(self.checkpoint), self.cache, self.checkpoint)
+            self.model, self.meta = load(self.checkpoint, self.device)
+        except BaseException:
+            self.cache.close()
+            raise
+        self.kind = self.model.cfg.query
+        self.index_info: dict[str, IndexInfo] = {}
+        self._indexes: dict[str, object] = {}
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- queries -----------------------------------------------------------------------------
+    def _encoder(self, cls, which: str, override: str | None):
+        """The cache's recorded encoder (`which`: clip or clap), loaded from `override` or the
+        recorded name, refused unless its config and weights hash as the cache records."""
+        from ..encoders.frozen import quiet_transformers
+
+        rec = _encoder_record(self.cache, which)
+        name = override or rec.get("name")
+        quiet_transformers()
+        try:
+            enc = cls(str(name), self.device)
+        except RuntimeError as e:
+            raise UserError(str(e)) from None
+        _check_encoder(enc.info(), rec, f"--{which}-model", name, self.cache.path)
+        return enc
+
+    def text_features(self, texts: list[str], clip_model: str | None = None) -> dict[str, np.ndarray]:
+        """CLIP word features, mask and sentence of `texts`, as extraction computes captions."""
+        from ..encoders.frozen import ClipEncoder
+
+        if self.kind != "text":
+            raise UserError(f"{self.checkpoint}: trained for audio queries; pass --audio FILE (or a --queries file "
+                            "of audio paths), not text")
+        texts = [str(t) for t in texts]
+        for i, t in enumerate(texts):
+            if not t.strip():
+                raise UserError(f"empty query (query {i + 1}): give words to search for")
+        clip = self._encoder(ClipEncoder, "clip", clip_model)
+        L = self.cache.spec.max_words
+        long = [i + 1 for i in clip.cut(texts, L)]
+        if long and self.console is not None:
+            self.console.print(f"note: query {', '.join(map(str, long[:5]))}{' ...' if len(long) > 5 else ''} "
+                               f"cut to {L} tokens (the cache's max_words, as captions were)", highlight=False)
+        parts = [clip.encode_text(texts[s:s + TEXT_BATCH], L) for s in range(0, len(texts), TEXT_BATCH)]
+        return {"word_feat": torch.cat([p[0] for p in parts]).numpy(),
+                "word_mask": torch.cat([p[1] for p in parts]).numpy(),
+                "sentence": torch.cat([p[2] for p in parts]).numpy()}
+
+    def audio_features(self, files: list, clap_model: str | None = None) -> dict[str, np.ndarray]:
+        """CLAP embeddings of the extraction's windows of each audio clip, and their mask."""
+        from ..encoders.frozen import ClapEncoder, preprocess_audio
+        from ..media.audio import AUDIO_RATE
+
+        if self.kind != "audio":
+            raise UserError(f"{self.checkpoint}: trained for text queries; --audio needs a checkpoint trained with "
+                            "--query audio")
+        na = self.cache.spec.audio_segments or self.model.cfg.audio_segments
+        if na > self.model.cfg.audio_segments:
+            raise UserError(f"{self.checkpoint}: trained with {self.model.cfg.audio_segments} audio segments, but "
+                            f"{self.cache.path} has {na}")
+        clips = [read_query_audio(f, na) for f in files]        # bad files fail before any model loads
+        clap = self._encoder(ClapEncoder, "clap", clap_model)
+        feat = np.zeros((len(clips), na, clap.dim), np.float32)
+        for i, c in enumerate(clips):
+            x = preprocess_audio(clap.extractor, c["windows"], AUDIO_RATE)
+            emb = torch.cat([clap.encode(x[s:s + AUDIO_BATCH]) for s in range(0, len(x), AUDIO_BATCH)]).numpy()
+            feat[i, c["mask"]] = emb
+        return {"seg_feat": feat, "seg_mask": np.stack([c["mask"] for c in clips])}
+
+    # ---- search ------------------------------------------------------------------------------
+    def pool(self, source: CacheVideos) -> int:
+        """Candidates per query in a two-stage split: --candidates, else default_pool."""
+        return min(self.candidates or default_pool(source.n), source.n)
+
+    def split_mode(self, source: CacheVideos) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "two-stage" if source.n > AUTO_TWO_STAGE else "exhaustive"
+
+    def index(self, source: CacheVideos):
+        if source.name not in self._indexes:
+            idx, info = load_or_build_index(self.model, self.cache, source, self.checkpoint, self.device,
+                                            console=self.console, progress_bar=self.progress)
+            self._indexes[source.name], self.index_info[source.name] = idx, info
+            if info.note and self.console is not None:
+                self.console.print(f"note: {lit(info.note)}", highlight=False, soft_wrap=True)
+        return self._indexes[source.name]
+
+    @torch.inference_mode()
+    def search(self, feats: dict[str, np.ndarray], labels: list[str], top: int = 10) -> dict:
+        """Rank every searched split for each query (features as `text_features` / `audio_features`
+        return them, or as the cache stores captions) and describe the best `top` hits. Returns
+        the JSON-ready result (what --json writes)."""
+        if top < 1:
+            raise UserError(f"--top {top}: must be >= 1")
+        n_q = len(next(iter(feats.values())))
+        if n_q == 0 or n_q != len(labels):
+            raise UserError("no query to search with" if n_q == 0 else f"{len(labels)} labels for {n_q} queries")
+        model = self.model.eval()
+        q = encode_queries(model, feats, self.device)
+        per_split, splits_out = [], []
+        for si, src in enumerate(self.sources):
+            mode = self.split_mode(src)
+            info = None
+            cands = None
+            if src.n and mode == "two-stage":
+                index = self.index(src)
+                info = self.index_info[src.name]
+                cands = index_candidates(index, q, self.pool(src))
+            with _progress(self.console, self.progress and src.n > 8 * self.chunk) as prog:
+                r = top_k(model, src, q, top, cands, self.chunk, self.device, progress=prog)
+            per_split.append(r)
+            splits_out.append({"name": src.name, "videos": int(src.n), "mode": mode,
+                               "candidates": self.pool(src) if mode == "two-stage" else None,
+                               "exact": mode == "exhaustive" or self.pool(src) >= src.n,
+                               "root": src.root,
+                               "index": None if info is None else {"path": info.path, "built": info.built,
+                                                                   "stored": info.stored, "key": info.key,
+                                                                   "seconds": round(info.seconds, 3)}})
+        hits = self._merge_splits(per_split, top)
+        details = self._details(q, hits)
+        queries = []
+        for qi, label in enumerate(labels):
+            queries.append({"query": label, "hits": [{"rank": r + 1, **details[(qi, h[0], h[1])]}
+                                                    for r, h in enumerate(hits[qi])]})
+        from .. import __version__
+
+        return {"varcmp_version": __version__, "cache": str(self.cache.path), "checkpoint": str(self.checkpoint),
+                "query_kind": self.kind, "levels": list(model.cfg.levels),
+                "anomaly_weighting": bool(model.cfg.anomaly_weighting), "top": int(top), "device": str(self.device),
+                "num_frames": int(self.cache.spec.num_frames), "splits": splits_out,
+                "span_rule": (f"peak of r_j = (w_j / max w) * (s_j - min s) / (max s - min s), extended over "
+                              f"consecutive frames with r_j >= {SPAN_THRESHOLD} r_peak; s_j: "
+                              + ("cos(sentence, frame)" if self.kind == "text" else "max_i cos(audio segment i, frame)")
+                              + ", w_j: the fine level's frame weights"),
+                "queries": queries}
+
+    def _merge_splits(self, per_split: list[Ranked], top: int) -> list[list[tuple]]:
+        """Per query: [(split index, position, scores dict, video_score, anomalous)], best first
+        (total descending, then split order, then position)."""
+        out = []
+        for qi in range(len(per_split[0].pos) if per_split else 0):
+            cand = []
+            for si, r in enumerate(per_split):
+                for j in range(r.pos.shape[1]):
+                    total = float(r.scores["total"][qi, j])
+                    if not np.isfinite(total):
+                        continue
+                    cand.append((-total, si, int(r.pos[qi, j]), {k: float(v[qi, j]) for k, v in r.scores.items()},
+                                 float(r.video_score[qi, j]), bool(r.anomalous[qi, j])))
+            cand.sort(key=lambda c: c[:3])
+            out.append([c[1:] for c in cand[:top]])
+        return out
+
+    def _details(self, q: QueryEmb, hits: list[list[tuple]]) -> dict:
+        """Span, frame curves and the JSON record of every (query, split, position) hit."""
+        pairs = [(qi, h) for qi, hs in enumerate(hits) for h in hs]
+        out = {}
+        by_split: dict[int, list] = {}
+        for qi, h in pairs:
+            by_split.setdefault(h[0], []).append((qi, h))
+        for si, items in by_split.items():
+            src = self.sources[si]
+            uniq = np.unique([h[1] for _, h in items])
+            data = src.read(uniq, patches=False)
+            # frames, weights and A do not depend on the patches
+            v = encode_videos(self.model, data, self.device, batch=len(uniq), patches=False)
+            row_of = {int(p): i for i, p in enumerate(uniq)}
+            vi = torch.tensor([row_of[h[1]] for _, h in items], device=v.video.device)
+            qidx = torch.tensor([qi for qi, _ in items], device=q.glob.device)
+            vv, qq = v.take(vi), q.take(qidx)
+            sim = self.model.frame_terms(vv, qq).cpu().numpy()
+            w = vv.frame_weights.float().cpu().numpy()
+            A = vv.anomaly.float().cpu().numpy()
+            m = vv.frame_mask.cpu().numpy()
+            for k, (qi, h) in enumerate(items):
+                _, pos, scores, vscore, anom = h
+                r = row_of[pos]
+                times = data.frame_time[r]
+                dur = float(src.durations[pos])
+                span = best_span(sim[k], w[k], m[k], times, dur)
+                valid = m[k]
+                rel = relevance(sim[k], w[k], m[k])
+                out[(qi, si, pos)] = {
+                    "video": str(src.paths[pos]), "split": src.name, "row": int(src.rows[pos]),
+                    "score": scores["total"], "levels": {lv: scores[lv] for lv in self.model.cfg.levels},
+                    "anomaly": vscore, "predicted_anomalous": anom, "duration": dur,
+                    "span": dataclasses.asdict(span),
+                    "frames": {"index": [int(j) for j in np.flatnonzero(valid)],
+                               "time": [float(x) for x in times[valid]],
+                               "similarity": [float(x) for x in sim[k][valid]],
+                               "weight": [float(x) for x in w[k][valid]],
+                               "anomaly": [float(x) for x in A[k][valid]],
+                               "relevance": [float(x) for x in rel[valid]]}}
+        return out
+
+
+def search_features(cache, checkpoint, feats: dict[str, np.ndarray], labels: list[str] | None = None,
+                    top: int = 10, **kw) -> dict:
+    """Search with query features given directly (e.g. a cached caption's word_feat, word_mask and
+    sentence, or CLAP segment features seg_feat, seg_mask): no encoder is loaded."""
+    n = len(next(iter(feats.values())))
+    labels = labels if labels is not None else [f"query {i + 1}" for i in range(n)]
+    kw.setdefault("progress", False)
+    with Searcher(cache, checkpoint, **kw) as s:
+        return s.search(feats, labels, top)
+
+
+def run_search(cache, checkpoint, texts=(), audio=(), queries_file=None, splits=(), top: int = 10,
+               clip_model=None, clap_model=None, mode: str = "auto", candidates: int | None = None,
+               device: str = "auto", chunk: int | None = None, console=None, progress: bool = True) -> dict:
+    """Everything `varcmp-search` does short of printing: encode the queries and search."""
+    texts, audio = list(texts), [Path(a) for a in audio]
+    given = [bool(texts), bool(audio), queries_file is not None]
+    if sum(given) == 0:
+        raise UserError("give a query: text QUERY..., --audio FILE... or --queries FILE")
+    if sum(given) > 1:
+        raise UserError("give text QUERY..., --audio FILE... or --queries FILE, not several of them")
+    lines = None
+    if queries_file is not None:
+        qf = Path(queries_file)
+        try:
+            lines = [x.strip() for x in qf.read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--queries {qf}: {getattr(e, 'strerror', None) or e}") from None
+        lines = [x for x in lines if x]
+        if not lines:
+            raise UserError(f"--queries {qf}: no queries in it (one per line)")
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise UserError(f"empty query (query {i + 1}): give words to search for")
+    with Searcher(cache, checkpoint, splits, device, chunk, mode, candidates, console, progress) as s:
+        if lines is not None:
+            if s.kind == "audio":
+                audio = [p if p.is_absolute() else Path(queries_file).parent / p for p in map(Path, lines)]
+            else:
+                texts = lines
+        if texts:
+            feats, labels = s.text_features(texts, clip_model), texts
+        else:
+            feats, labels = s.audio_features(audio, clap_model), [str(a) for a in audio]
+        return s.search(feats, labels, top)

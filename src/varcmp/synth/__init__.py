@@ -1,0 +1,2 @@
+"""The synthetic benchmark: a world with planted structure at every level (world), and the same world as
+real media files (media)."""

@@ -1,0 +1,15 @@
+"""Training: what a run reads (data), one step (step), the resume state (state) and several processes (distributed); the errors a run stops with."""
+
+from __future__ import annotations
+
+
+class TrainError(Exception):
+    """A problem of the user's run (bad options, incompatible resume...); one line."""
+
+
+class NonFiniteLoss(TrainError):
+    """The loss became NaN or infinite."""
+
+
+class OutputError(TrainError):
+    """A file of the run directory could not be written mid-run (disk full, permissions)."""

@@ -1,0 +1,85 @@
+"""One training step (DDP-aware), mixed precision, and validation with the scoring engine."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+import torch
+
+from .distributed import DistInfo, gather_rows
+from ..retrieval.pairs import EvalData
+from ..retrieval.metrics import retrieval_metrics
+from ..retrieval.scoring import encode_queries, encode_videos, score_matrix
+from ..model import VarCMP
+from . import TrainError
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None, False
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp32":
+        return None, False
+    if precision == "bf16":
+        return torch.bfloat16, False
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise TrainError(f"--precision fp16 needs a CUDA device (this run uses {device})")
+        return torch.float16, True
+    raise TrainError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+
+
+def _amp(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def validate(model: VarCMP, ev: EvalData, device: torch.device, amp_dtype=None) -> dict:
+    """Retrieval metrics of the validation subset (both directions), with evaluate's scorer."""
+    was = model.training
+    model.eval()
+    try:
+        with _amp(device, amp_dtype):
+            v = encode_videos(model, ev.videos, device, batch=32)  # bounds the float32 patch copies
+            q = encode_queries(model, ev.query_feats, device)
+            sims = score_matrix(model, v, q)
+    finally:
+        model.train(was)
+    return retrieval_metrics(sims["total"], ev.query_video)
+
+
+def val_score(metrics: dict | None) -> float:
+    """Model selection: the mean of the two R@1."""
+    if not metrics:
+        return float("nan")
+    return 0.5 * (metrics["q2v"]["r1"] + metrics["v2q"]["r1"])
+
+
+# ----------------------------------------------------------------------------- the training step (DDP-aware)
+
+class TrainStep(torch.nn.Module):
+    """The forward of one training step: encode this process's rows, gather the global batch's
+    embeddings (several processes), the loss of eq. 12 (VarCMP.loss's parts) plus "backward", what to
+    backpropagate. DistributedDataParallel wraps this module, so that it sees the whole forward.
+
+    Gradient scale: every process computes the same global loss L, but its backward reaches the
+    parameters only through its own rows, giving g_r with sum_r g_r = dL/dtheta, the one-process
+    gradient. DDP averages, (1/N) sum_r: so "backward" is N * L, and the averaged gradient is exactly
+    one process's on the global batch. With one process "backward" is the loss itself."""
+
+    def __init__(self, model: VarCMP, dist: DistInfo | None = None):
+        super().__init__()
+        self.model = model
+        self.rank = 0 if dist is None else dist.rank
+        self.world = 1 if dist is None else dist.world_size
+
+    def forward(self, vb: dict, qb: dict | None, labels: torch.Tensor, sizes: list[int] | None,
+                batch_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        m = self.model
+        v = m.encode_videos(vb["frame_feat"], vb["frame_mask"], vb.get("patch_feat"), labels=labels)
+        q = m.encode_queries(qb if qb is not None else {"seg_feat": vb["audio_feat"], "seg_mask": vb["audio_mask"]})
+        if sizes is not None:
+            v, q = gather_rows(v, sizes, self.rank), gather_rows(q, sizes, self.rank)
+        parts = m.loss(v, q, batch_labels)
+        parts["backward"] = parts["loss"] if sizes is None else parts["loss"] * self.world
+        return parts

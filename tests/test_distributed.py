@@ -21,8 +21,6 @@ from helpers import write_planted_cache
 import varcmp.training.distributed as D
 import varcmp.train as T
 import varcmp.training as TR
-import varcmp.training.data as TD
-import varcmp.training.step as TP
 from varcmp.model import checkpoint
 from varcmp.cache.reader import open_cache
 from varcmp.encoders.frozen import weights_hash

@@ -68,6 +68,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 import numpy as np
+from .errors import VarcmpError
 
 
 SCHEMA_VERSION = 1
@@ -83,7 +84,7 @@ SPLIT_KEY = "varcmp_split"
 FINAL_KEY = "varcmp_final"  # split attribute written by CacheWriter.finalize
 
 
-class CacheError(Exception):
+class CacheError(VarcmpError):
     """A cache that cannot be used; the message is one line naming the store."""
 
 

@@ -35,12 +35,11 @@ from pathlib import Path, PurePosixPath
 import click
 import numpy as np
 
-from .media.captions import AnnotationError
 from .cache_schema import DONE, FAILED, TEXT_CHUNK, CacheError, CacheSpec, CacheWriteError, VideoFeatures
 from .cache.writer import CacheWriter, probe_target, remove_store
 from .cache.reader import Completeness
 from .cache.store import fault_point, is_hdf5
-from .cli.common import Interrupted, OneLineErrors
+from .cli.common import CommandError, Interrupted, OneLineErrors
 from .cli.markup import lit
 from .media.audio import AUDIO_MIX, AUDIO_RATE
 from .cache.locks import _Locks, _running
@@ -680,26 +679,18 @@ def main(ctx, videos, out, annotations, split, audio, clip_model, clap_model, fr
 
     console = Console(stderr=True)
 
-    def fail(e) -> None:
-        console.print(f"[red]error[/red]: {lit(e.format_message() if isinstance(e, click.UsageError) else e)}",
-                      highlight=False, soft_wrap=True)
-        sys.exit(2)
-
-    try:
-        if finalize_only:
-            if overwrite:
-                raise click.UsageError("--finalize checks a store; it cannot be combined with --overwrite")
-            whole = videos is None and ctx.get_parameter_source("split") in (None, click.core.ParameterSource.DEFAULT)
-            plan = make_plan(videos, annotations, all_videos) if videos is not None else None
-            sys.exit(finalize(out, None if whole else split, plan, console))
-        if videos is None:
-            raise click.UsageError("missing argument VIDEOS, the folder of videos (only --finalize runs without it)")
-        env = _shards_from_env(ctx)
-        distributed = env is not None and env[0] > 1
-        if env is not None:
-            num_shards, shard_index = env
-    except (CacheError, AnnotationError, click.UsageError) as e:
-        fail(e)
+    if finalize_only:
+        if overwrite:
+            raise click.UsageError("--finalize checks a store; it cannot be combined with --overwrite")
+        whole = videos is None and ctx.get_parameter_source("split") in (None, click.core.ParameterSource.DEFAULT)
+        plan = make_plan(videos, annotations, all_videos) if videos is not None else None
+        sys.exit(finalize(out, None if whole else split, plan, console))
+    if videos is None:
+        raise click.UsageError("missing argument VIDEOS, the folder of videos (only --finalize runs without it)")
+    env = _shards_from_env(ctx)
+    distributed = env is not None and env[0] > 1
+    if env is not None:
+        num_shards, shard_index = env
     opt = Options(root=videos, out=out, annotations=annotations, split=split, clip_model=clip_model,
                   clap_model=clap_model, audio=audio, frames=frames, max_words=max_words,
                   audio_segments=audio_segments, batch_size=batch_size, device=device, workers=workers,
@@ -707,10 +698,10 @@ def main(ctx, videos, out, annotations, split, audio, clip_model, clap_model, fr
                   distributed=distributed, redo=tuple(redo))
     # under torchrun: the ranks' process group lives until every rank has printed its report
     group = _join_group(console) if distributed else None
-    try:
+    try:  # a VarcmpError is one line and exit code 2 (OneLineErrors): under torchrun the others then stop
         summary = run(opt, console, group)
-    except (CacheError, AnnotationError, RuntimeError, click.UsageError) as e:
-        fail(e)  # a rank that stops here exits 2 at once: torchrun then stops the others
+    except RuntimeError as e:  # an encoder that cannot be loaded, a decoding pool that broke
+        raise CommandError(str(e)) from None
     if summary.interrupted and group is None:  # one line, as every command (torchrun's ranks report together)
         raise Interrupted(interrupted_line(summary, opt))
     code = report(summary, opt, console)

@@ -76,12 +76,11 @@ import click
 import numpy as np
 import torch
 
-from .cache_schema import CacheError
 from .cache.reader import open_cache
 from .model.checkpoint import CheckpointError, cache_fingerprint, check_compatible, save
 from .atomic import atomic_write, stale_temp_files
 from .cli.common import Interrupted, OneLineErrors
-from .training.distributed import DistInfo, DistSetupError, all_gather_object, barrier, distributed, env_int_or, first_line, is_dist_error, local_rows, rank_seed
+from .training.distributed import DistInfo, all_gather_object, barrier, distributed, env_int_or, is_dist_error, local_rows, rank_seed
 from .encoders.frozen import resolve_device, weights_hash
 from .cli.markup import lit
 from .model import LEVELS, QUERIES, ModelConfig, VarCMP
@@ -89,6 +88,7 @@ from .training import NonFiniteLoss, OutputError, TrainError
 from .training.data import Plan, Rows, TEXT_KEYS, available_memory, bytes_needed, describe_caption, describe_video, epoch_batches, load_validation, plan_data, video_keys
 from .training.state import STATE_FORMAT, STATE_NAME, _holds_epoch, _rng_state, _save_state, _set_rng_state, load_state
 from .training.step import TrainStep, _amp, resolve_precision, val_score, validate
+from .errors import VarcmpError, first_line
 
 
 HISTORY_NAME = "history.json"
@@ -657,12 +657,9 @@ def main(cache, out, split, query, val_fraction, levels, anomaly_weighting, epoc
         with distributed(device) as dist:
             summary = train(cache, out, opts, Runtime(device=device, precision=precision, data=data),
                             resume=resume, overwrite=overwrite, console=err, quiet=quiet, dist=dist)
-    except (NonFiniteLoss, OutputError) as e:
+    except VarcmpError as e:  # as OneLineErrors does, with the process named under torchrun
         err.print(f"[red]error[/red]{tag}: {lit(e)}", highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except (TrainError, DistSetupError, CacheError, CheckpointError) as e:
-        err.print(f"[red]error[/red]{tag}: {lit(e)}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         raise Interrupted("" if tag else f"interrupted: {saved_run(out)}") from None
     except Exception as e:  # noqa: BLE001

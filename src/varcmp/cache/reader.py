@@ -11,6 +11,7 @@ import numpy as np
 from .. import __version__
 from .store import _open_store
 from ..cache_schema import CacheError, CacheSpec, DONE, DamagedCacheError, FAILED, FINAL_KEY, IncompleteCacheWarning, ROOT_KEY, SCHEMA_VERSION, SPLIT_KEY, text_arrays, video_arrays
+from ..errors import first_line
 
 
 @dataclass
@@ -79,9 +80,6 @@ def read_rows(arr, rows) -> np.ndarray:
     return out if np.array_equal(uniq, rows) else out[inv.reshape(-1)]
 
 
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    text = (str(e).strip().splitlines() or [""])[0][:limit]
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 DAMAGED = ("the cache is damaged there: extract that video again (the same varcmp-extract command with --redo "
@@ -119,7 +117,7 @@ def read_checked(arr, rows, key: str, describe) -> np.ndarray:
             try:
                 np.asarray(arr[int(r)])
             except Exception as e1:  # noqa: BLE001
-                raise DamagedCacheError(f"{describe(int(r))}: its {key} cannot be read ({_first_line(e1)}); "
+                raise DamagedCacheError(f"{describe(int(r))}: its {key} cannot be read ({first_line(e1)}); "
                                  f"{DAMAGED}") from None
         raise  # every row reads alone (e.g. out of memory): not a damaged chunk
     check_finite(out, rows, key, describe)

@@ -90,8 +90,6 @@ class _ZarrStore:
         node.attrs.update(attrs)
 
     def groups(self, key: str = "") -> list[str]:
-        import warnings
-
         node = self.root if key == "" else self.root[key]
         with warnings.catch_warnings():  # the writers' lock file, or a .partial file of a killed write
             warnings.filterwarnings("ignore", message=".*not recognized as a component")
@@ -102,8 +100,6 @@ class _ZarrStore:
             del self.root[key]
 
     def consolidate(self) -> None:
-        import warnings
-
         import zarr
 
         with warnings.catch_warnings():

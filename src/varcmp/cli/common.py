@@ -6,7 +6,10 @@ import signal
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+
 import click
+
+from ..errors import VarcmpError
 
 
 class CommandError(click.ClickException):
@@ -31,9 +34,10 @@ class Interrupted(KeyboardInterrupt):
 
 
 class OneLineErrors(click.Command):
-    """A click command whose usage errors (a bad option value, a missing argument) are one line
-    on stderr with exit code 2, like every other error of varcmp's commands, instead of click's
-    usage block; and whose Ctrl-C is one line (see `Interrupted`) with exit code 130, instead of
+    """The one way a varcmp command ends on an error: a `VarcmpError` (varcmp.errors) raised
+    anywhere in the command is `error: MESSAGE` on stderr, on one line, with the error's exit code;
+    usage errors (a bad option value, a missing argument) are one line with exit code 2 instead of
+    click's usage block; Ctrl-C is one line (see `Interrupted`) with exit code 130, instead of
     "Aborted!" and exit code 1."""
 
     def make_context(self, info_name, args, parent=None, **extra):
@@ -59,6 +63,11 @@ class OneLineErrors(click.Command):
 
                 warnings.showwarning = show
                 return super().invoke(ctx)
+        except VarcmpError as e:
+            click.echo(f"error: {' '.join(str(e).split())}", err=True)
+            raise click.exceptions.Exit(e.exit_code) from None
+        except click.UsageError as e:  # raised by the command itself, after parsing
+            raise CommandError(" ".join(e.format_message().split())) from None
         except KeyboardInterrupt as e:
             stop_interrupted(e.line if isinstance(e, Interrupted) else "interrupted")
 

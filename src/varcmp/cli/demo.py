@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 import click
 
-from .common import Interrupted, OneLineErrors
+from .common import CommandError, Interrupted, OneLineErrors
 
 
 # (row label, levels, anomaly weighting); None levels = zero-shot
@@ -146,21 +145,16 @@ def demo(out, task, videos, epochs, seed, device):
     """
     from rich.console import Console
 
-    from ..cache_schema import CacheError
-    from ..model.checkpoint import CheckpointError
     from ..encoders.frozen import quiet_transformers
-    from ..errors import UserError
     from .markup import lit
-    from ..training import TrainError
 
     quiet_transformers()
     console = Console(stderr=True)
     tasks = ("text", "audio") if task == "both" else (task,)
     try:
         results = run_demo(out, tasks, videos, epochs, seed, device, console)
-    except (CacheError, CheckpointError, TrainError, UserError, ValueError) as e:
-        console.print(f"[red]error[/red]: {lit(e)}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
     except KeyboardInterrupt:
         raise Interrupted("interrupted: run the same command again to continue") from None
     print_tables(results, Console())

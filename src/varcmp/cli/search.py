@@ -7,9 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..cache_schema import CacheError
 from .common import CommandError, OneLineErrors, OutputFile
-from ..errors import UserError
 from ..retrieval.scoring import DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA
 from ..retrieval.index import DEFAULT_CANDIDATES, DEFAULT_POOL_SHARE, INDEX_DIR
 from ..retrieval.report import print_results, write_html, write_json
@@ -79,15 +77,9 @@ def main(cache, query, checkpoint, audio, queries_file, splits, top, json_out, h
     """
     from rich.console import Console
 
-    from ..model.checkpoint import CheckpointError
-    from ..media.video import MediaError
-
     err = Console(stderr=True)
-    try:
-        result = run_search(cache, checkpoint, query, audio, queries_file, splits, top, clip_model, clap_model,
-                            mode, candidates, device, chunk, console=err)
-    except (UserError, CacheError, CheckpointError, MediaError) as e:
-        raise CommandError(" ".join(str(e).split())) from None
+    result = run_search(cache, checkpoint, query, audio, queries_file, splits, top, clip_model, clap_model,
+                        mode, candidates, device, chunk, console=err)
     for flag, path, write in (("--json", json_out, write_json), ("--html", html_out, write_html)):
         if path is not None:  # the files first: nothing printed can then cost them
             try:

@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 
 from ..media.captions import AnnotationError
-from ..cache_schema import CacheError
 from .common import CommandError, OneLineErrors
 from ..synth.media import make_media_cache
 from ..synth.world import ACTIONS, ACTIVITIES, SCENES, SUBJECTS, SynthParams, _label_counts, _split_sizes, make_synthetic_cache
@@ -102,7 +101,7 @@ def main(out, videos, seed, media, clip_model, clap_model, overwrite, **knobs):
             if clip_model or clap_model:
                 raise CommandError("--clip-model / --clap-model only apply with --media")
             make_synthetic_cache(out, videos=videos, seed=seed, overwrite=overwrite, progress=True, **knobs)
-    except (ValueError, CacheError) as e:
+    except ValueError as e:
         raise CommandError(str(e).splitlines()[0]) from None
     except (RuntimeError, AnnotationError, click.UsageError) as e:  # the --media extraction went wrong
         msg = e.format_message() if isinstance(e, click.UsageError) else str(e)

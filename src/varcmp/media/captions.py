@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .files import within
+from ..errors import VarcmpError
 
 XD_CATEGORIES = {"A": "normal", "B1": "fighting", "B2": "shooting", "B4": "riot", "B5": "abuse",
                  "B6": "car accident", "G": "explosion"}
@@ -38,7 +39,7 @@ MAX_FIELD_CHARS = 4000  # the longest video name or caption accepted (CLIP reads
 UNCLOSED = "; a '\"' opened there and never closed swallows every row after it"
 
 
-class AnnotationError(Exception):
+class AnnotationError(VarcmpError):
     """An unusable caption file; the message names the file."""
 
 

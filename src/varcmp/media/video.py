@@ -6,9 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
+from ..errors import VarcmpError
 
 
-class MediaError(Exception):
+class MediaError(VarcmpError):
     """A file that cannot be used; the message says why in a few words."""
 
 

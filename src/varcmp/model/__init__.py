@@ -8,3 +8,7 @@ from .similarity import QueryEmb, VideoEmb, masked_mean, masked_softmax, token_w
 from .losses import info_nce, mil_bce, video_scores
 from .heads import AnomalyHead, AudioEncoder, PatchSelector, PerturbedTopK, TemporalEncoder, WeightHead, token_shift
 from .varcmp import VarCMP
+
+__all__ = ["LEVELS", "QUERIES", "ModelConfig", "within", "QueryEmb", "VideoEmb", "masked_mean", "masked_softmax",
+           "token_wise", "info_nce", "mil_bce", "video_scores", "AnomalyHead", "AudioEncoder", "PatchSelector",
+           "PerturbedTopK", "TemporalEncoder", "WeightHead", "token_shift", "VarCMP"]

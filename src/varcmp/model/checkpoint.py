@@ -13,12 +13,13 @@ from ..cache_schema import SCHEMA_VERSION
 from ..cache.reader import Cache, same_encoders
 from . import ModelConfig, VarCMP
 from ..atomic import atomic_write
+from ..errors import VarcmpError
 
 
 META_KEY = "varcmp"
 
 
-class CheckpointError(Exception):
+class CheckpointError(VarcmpError):
     """A checkpoint that cannot be used; the message is one line naming the file."""
 
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from ..errors import VarcmpError
 
-class TrainError(Exception):
+
+class TrainError(VarcmpError):
     """A problem of the user's run (bad options, incompatible resume...); one line."""
 
 
 class NonFiniteLoss(TrainError):
     """The loss became NaN or infinite."""
 
+    exit_code = 1
+
 
 class OutputError(TrainError):
     """A file of the run directory could not be written mid-run (disk full, permissions)."""
+
+    exit_code = 1

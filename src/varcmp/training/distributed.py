@@ -19,15 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from ..errors import VarcmpError, first_line
 
 
-class DistSetupError(Exception):
+class DistSetupError(VarcmpError):
     """A torchrun setting that cannot work (one line)."""
 
 
-def first_line(e: BaseException, limit: int = 200) -> str:
-    text = (str(e).strip().splitlines() or [""])[0][:limit]
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 

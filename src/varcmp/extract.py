@@ -41,6 +41,7 @@ from .cache.reader import Completeness
 from .cache.store import fault_point, is_hdf5
 from .cli.common import CommandError, Interrupted, OneLineErrors
 from .cli.markup import lit
+from .cli.progress import progress_bar
 from .media.audio import AUDIO_MIX, AUDIO_RATE
 from .cache.locks import _Locks, _running
 from .media.decoding import _decoded, _decoders
@@ -400,21 +401,12 @@ def _encode_text(sw, clip, texts: list[str], max_words: int) -> int:
     return len(texts)
 
 
-def _progress(console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[vps]:.2f} videos/s  {task.fields[fps]:.1f} frames/s"),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        console=console, transient=False)
-
-
 def _encode_videos(opt: Options, sw, clip, clap, results, total: int, summary: Summary, console) -> None:
     if not total:
         return
     start, handled = time.perf_counter(), 0
-    with _progress(console) as progress:
+    with progress_bar(console, transient=False,
+                      fields=("{task.fields[vps]:.2f} videos/s  {task.fields[fps]:.1f} frames/s",)) as progress:
         task = progress.add_task(f"extract {lit(opt.split)}", total=total, vps=0.0, fps=0.0)
         for res in results:
             try:

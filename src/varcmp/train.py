@@ -83,6 +83,7 @@ from .cli.common import Interrupted, OneLineErrors
 from .training.distributed import DistInfo, all_gather_object, barrier, distributed, env_int_or, is_dist_error, local_rows, rank_seed
 from .encoders.frozen import resolve_device, weights_hash
 from .cli.markup import lit
+from .cli.progress import progress_bar
 from .model import LEVELS, QUERIES, ModelConfig, VarCMP
 from .training import NonFiniteLoss, OutputError, TrainError
 from .training.data import Plan, Rows, TEXT_KEYS, available_memory, bytes_needed, describe_caption, describe_video, epoch_batches, load_validation, plan_data, video_keys
@@ -198,16 +199,6 @@ class RunSummary:
     notes: list[str] = field(default_factory=list)
     model: VarCMP | None = None  # the model after the last epoch (eval mode)
     world_size: int = 1
-
-
-def _progress(console, disable: bool):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.1f} steps/s"),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                    console=console, disable=disable, transient=False)
 
 
 def _prefetch(it, workers: int):
@@ -453,7 +444,8 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
         lv, lq, sizes = local_rows(vrows, qrows, dist)
         return vrows, lv, sizes, vsrc.get(lv), (qsrc.get(lq) if qsrc is not None else None)
 
-    with _progress(console, quiet) as progress:
+    with progress_bar(console, not quiet, transient=False,
+                      fields=("loss {task.fields[loss]:.4f}", "{task.fields[rate]:.1f} steps/s")) as progress:
         for epoch in range(start, opts.epochs + 1):
             batches = epoch_batches(plan, epoch, opts.seed, opts.batch_size)  # global batches, the same everywhere
             if dist is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .common import CommandError, Interrupted, OneLineErrors
+from .progress import progress_bar
 
 
 # (row label, levels, anomaly weighting); None levels = zero-shot
@@ -32,7 +33,6 @@ def run_demo(out: Path, tasks: tuple[str, ...], videos: int, epochs: int, seed: 
     """Generate the benchmark (or reuse it), train every setting (or resume it) and evaluate each
     on the test split. Returns the results as a JSON-ready dict."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..evaluate import evaluate_split
     from ..synth.world import make_synthetic_cache
@@ -48,8 +48,7 @@ def run_demo(out: Path, tasks: tuple[str, ...], videos: int, epochs: int, seed: 
     results: dict = {"params": {**params, "epochs": epochs, "tasks": list(tasks)}, "tasks": {}}
     t0 = time.perf_counter()
     hush = Console(file=open(os.devnull, "w"))  # the runs' own notes and bars: the demo shows one bar
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
+    with progress_bar(console, eta=False) as progress:
         if fresh:
             make_synthetic_cache(cache, videos=videos, seed=seed, overwrite=True, progress=progress)
             stamp.write_text(json.dumps(params) + "\n")

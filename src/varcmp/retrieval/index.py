@@ -16,7 +16,7 @@ from ..atomic import atomic_write
 from ..cli.markup import lit
 from ..model import QueryEmb, VarCMP
 from .scoring import encode_videos
-from ..cli.progress import _progress
+from ..cli import progress
 from .videos import CacheVideos
 
 
@@ -121,7 +121,7 @@ def load_or_build_index(model: VarCMP, cache, source: CacheVideos, checkpoint: P
                     return index, IndexInfo(str(path), False, time.perf_counter() - t0, key)
         except RuntimeError:
             pass  # unreadable: rebuilt below
-    with _progress(console, progress_bar, transient=False) as prog:
+    with progress.progress_bar(console, console is not None and progress_bar, transient=False) as prog:
         vectors = index_vectors(model, source, device, chunk=chunk, progress=prog,
                                 label=f"indexing {lit(source.name)}")
     index = flat_index(vectors)

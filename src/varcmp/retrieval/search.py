@@ -62,7 +62,7 @@ from ..errors import UserError
 from ..cli.markup import lit
 from ..model import QueryEmb
 from .scoring import Ranked, default_chunk, encode_queries, encode_videos, top_k
-from ..cli.progress import _progress
+from ..cli.progress import progress_bar
 from .index import IndexInfo, default_pool, index_candidates, load_or_build_index
 from .spans import SPAN_THRESHOLD, best_span, relevance
 from .videos import CacheVideos
@@ -265,7 +265,7 @@ class Searcher:
                 index = self.index(src)
                 info = self.index_info[src.name]
                 cands = index_candidates(index, q, self.pool(src))
-            with _progress(self.console, self.progress and src.n > 8 * self.chunk) as prog:
+            with progress_bar(self.console, self.console is not None and self.progress and src.n > 8 * self.chunk) as prog:
                 r = top_k(model, src, q, top, cands, self.chunk, self.device, progress=prog)
             per_split.append(r)
             splits_out.append({"name": src.name, "videos": int(src.n), "mode": mode,

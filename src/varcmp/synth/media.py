@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from ..cli.common import Interrupted
-from .world import AMP, SynthParams, VideoPlan, World, _progress_ctx, check_out
+from .world import AMP, SynthParams, VideoPlan, World, check_out
+from ..cli.progress import progress_arg
 
 
 # --------------------------------------------------------------------------
@@ -144,7 +145,7 @@ def render_media(world_or_params=None, out_dir=".", videos: int | None = None, s
     root = out_dir / "videos"
     style = media_style(world)
     rows = {"train": [], "test": []}
-    with _progress_ctx(progress) as prog:
+    with progress_arg(progress) as prog:
         task = prog.add_task("render media", total=len(world.videos)) if prog is not None else None
         for plan in world.videos:
             rng = np.random.default_rng([world.params.seed, 4, plan.index])

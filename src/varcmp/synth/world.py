@@ -102,6 +102,7 @@ import numpy as np
 from ..media.captions import label_from_path
 from ..cache_schema import TEXT_CHUNK, CacheError, CacheSpec, QueryEntry, VideoEntry, VideoFeatures
 from ..cache.writer import CacheWriter, probe_target
+from ..cli.progress import progress_arg
 
 
 # --------------------------------------------------------------------------
@@ -589,7 +590,7 @@ def write_world(world: World, out, overwrite: bool = False, progress=False) -> P
                          {"synthetic": {**asdict(p), "amplitudes": AMP,
                                         "note": "varcmp-synth: features drawn in feature space, no encoder"}},
                          overwrite=overwrite)
-    with _progress_ctx(progress) as prog:
+    with progress_arg(progress) as prog:
         task = prog.add_task("varcmp-synth", total=p.videos) if prog is not None else None
         for split in ("train", "test"):
             idx = world.split_indices(split)
@@ -614,25 +615,3 @@ def write_world(world: World, out, overwrite: bool = False, progress=False) -> P
                         prog.update(task, advance=1)
     writer.finish()
     return out
-
-
-class _progress_ctx:
-    def __init__(self, progress):
-        self.arg, self.own = progress, None
-
-    def __enter__(self):
-        if self.arg is False or self.arg is None:
-            return None
-        if self.arg is True:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.own = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=Console(stderr=True))
-            self.own.__enter__()
-            return self.own
-        return self.arg
-
-    def __exit__(self, *exc):
-        if self.own is not None:
-            self.own.__exit__(*exc)

@@ -157,12 +157,17 @@ class TextData:
 
 @dataclass
 class Split:
+    """One split of a cache: its per-video columns, and its feature rows read through `read`."""
+
     cache: "Cache"
     name: str
     attrs: dict = field(default_factory=dict)
+    _arrays: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # lazy handles, opened once
 
     def _a(self, key):
-        return self.cache.store.array(f"{self.name}/{key}")
+        if key not in self._arrays:
+            self._arrays[key] = self.cache.store.array(f"{self.name}/{key}")
+        return self._arrays[key]
 
     def _s(self, key, index=slice(None)):
         return self.cache.store.read_str(f"{self.name}/{key}", index)
@@ -223,6 +228,18 @@ class Split:
         """A lazy handle on `videos/<key>` or `text/<key>` (numpy slicing, reads on demand)."""
         return self._a(key)
 
+    def read(self, keys: Sequence[str], rows, describe=None) -> dict[str, np.ndarray]:
+        """The arrays `keys` (`videos/<name>` or `text/<name>`) at `rows` (any order, repeats
+        allowed), by name. Checked: a chunk that cannot be read or a NaN / infinite value is a
+        one-line DamagedCacheError naming the row by `describe(row)` (default: the video, or the
+        caption, of the row). The one way features are read from a split."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return {key.split("/")[-1]: read_checked(self._a(key), rows, key, describe or self._describer(key))
+                for key in keys}
+
+    def _describer(self, key: str):
+        return self.describe_caption if key.startswith("text/") else self.describe_video
+
     def load_videos(self, index: Sequence[int] | np.ndarray | None = None, patches: bool = True,
                     audio: bool | None = None) -> VideoData:
         """Read the given videos (default: every done video) into memory."""
@@ -230,28 +247,20 @@ class Split:
         audio = self.has_audio if audio is None else audio
         if audio and not self.has_audio:
             raise CacheError(f"{self.cache.path}: split '{self.name}' holds no audio features (extract with --audio)")
-
-        def rows(key):
-            return read_checked(self._a(f"videos/{key}"), idx, f"videos/{key}", self.describe_video)
-
-        paths, cats = self.paths, self.categories
-        return VideoData(
-            index=idx,
-            paths=paths[idx],
-            labels=self.labels[idx],
-            categories=cats[idx],
-            frame_feat=rows("frame_feat"),
-            frame_mask=rows("frame_mask"),
-            frame_time=rows("frame_time"),
-            patch_feat=rows("patch_feat") if patches else None,
-            audio_feat=rows("audio_feat") if audio else None,
-            audio_mask=rows("audio_mask") if audio else None,
-            audio_time=rows("audio_time") if audio else None,
-        )
+        keys = (["frame_feat", "frame_mask", "frame_time"] + (["patch_feat"] if patches else [])
+                + (["audio_feat", "audio_mask", "audio_time"] if audio else []))
+        got = self.read([f"videos/{k}" for k in keys], idx)
+        return VideoData(index=idx, paths=self.paths[idx], labels=self.labels[idx], categories=self.categories[idx],
+                         **got)
 
     def describe_video(self, row: int) -> str:
         """How an error names video `row`: its path, row and split, and the store."""
         return f"{self.cache.path}: video {self.paths[row]} (row {row} of split '{self.name}')"
+
+    def describe_caption(self, row: int) -> str:
+        """How an error names caption `row`: its start, its video, its split, and the store."""
+        text, video = self._s("text/text")[row], self.paths[int(np.asarray(self._a("text/video_index")[row]))]
+        return f"{self.cache.path}: caption {row} ({str(text)[:40]!r}, video {video}) of split '{self.name}'"
 
     def load_text(self) -> TextData:
         if not self.has_text:
@@ -266,9 +275,7 @@ class Split:
         )
         done = np.flatnonzero(t.done)
         for key in ("word_feat", "sentence"):
-            check_finite(getattr(t, key)[done], done, f"text/{key}",
-                         lambda q: f"{self.cache.path}: caption {q} ({str(t.text[q])[:40]!r}, video "
-                                   f"{self.paths[t.video_index[q]]}) of split '{self.name}'")
+            check_finite(getattr(t, key)[done], done, f"text/{key}", self.describe_caption)
         return t
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import numpy as np
 
-from ..cache.reader import VideoData, read_checked
+from ..cache.reader import VideoData
 
 
 # --------------------------------------------------------------------------
@@ -23,21 +23,14 @@ class CacheVideos:
         self.paths = split.paths[self.rows]
         self.durations = np.asarray(split.durations)[self.rows]
         self.root = split.attrs.get("root")
-        self._arr: dict = {}  # the lazy arrays, opened once
 
     def read(self, pos: np.ndarray, patches: bool) -> VideoData:
-        """The videos at positions `pos`; a corrupt chunk or a NaN is a one-line DamagedCacheError
-        naming the video."""
+        """The videos at positions `pos`, read through `Split.read` (a corrupt chunk or a NaN is a
+        one-line DamagedCacheError naming the video)."""
         pos = np.asarray(pos, dtype=np.int64)
-        rows = self.rows[pos]
-        keys = ("frame_feat", "frame_mask", "frame_time") + (("patch_feat",) if patches else ())
-        for k in keys:
-            if k not in self._arr:
-                self._arr[k] = self.split.array(f"videos/{k}")
-        got = {k: read_checked(self._arr[k], rows, f"videos/{k}", self.split.describe_video) for k in keys}
+        keys = ["videos/frame_feat", "videos/frame_mask", "videos/frame_time"] + (["videos/patch_feat"] if patches else [])
         return VideoData(index=pos, paths=self.paths[pos], labels=np.zeros(len(pos), np.int8),
-                         categories=np.full(len(pos), "", object), patch_feat=got.get("patch_feat"),
-                         **{k: got[k] for k in keys[:3]})
+                         categories=np.full(len(pos), "", object), **self.split.read(keys, self.rows[pos]))
 
     def fingerprint(self) -> str:
         """What the index of this split depends on besides the checkpoint and the encoders."""

@@ -164,28 +164,25 @@ def epoch_batches(plan: Plan, epoch: int, seed: int, batch_size: int) -> list[tu
 
 class Rows:
     """Some arrays of a split restricted to `rows`: in memory (tensors, on `device`, indexed per
-    batch) or read from the cache per batch. Every read is checked (read_checked): a corrupt
-    chunk or a NaN is a one-line DamagedCacheError naming the video (`describe(row)`), at load time in
-    memory, at the batch's read when streamed."""
+    batch) or read from the cache per batch, both through `Split.read` (checked: a corrupt chunk
+    or a NaN is a one-line DamagedCacheError naming the row by `describe(row)`, at load time in
+    memory, at the batch's read when streamed)."""
 
     def __init__(self, split: Split, keys: list[str], rows: np.ndarray, memory: bool, device: torch.device,
                  describe=None):
-        self.memory, self.device = memory, device
-        self.describe = describe or (lambda r: f"{split.cache.path}: row {r} of split '{split.name}'")
-        self.lazy = {k.split("/")[-1]: split.array(k) for k in keys}
-        self.keys = {k.split("/")[-1]: k for k in keys}
+        self.split, self.keys, self.memory, self.device, self.describe = split, list(keys), memory, device, describe
         self.lookup = np.full(int(rows.max()) + 1 if len(rows) else 0, -1, dtype=np.int64)
         self.lookup[rows] = np.arange(len(rows))
-        self.data = {}
-        if memory:
-            self.data = {k: torch.from_numpy(read_checked(a, rows, self.keys[k], self.describe)).to(device)
-                         for k, a in self.lazy.items()}
+        self.data = {k: torch.from_numpy(a).to(device) for k, a in self._read(rows).items()} if memory else {}
+
+    def _read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return self.split.read(self.keys, rows, self.describe)
 
     def get(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         if self.memory:
             idx = torch.from_numpy(self.lookup[rows]).to(self.device)
             return {k: t.index_select(0, idx) for k, t in self.data.items()}
-        return {k: torch.from_numpy(read_checked(a, rows, self.keys[k], self.describe)) for k, a in self.lazy.items()}
+        return {k: torch.from_numpy(a) for k, a in self._read(rows).items()}
 
 
 def describe_video(split: Split, paths: np.ndarray):

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from varcmp.cache_schema import DONE, FAILED, PENDING, SCHEMA_VERSION, CacheError, CacheSpec, QueryEntry, VideoEntry, VideoFeatures
+from varcmp.cache_schema import DONE, FAILED, PENDING, SCHEMA_VERSION, CacheError, CacheSpec, DamagedCacheError, QueryEntry, VideoEntry, VideoFeatures
 from varcmp.cache.writer import CacheWriter
 from varcmp.cache.reader import open_cache
 
@@ -130,3 +130,35 @@ def test_not_a_cache(tmp_path):
     build(tmp_path / "c.zarr")
     with pytest.raises(CacheError, match=r"no split 'train' \(splits: test\)"):
         open_cache(tmp_path / "c.zarr").split("train")
+
+
+@pytest.mark.parametrize("name", ["c.zarr", "c.h5"])
+def test_read_rows_in_any_order_checked_and_named(tmp_path, name):
+    """Split.read: rows in any order with repeats, by name; a NaN names the video (video keys) or
+    the caption (text keys) it belongs to, and the store."""
+    path = tmp_path / name
+    build(path)
+    with open_cache(path) as c:
+        s = c.split("test")
+        got = s.read(["videos/frame_feat", "videos/frame_mask"], [1, 0, 1])
+        assert sorted(got) == ["frame_feat", "frame_mask"]
+        np.testing.assert_array_equal(got["frame_feat"], np.asarray(s.array("videos/frame_feat")[:])[[1, 0, 1]])
+        assert got["frame_mask"].sum(1).tolist() == [2, 4, 2]
+
+    w = CacheWriter(path, SPEC, ENC, PRE)
+    sw = w.split("test", [VideoEntry("a/x y é.mp4", 1, "Abuse"), VideoEntry("n.mp4", 0, "Normal"),
+                          VideoEntry("bad.mp4", 1, "")], [QueryEntry("a man", 0, 2), QueryEntry("nothing", 1, 3)])
+    bad = feats(1, valid=2)
+    bad.frame_feat[0, 0] = np.nan
+    sw.write_video(1, bad)
+    sw.write_text(0, np.full((2, 5, 8), np.inf, np.float32), np.ones((2, 5), bool), np.ones((2, 8)))
+    w.finish()
+    s = open_cache(path).split("test")
+    with pytest.raises(DamagedCacheError, match=r"video n\.mp4 \(row 1 of split 'test'\): its videos/frame_feat "
+                                                r"holds NaN or infinite values"):
+        s.read(["videos/frame_feat"], [0, 1])
+    with pytest.raises(DamagedCacheError, match=r"caption 1 \('nothing', video n\.mp4\) of split 'test': its "
+                                                r"text/word_feat holds NaN"):
+        s.read(["text/word_feat"], [1])
+    with pytest.raises(DamagedCacheError, match="row 1 read by the test"):
+        s.read(["videos/frame_feat"], [1], lambda r: f"row {r} read by the test")

@@ -43,9 +43,9 @@ from .cli.common import CommandError, Interrupted, OneLineErrors
 from .cli.markup import lit
 from .cli.progress import progress_bar
 from .media.audio import AUDIO_MIX, AUDIO_RATE
-from .cache.locks import _Locks, _running
-from .media.decoding import _decoded, _decoders
-from .media.plan import Plan, _audio_source, _looks_local, make_plan
+from .cache.locks import Locks, process_running
+from .media.decoding import decoded, decoders
+from .media.plan import Plan, audio_source, looks_local, make_plan
 
 
 # --------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def run(opt: Options, console=None, group: "_Group | None" = None) -> Summary:
     if opt.audio and opt.audio != "video" and not Path(opt.audio).is_dir():
         raise click.UsageError(f"--audio {opt.audio}: expected 'video' or a directory of audio files")
     for flag, name in (("--clip-model", opt.clip_model), ("--clap-model", opt.clap_model if opt.audio else None)):
-        if name and _looks_local(name) and not Path(name).expanduser().is_dir():
+        if name and looks_local(name) and not Path(name).expanduser().is_dir():
             raise click.UsageError(f"{flag} {name}: no such directory (give a local model directory or a hub id)")
     plan = make_plan(opt.root, opt.annotations, opt.all_videos)
     if not plan.videos:
@@ -187,7 +187,7 @@ def run(opt: Options, console=None, group: "_Group | None" = None) -> Summary:
     probe_target(opt.out, replace=opt.overwrite, keep=_inputs(opt))
 
     summary = Summary(plan=plan)
-    locks = _Locks(opt.out)
+    locks = Locks(opt.out)
     with ExitStack() as stack:
         if group is None and opt.distributed and sharded:
             group = _join_group(console)
@@ -197,7 +197,7 @@ def run(opt: Options, console=None, group: "_Group | None" = None) -> Summary:
         stack.callback(locks.stop)
         # decoding workers start first: they load their preprocessors while this process loads the encoders
         init = (opt.clip_model, opt.clap_model if opt.audio else None, opt.frames, opt.audio_segments)
-        pool = stack.enter_context(_decoders(opt.workers, init))
+        pool = stack.enter_context(decoders(opt.workers, init))
         _extract(opt, plan, pool, summary, locks, group, console)
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -234,7 +234,7 @@ def _inputs(opt: Options) -> list[Path]:
     """What an extraction reads, which --overwrite never deletes: the video root, the caption
     file, the audio folder and local model folders."""
     audio = opt.audio if opt.audio != "video" else None
-    models = [Path(m).expanduser() for m in (opt.clip_model, opt.clap_model) if m and _looks_local(m)]
+    models = [Path(m).expanduser() for m in (opt.clip_model, opt.clap_model) if m and looks_local(m)]
     return [Path(p) for p in (opt.root, opt.annotations, audio) if p] + models
 
 
@@ -249,7 +249,7 @@ def _device_name(opt: Options) -> str:
     return opt.device
 
 
-def _extract(opt: Options, plan: Plan, pool, summary: Summary, locks: _Locks, group: _Group | None, console) -> None:
+def _extract(opt: Options, plan: Plan, pool, summary: Summary, locks: Locks, group: _Group | None, console) -> None:
     from .encoders.frozen import ClapEncoder, ClipEncoder, resolve_device
 
     try:
@@ -295,8 +295,8 @@ def _extract(opt: Options, plan: Plan, pool, summary: Summary, locks: _Locks, gr
         try:
             summary.total, summary.already = len(mine), len(mine) - len(todo)
             paths = [plan.videos[i].path for i in todo]
-            jobs = [(i, str(opt.root / p), _audio_source(opt.audio, opt.root, p, plan.notes)) for i, p in zip(todo, paths)]
-            results = _decoded(jobs, pool, opt.workers)  # decoding starts now, text encoding overlaps it
+            jobs = [(i, str(opt.root / p), audio_source(opt.audio, opt.root, p, plan.notes)) for i, p in zip(todo, paths)]
+            results = decoded(jobs, pool, opt.workers)  # decoding starts now, text encoding overlaps it
             if opt.shard_index == 0 and plan.queries:
                 summary.queries = _encode_text(sw, clip, [q.text for q in plan.queries], opt.max_words)
             _encode_videos(opt, sw, clip, clap, results, len(jobs), summary, console)
@@ -318,7 +318,7 @@ def _cut_captions(clip, plan: Plan, opt: Options) -> list[str]:
             f"included): {opt.annotations.name} row{'s' if len(cut) > 1 else ''} {rows}"]
 
 
-def _finish(opt: Options, plan: Plan, writer: CacheWriter, sw, mine: np.ndarray, locks: _Locks,
+def _finish(opt: Options, plan: Plan, writer: CacheWriter, sw, mine: np.ndarray, locks: Locks,
             group: _Group | None, summary: Summary) -> None:
     """After this process's videos: finalize the split if this process is the one to (see the
     module docstring), and decide the exit code."""
@@ -381,7 +381,7 @@ def _exit_together(group: _Group, code: int) -> None:
         here = socket.gethostname()
         local = [pid for host, pid in peers[1:] if host == here]
         deadline = time.monotonic() + 10
-        while any(_running(pid) for pid in local) and time.monotonic() < deadline:
+        while any(process_running(pid) for pid in local) and time.monotonic() < deadline:
             time.sleep(0.02)
         if len(local) < len(peers) - 1 or not os.path.isdir("/proc"):
             time.sleep(0.5)  # ranks on other hosts (or no /proc to look at): a moment
@@ -534,7 +534,7 @@ def finalize(out: Path, split: str | None = None, plan: Plan | None = None, cons
     if not out.exists():
         raise CacheError(f"{out}: no such cache")
     probe_target(out)
-    locks = _Locks(out)
+    locks = Locks(out)
     locks.start(exclusive=True, busy=f"{out}: a varcmp-extract is still writing to this store; run --finalize "
                                      "once every shard has ended")
     try:

@@ -10,7 +10,7 @@ from .store import is_hdf5
 from ..cli.markup import lit
 
 
-class _Locks:
+class Locks:
     """The store's two lock files (flock): `run` held for a whole run, shared by the shards and
     exclusive for a single-process run or a finalize; `meta` around the short metadata sections.
     An HDF5 file is written by one process: one lock file beside it, no metadata lock."""
@@ -95,7 +95,7 @@ class _Locks:
             f.close()
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     """Whether process `pid` still runs (an exited one that its parent has not reaped does not)."""
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import __version__
-from .store import _open_store
+from .store import open_store
 from ..cache_schema import CacheError, CacheSpec, DONE, DamagedCacheError, FAILED, FINAL_KEY, IncompleteCacheWarning, ROOT_KEY, SCHEMA_VERSION, SPLIT_KEY, text_arrays, video_arrays
 from ..errors import first_line
 
@@ -49,7 +49,7 @@ class Completeness:
         return f"{path}: split '{self.split}' is incomplete: " + "; ".join(parts)
 
 
-def _completeness(store, name: str) -> Completeness:
+def completeness_of(store, name: str) -> Completeness:
     status = np.asarray(store.array(f"{name}/videos/status")[:])
     pending = np.flatnonzero((status != DONE) & (status != FAILED))
     missing = list(store.read_str(f"{name}/videos/path")[pending]) if len(pending) else []
@@ -222,7 +222,7 @@ class Split:
 
     def completeness(self) -> Completeness:
         """Where the extraction of this split stands, from its status arrays."""
-        return _completeness(self.cache.store, self.name)
+        return completeness_of(self.cache.store, self.name)
 
     def array(self, key: str):
         """A lazy handle on `videos/<key>` or `text/<key>` (numpy slicing, reads on demand)."""
@@ -287,13 +287,13 @@ class Cache:
         if not self.path.exists():
             raise CacheError(f"{self.path}: no such cache")
         try:
-            self.store = _open_store(self.path, "r")
+            self.store = open_store(self.path, "r")
         except Exception as e:  # noqa: BLE001 - any backend failure means "not a cache"
             raise CacheError(f"{self.path}: cannot be opened as a varcmp cache ({type(e).__name__}: {e})") from None
         meta = self.store.get_attrs("").get(ROOT_KEY)
         if not isinstance(meta, dict):
             raise CacheError(f"{self.path}: not a varcmp cache (no '{ROOT_KEY}' attributes)")
-        _check_version(self.path, meta)
+        check_version(self.path, meta)
         self.meta = meta
         self.spec = CacheSpec(**meta["spec"])
         self.encoders: dict = meta.get("encoders", {})
@@ -362,7 +362,7 @@ def open_cache(path) -> Cache:
 # --------------------------------------------------------------------------
 
 
-def _check_version(path: Path, meta: dict) -> None:
+def check_version(path: Path, meta: dict) -> None:
     v = meta.get("schema_version")
     if v != SCHEMA_VERSION:
         if isinstance(v, int) and v > SCHEMA_VERSION:

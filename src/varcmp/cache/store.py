@@ -35,7 +35,7 @@ def fault_point(name: str) -> None:
 
 
 @contextmanager
-def _writing(path: Path, what: str = "write to the store"):
+def writing(path: Path, what: str = "write to the store"):
     """Turn an operating-system error of a write into a one-line CacheWriteError naming the store."""
     try:
         yield
@@ -171,7 +171,7 @@ class _H5Store:
         self.f.close()
 
 
-def _open_store(path: Path, mode: str):
+def open_store(path: Path, mode: str):
     if is_hdf5(path):
         return _H5Store(path, mode)
     return _ZarrStore(path, mode)

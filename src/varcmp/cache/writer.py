@@ -11,8 +11,8 @@ import numpy as np
 
 from .. import __version__
 from ..media.files import within
-from .reader import Completeness, _check_version, _completeness, same_encoders
-from .store import _open_store, _writing, fault_point, is_hdf5
+from .reader import Completeness, check_version, completeness_of, same_encoders
+from .store import open_store, writing, fault_point, is_hdf5
 from ..cache_schema import CacheError, CacheSpec, DONE, FAILED, FINAL_KEY, LOCK_NAMES, PENDING, QueryEntry, ROOT_KEY, SCHEMA_VERSION, SPLIT_KEY, VideoEntry, VideoFeatures, text_arrays, video_arrays
 
 
@@ -26,11 +26,11 @@ class CacheWriter:
     def __init__(self, path, spec: CacheSpec, encoders: dict, preprocessing: dict, overwrite: bool = False):
         self.path = Path(path)
         self.spec = spec
-        with _writing(self.path):
+        with writing(self.path):
             if overwrite:
                 remove_store(self.path)
             probe_target(self.path)
-            self.store = _open_store(self.path, "a")
+            self.store = open_store(self.path, "a")
             meta = json.loads(json.dumps({  # as it will read back (tuples become lists)
                 "schema_version": SCHEMA_VERSION,
                 "varcmp_version": __version__,
@@ -52,8 +52,8 @@ class CacheWriter:
         if _is_empty(self.path):
             raise CacheError(f"{self.path}: no such cache")
         probe_target(self.path)
-        with _writing(self.path, "open the store for writing"):
-            self.store = _open_store(self.path, "a")
+        with writing(self.path, "open the store for writing"):
+            self.store = open_store(self.path, "a")
         self.spec = CacheSpec(**self.store.get_attrs("")[ROOT_KEY]["spec"])
         return self
 
@@ -64,7 +64,7 @@ class CacheWriter:
               attrs: dict | None = None) -> "SplitWriter":
         """Create split `name`, or reopen it when it exists with the same videos and queries."""
         _check_split_name(self.path, name)
-        with _writing(self.path):
+        with writing(self.path):
             return self._split(name, videos, queries, attrs)
 
     def _split(self, name, videos, queries, attrs) -> "SplitWriter":
@@ -99,9 +99,9 @@ class CacheWriter:
         An incomplete split is left as it is. Returns the state of each split."""
         names = self.splits() if names is None else list(names)
         out = []
-        with _writing(self.path):
+        with writing(self.path):
             for name in names:
-                c = _completeness(self.store, name)
+                c = completeness_of(self.store, name)
                 if c.complete and self.store.get_attrs(name).get(FINAL_KEY) != c.record():
                     self.store.set_attrs(name, {FINAL_KEY: c.record()})
                 out.append(c)
@@ -110,7 +110,7 @@ class CacheWriter:
         return out
 
     def consolidate(self) -> None:
-        with _writing(self.path):
+        with writing(self.path):
             self.store.consolidate()
 
     def close(self) -> None:
@@ -157,7 +157,7 @@ class SplitWriter:
     def write_video(self, i: int, feats: VideoFeatures) -> None:
         """Write one video's data, then its done flag (the order makes a kill safe)."""
         a = self._a
-        with _writing(self.path):
+        with writing(self.path):
             a("videos/duration")[i] = feats.duration
             a("videos/fps")[i] = feats.fps
             a("videos/frame_time")[i] = feats.frame_time
@@ -178,12 +178,12 @@ class SplitWriter:
 
     def reset_video(self, i: int) -> None:
         """Video i is pending again (to be extracted anew); its data is overwritten when it is."""
-        with _writing(self.path):
+        with writing(self.path):
             self._a("videos/status")[i] = PENDING
             self.store.flush()
 
     def fail_video(self, i: int, reason: str) -> None:
-        with _writing(self.path):
+        with writing(self.path):
             self._a("videos/error")[i] = reason
             self.store.flush()
             self._a("videos/status")[i] = FAILED
@@ -192,7 +192,7 @@ class SplitWriter:
     def write_text(self, start: int, word_feat: np.ndarray, word_mask: np.ndarray, sentence: np.ndarray) -> None:
         """Write queries [start, start+len) (a whole number of chunks), then their done flags."""
         stop = start + len(word_feat)
-        with _writing(self.path):
+        with writing(self.path):
             self._a("text/word_feat")[start:stop] = word_feat.astype(np.float16)
             self._a("text/word_mask")[start:stop] = word_mask
             self._a("text/sentence")[start:stop] = sentence.astype(np.float16)
@@ -202,15 +202,15 @@ class SplitWriter:
 
     def update_attrs(self, attrs: dict) -> None:
         cur = self.store.get_attrs(self.name).get(SPLIT_KEY, {})
-        with _writing(self.path):
+        with writing(self.path):
             self.store.set_attrs(self.name, {SPLIT_KEY: {**cur, **attrs}})
 
     def completeness(self) -> Completeness:
-        return _completeness(self.store, self.name)
+        return completeness_of(self.store, self.name)
 
     def mark_unfinished(self) -> None:
         """Before a run writes to this split: it is not final until finalized again."""
-        with _writing(self.path):
+        with writing(self.path):
             self.store.set_attrs(self.name, {FINAL_KEY: {"complete": False}})
 
 
@@ -241,7 +241,7 @@ def probe_target(path, replace: bool = False, keep: Sequence = ()) -> bool:
                 raise CacheError(f"{path}: holds {k}, which this command reads, so it is not replaced; "
                                  "choose another output")
     else:
-        _check_version(path, meta)
+        check_version(path, meta)
     return True
 
 
@@ -253,7 +253,7 @@ def remove_store(path, keep: Sequence = ()) -> None:
     path = Path(path)
     if not probe_target(path, replace=True, keep=keep):
         return
-    with _writing(path, "delete the store"):
+    with writing(path, "delete the store"):
         if not path.is_dir():
             path.unlink()
             return
@@ -271,7 +271,7 @@ def _root_meta(path: Path) -> dict | None:
     anything else: what makes a path recognisably a store of this tool (any schema version).
     None for anything else."""
     try:
-        store = _open_store(path, "r")
+        store = open_store(path, "r")
     except Exception:  # noqa: BLE001 - whatever cannot be opened as a store is not one
         return None
     try:

@@ -10,7 +10,7 @@ import click
 from ..media.captions import AnnotationError
 from .common import CommandError, OneLineErrors
 from ..synth.media import make_media_cache
-from ..synth.world import ACTIONS, ACTIVITIES, SCENES, SUBJECTS, SynthParams, _label_counts, _split_sizes, make_synthetic_cache
+from ..synth.world import ACTIONS, ACTIVITIES, SCENES, SUBJECTS, SynthParams, label_counts, split_sizes, make_synthetic_cache
 
 
 # --------------------------------------------------------------------------
@@ -108,8 +108,8 @@ def main(out, videos, seed, media, clip_model, clap_model, overwrite, **knobs):
         click.echo(f"varcmp-synth: error: {' '.join(msg.split())}", err=True)
         sys.exit(1)
     p = SynthParams(videos=videos, seed=seed, **knobs)
-    n_train, n_test = _split_sizes(p)
-    n_normal, n_anom = _label_counts(p)
+    n_train, n_test = split_sizes(p)
+    n_normal, n_anom = label_counts(p)
     console.print(f"wrote {lit(out)}: {n_train} train / {n_test} test videos ({n_anom} anomalous, {n_normal} normal), "
                   f"text and audio queries, in {time.perf_counter() - t0:.1f} s", highlight=False)
     if media is not None:

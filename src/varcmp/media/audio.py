@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 
-from .video import MediaError, _open, _why, sample_times
+from .video import MediaError, open_media, ffmpeg_reason, sample_times
 
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".wma")
@@ -22,7 +22,7 @@ def read_audio(path: str | os.PathLike, rate: int = AUDIO_RATE) -> tuple[np.ndar
     import av
 
     path = Path(path)
-    with _open(path) as container:
+    with open_media(path) as container:
         if not container.streams.audio:
             return None
         stream = container.streams.audio[0]
@@ -42,7 +42,7 @@ def read_audio(path: str | os.PathLike, rate: int = AUDIO_RATE) -> tuple[np.ndar
                 chunks.append(out.to_ndarray().mean(axis=0))
         except av.FFmpegError as e:
             if not chunks:
-                raise MediaError(f"cannot decode audio ({_why(e)})") from None
+                raise MediaError(f"cannot decode audio ({ffmpeg_reason(e)})") from None
         samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
         return samples, offset
 

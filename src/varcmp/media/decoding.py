@@ -86,7 +86,7 @@ def _audio_of(audio_path: str | None) -> tuple[np.ndarray | None, float, tuple[s
 
 
 @contextmanager
-def _decoders(workers: int, init: tuple):
+def decoders(workers: int, init: tuple):
     """A pool of decoding processes, started at once (None with workers=0: decode in-process)."""
     if workers <= 0:
         _init_worker(*init)
@@ -102,7 +102,7 @@ def _decoders(workers: int, init: tuple):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _decoded(jobs: list, pool, workers: int):
+def decoded(jobs: list, pool, workers: int):
     """Decoded videos in roughly submission order, at most 2 x workers + 1 in flight. Jobs are
     submitted as soon as this is called (not when first iterated)."""
     if pool is None:

@@ -87,12 +87,12 @@ def _entry(rel: str) -> VideoEntry:
     return VideoEntry(rel, label, category)
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
     """A local path rather than a hub id ('namespace/name')."""
     return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
-def _audio_source(audio: str | None, root: Path, rel: str, notes: list[str]) -> str | None:
+def audio_source(audio: str | None, root: Path, rel: str, notes: list[str]) -> str | None:
     """Where a video's audio comes from: the video itself, a file named by its stem, or nowhere.
     A file of the --audio folder that is a link to outside it is skipped (a line in `notes`)."""
     if audio is None:

@@ -27,7 +27,7 @@ def sample_times(duration: float, n: int) -> np.ndarray:
     return (np.arange(n) + 0.5) * (duration / n)
 
 
-def _open(path: Path):
+def open_media(path: Path):
     import av
 
     try:
@@ -39,12 +39,12 @@ def _open(path: Path):
     try:
         return av.open(str(path), metadata_errors="ignore")
     except av.FFmpegError as e:
-        raise MediaError(f"not a readable media file ({_why(e)})") from None
+        raise MediaError(f"not a readable media file ({ffmpeg_reason(e)})") from None
     except OSError as e:
         raise MediaError(f"cannot read file ({e.strerror or e})") from None
 
 
-def _why(e: Exception) -> str:
+def ffmpeg_reason(e: Exception) -> str:
     msg = getattr(e, "strerror", None) or str(e)
     return msg.split(":")[0].strip() if msg else type(e).__name__
 
@@ -103,7 +103,7 @@ def read_frames(path: str | os.PathLike, n: int, transform=None) -> Frames:
     import av
 
     path = Path(path)
-    with _open(path) as container:
+    with open_media(path) as container:
         if not container.streams.video:
             raise MediaError("no video stream")
         stream = container.streams.video[0]
@@ -141,7 +141,7 @@ def read_frames(path: str | os.PathLike, n: int, transform=None) -> Frames:
                     break  # stream ended early (truncated file): keep what was decoded
         except av.FFmpegError as e:
             if not images:
-                raise MediaError(f"cannot decode video ({_why(e)})") from None
+                raise MediaError(f"cannot decode video ({ffmpeg_reason(e)})") from None
         if not images:
             raise MediaError("no decodable video frames")
         return Frames(images, (np.asarray(times, dtype=np.float64) - start) * tb, float(duration), float(fps), len(pts))

@@ -240,7 +240,7 @@ class SynthParams:
             bad("noise", f"must be >= 0, got {self.noise}")
         if not self.salience >= 0.0:
             bad("salience", f"must be >= 0, got {self.salience}")
-        n_test = _split_sizes(self)[1]
+        n_test = split_sizes(self)[1]
         if n_test == 0 or n_test == self.videos:
             bad("test_share", f"{self.test_share} of {self.videos} videos leaves a split empty")
 
@@ -259,14 +259,14 @@ class SynthParams:
         return hashlib.sha256(json.dumps(space, sort_keys=True).encode()).hexdigest()
 
 
-def _label_counts(p: SynthParams) -> tuple[int, int]:
+def label_counts(p: SynthParams) -> tuple[int, int]:
     normal = int(round(p.normal_share * p.videos))
     return normal, p.videos - normal
 
 
-def _split_sizes(p: SynthParams) -> tuple[int, int]:
+def split_sizes(p: SynthParams) -> tuple[int, int]:
     """(train, test) sizes of the stratified split."""
-    test = sum(_test_count(n, p.test_share) for n in _label_counts(p))
+    test = sum(_test_count(n, p.test_share) for n in label_counts(p))
     return p.videos - test, test
 
 
@@ -370,7 +370,7 @@ class World:
     def _plan(self, rng: np.random.Generator) -> list[VideoPlan]:
         p = self.params
         V = p.videos
-        n_normal, n_anom = _label_counts(p)
+        n_normal, n_anom = label_counts(p)
         labels = np.array([0] * n_normal + [1] * n_anom)[rng.permutation(V)]
         split = np.array(["train"] * V, dtype=object)
         for y, n in ((0, n_normal), (1, n_anom)):

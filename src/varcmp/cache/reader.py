@@ -1,4 +1,5 @@
-"""Reading a cache: every read of features goes through `read_checked`, so a damaged chunk or a NaN is named by video."""
+"""Reading a cache: a split's columns, and its feature rows through `Split.read`, checked so that a damaged chunk
+or a NaN is a one-line error naming the video (or caption)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import numpy as np
 from ..cache_schema import CacheError, CacheWriteError
 
 
-FAULT_ENV = "VARCMP_FAULT"  # test-only fault hook, see the module docstring
+FAULT_ENV = "VARCMP_FAULT"  # test-only fault hook, see the docstring of `varcmp.cache_schema`
 
 
 _FAULT_COUNTS: dict[str, int] = {}
@@ -21,7 +21,7 @@ _FAULT_COUNTS: dict[str, int] = {}
 
 def fault_point(name: str) -> None:
     """Test-only: SIGKILL this process at the N-th arrival at point `name` when `VARCMP_FAULT`
-    asks for it (see the module docstring). Does nothing when the variable is unset."""
+    asks for it (see the docstring of `varcmp.cache_schema`). Does nothing when the variable is unset."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return

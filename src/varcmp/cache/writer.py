@@ -95,7 +95,7 @@ class CacheWriter:
 
     def finalize(self, names: Sequence[str] | None = None) -> list[Completeness]:
         """Check the given splits (default: every split); record each complete one as final
-        (`varcmp_final`, see the module docstring); then write the consolidated metadata.
+        (`varcmp_final`, see `varcmp.cache_schema`); then write the consolidated metadata.
         An incomplete split is left as it is. Returns the state of each split."""
         names = self.splits() if names is None else list(names)
         out = []
@@ -199,11 +199,6 @@ class SplitWriter:
             self.store.flush()
             self._a("text/status")[start:stop] = DONE
             self.store.flush()
-
-    def update_attrs(self, attrs: dict) -> None:
-        cur = self.store.get_attrs(self.name).get(SPLIT_KEY, {})
-        with writing(self.path):
-            self.store.set_attrs(self.name, {SPLIT_KEY: {**cur, **attrs}})
 
     def completeness(self) -> Completeness:
         return completeness_of(self.store, self.name)

@@ -1,5 +1,5 @@
-"""`varcmp-synth`: a synthetic video anomaly retrieval benchmark with planted structure
-at every granularity VarCMP aligns (video, frame, patch / word, audio segment).
+"""The world behind `varcmp-synth`: a synthetic video anomaly retrieval benchmark with planted
+structure at every granularity VarCMP aligns (video, frame, patch / word, audio segment).
 
 Two outputs from the same generated world:
 
@@ -577,7 +577,7 @@ def make_synthetic_cache(out, videos: int = 600, seed: int = 0, overwrite: bool 
 def check_out(out: Path, overwrite: bool, keep=()) -> None:
     """varcmp-synth writes a new store: `out` holds nothing yet, or a varcmp store that
     `overwrite` replaces (and that holds none of `keep`). Anything else is refused whatever the
-    flags (see `cache_schema.probe_target`); CacheError, one line."""
+    flags (see `cache.writer.probe_target`); CacheError, one line."""
     if probe_target(out, replace=True, keep=keep) and not overwrite:
         raise CacheError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
 

@@ -175,6 +175,22 @@ def test_planted_structure_at_each_level():
         assert np.mean(gap) > 0.03 and np.mean(np.array(gap) > 0) >= 0.8
 
 
+def test_audio_segments_and_frame_times_follow_the_extraction_rule():
+    """The world's audio segments are the windows extraction cuts (media.audio) from a track as
+    long as the video, clamped and shifted alike; its frame times are extraction's sample times."""
+    from varcmp.media.audio import audio_windows
+    from varcmp.media.video import sample_times
+
+    w = World(SynthParams(videos=8, seed=1, **{**TINY, "audio_segments": 64}))  # 1 s windows, shifted at the ends
+    rate = 1000
+    for i in range(8):
+        f = w.video_features(i)
+        win = audio_windows(np.ones(int(round(f.duration * rate)), np.float32), 0.0, f.duration, 64, rate)
+        assert win.mask.all()
+        np.testing.assert_allclose(f.audio_time, win.spans, atol=2e-3)
+        np.testing.assert_allclose(f.frame_time, sample_times(f.duration, len(f.frame_mask)), rtol=1e-6)
+
+
 def test_audio_is_not_in_the_visual_space():
     """Audio is a rotation of the concepts: zero-shot cosines with the visual/text vectors carry
     no more than chance information, unlike the rotated vectors."""

@@ -56,13 +56,24 @@ class AudioWindows:
     kind: str = ""  # what the note is about, a fixed phrase (the report counts notes by it)
 
 
+def window_spans(duration: float, n: int, offset: float = 0.0, track: float | None = None):
+    """The audio-window rule, shared by extraction and the synthetic world: the `n` windows of a
+    video `duration` s long are centred on its sampled frame times, `clamp(duration / n, 1 s, 10 s)`
+    long, and shifted to lie inside the audio track, which starts `offset` s after the video and
+    lasts `track` s (default: the video's duration). Returns the windows' (start, end) seconds
+    within the track and whether each window's centre lies on the track."""
+    track = duration if track is None else track
+    centres = sample_times(duration, n) - offset  # times within the track
+    length = float(np.clip(duration / n, 1.0, 10.0))
+    start = np.clip(centres - length / 2, 0.0, max(track - length, 0.0))
+    return start, np.minimum(start + length, track), (centres >= 0) & (centres < track)
+
+
 def audio_windows(samples: np.ndarray | None, offset: float, duration: float, n: int,
                   rate: int = AUDIO_RATE) -> AudioWindows:
-    """`n` windows centred on the sampled frame times, each `clamp(duration / n, 1 s, 10 s)` long,
-    shifted to lie inside the track. A window whose centre has no audio is masked; a missing or
-    silent track masks every window and says so in `note` (and `kind`)."""
-    centres = sample_times(duration, n)
-    length = float(np.clip(duration / n, 1.0, 10.0))
+    """The samples of the `n` windows of `window_spans` (a window whose centre has no audio is
+    masked; spans in seconds of the video). A missing or silent track masks every window and
+    says so in `note` (and `kind`)."""
     mask = np.zeros(n, dtype=bool)
     spans = np.zeros((n, 2), dtype=np.float32)
     if samples is None:
@@ -71,17 +82,12 @@ def audio_windows(samples: np.ndarray | None, offset: float, duration: float, n:
         return AudioWindows([], mask, spans, "empty audio track", "empty audio track")
     if float(np.max(np.abs(samples))) < SILENCE:
         return AudioWindows([], mask, spans, "silent audio track", "silent audio track")
-    track = len(samples) / rate
+    start, end, mask = window_spans(duration, n, offset, len(samples) / rate)
     windows = []
-    for i, c in enumerate(centres):
-        t = c - offset  # time within the track
-        if t < 0 or t >= track:
-            continue
-        s = min(max(t - length / 2, 0.0), max(track - length, 0.0))
-        a, b = int(round(s * rate)), int(round(min(s + length, track) * rate))
+    for i in np.flatnonzero(mask):
+        a, b = int(round(start[i] * rate)), int(round(end[i] * rate))
         windows.append(samples[a:b])
-        mask[i] = True
-        spans[i] = (s + offset, (b / rate) + offset)
+        spans[i] = (start[i] + offset, (b / rate) + offset)
     if mask.all():
         return AudioWindows(windows, mask, spans)
     return AudioWindows(windows, mask, spans, f"audio too short: covers {int(mask.sum())} of {n} windows",

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cli.common import Interrupted
+from ..media.audio import AUDIO_RATE
 from .world import AMP, SynthParams, VideoPlan, World, check_out
 from ..cli.progress import progress_arg
 
@@ -19,7 +20,6 @@ from ..cli.progress import progress_arg
 MEDIA_SIZE = 96
 MEDIA_FPS = 10
 MEDIA_SECONDS = (4.0, 6.0)
-AUDIO_RATE = 48_000
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
@@ -88,7 +88,7 @@ def _render_video(world: World, plan: VideoPlan, style: dict, seconds: float, si
         t = (f + 0.5) / fps
         img = base.copy()
         for ev, (start, drift) in zip(plan.events, paths):
-            t0, t1 = ev.start * seconds / N, ev.stop * seconds / N
+            t0, t1 = ev.seconds(seconds, N)
             if not t0 <= t < t1:
                 continue
             vs = style["verb"][ev.verb]
@@ -104,7 +104,7 @@ def _render_video(world: World, plan: VideoPlan, style: dict, seconds: float, si
     ts = np.arange(int(seconds * AUDIO_RATE)) / AUDIO_RATE
     audio = 0.05 * np.sin(2 * np.pi * sc["freq"] * ts) + 0.005 * rng.standard_normal(len(ts))
     for ev in plan.events:
-        t0, t1 = ev.start * seconds / N, ev.stop * seconds / N
+        t0, t1 = ev.seconds(seconds, N)
         on = (ts >= t0) & (ts < t1)
         loud = 1.0 if ev.anomalous else AMP["activity_loudness"]
         audio += on * loud * (0.25 * np.sin(2 * np.pi * style["verb"][ev.verb]["freq"] * ts)

@@ -99,7 +99,9 @@ from pathlib import Path
 from typing import Iterable
 import numpy as np
 
+from ..media.audio import window_spans
 from ..media.captions import label_from_path
+from ..media.video import sample_times
 from ..cache_schema import TEXT_CHUNK, CacheError, CacheSpec, QueryEntry, VideoEntry, VideoFeatures
 from ..cache.writer import CacheWriter, probe_target
 from ..cli.progress import progress_arg
@@ -289,6 +291,10 @@ class Event:
     start: int         # first sampled frame
     stop: int          # one past the last sampled frame
     anomalous: bool
+
+    def seconds(self, duration: float, frames: int) -> tuple[float, float]:
+        """When the event is on, in seconds of a video `duration` s long sampled at `frames` frames."""
+        return self.start * duration / frames, self.stop * duration / frames
 
 
 @dataclass
@@ -530,14 +536,11 @@ class World:
 
         # audio: windows centred on the frame times, as varcmp-extract cuts them
         D = plan.duration
-        centres = (np.arange(Na) + 0.5) * D / Na
-        length = float(np.clip(D / Na, 1.0, 10.0))
-        a0 = np.clip(centres - length / 2, 0.0, max(D - length, 0.0))
-        a1 = np.minimum(a0 + length, D)
+        a0, a1, _ = window_spans(D, Na)
         audio = np.broadcast_to(AMP["offset"] * self.offset_aud + AMP["audio_ambience"] * snd["scene"][plan.scene]
                                 + AMP["audio_camera"] * _unit(rng.standard_normal(C)), (Na, C)).astype(np.float32)
         for ev in plan.events:
-            t0, t1 = ev.start * D / N, ev.stop * D / N
+            t0, t1 = ev.seconds(D, N)
             overlap = np.clip(np.minimum(a1, t1) - np.maximum(a0, t0), 0.0, None) / np.maximum(a1 - a0, 1e-9)
             loud = 1.0 if ev.anomalous else AMP["activity_loudness"]
             audio += (loud * overlap)[:, None] * (AMP["audio_event"] * snd["verb"][ev.verb]
@@ -547,7 +550,7 @@ class World:
         span = plan.span
         note = f"synthetic; anomalous span: sampled frames {span[0]}-{span[1] - 1}" if span else "synthetic; normal"
         return VideoFeatures(
-            duration=D, fps=FPS, frame_time=((np.arange(N) + 0.5) * D / N).astype(np.float32),
+            duration=D, fps=FPS, frame_time=sample_times(D, N).astype(np.float32),
             frame_mask=np.ones(N, bool), frame_feat=_unit(frames), patch_feat=_unit(patches),
             audio_feat=_unit(audio), audio_mask=np.ones(Na, bool),
             audio_time=np.stack([a0, a1], axis=1).astype(np.float32), note=note)

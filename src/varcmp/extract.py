@@ -35,7 +35,7 @@ from pathlib import Path, PurePosixPath
 import click
 import numpy as np
 
-from .cache_schema import DONE, FAILED, TEXT_CHUNK, CacheError, CacheSpec, CacheWriteError, VideoFeatures
+from .cache_schema import DONE, FAILED, SPLIT_KEY, TEXT_CHUNK, CacheError, CacheSpec, CacheWriteError, VideoFeatures
 from .cache.writer import CacheWriter, probe_target, remove_store
 from .cache.reader import Completeness
 from .cache.store import fault_point, is_hdf5
@@ -168,6 +168,32 @@ def run(opt: Options, console=None, group: "_Group | None" = None) -> Summary:
     quiet_transformers()
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
+    _check_options(opt)
+    plan = make_plan(opt.root, opt.annotations, opt.all_videos)
+    if not plan.videos:
+        raise click.UsageError(_nothing_to_extract(opt, plan))
+    # something that is not a cache is refused, whatever the flags, before a lock file is made in it
+    probe_target(opt.out, replace=opt.overwrite, keep=_inputs(opt))
+
+    summary = Summary(plan=plan)
+    locks = Locks(opt.out)
+    with ExitStack() as stack:
+        if group is None and opt.distributed and opt.num_shards > 1:
+            group = _join_group(console)
+            if group is not None:
+                stack.callback(group.close)
+        locks.start(exclusive=opt.num_shards == 1, console=console)
+        stack.callback(locks.stop)
+        # decoding workers start first: they load their preprocessors while this process loads the encoders
+        init = (opt.clip_model, opt.clap_model if opt.audio else None, opt.frames, opt.audio_segments)
+        pool = stack.enter_context(decoders(opt.workers, init))
+        _extract(opt, plan, pool, summary, locks, group, console)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _check_options(opt: Options) -> None:
+    """The usage errors of a run's options (click.UsageError), before anything is read or written."""
     if not (0 <= opt.shard_index < opt.num_shards):
         raise click.UsageError(f"--shard-index must be in [0, {opt.num_shards})")
     sharded = opt.num_shards > 1
@@ -180,27 +206,6 @@ def run(opt: Options, console=None, group: "_Group | None" = None) -> Summary:
     for flag, name in (("--clip-model", opt.clip_model), ("--clap-model", opt.clap_model if opt.audio else None)):
         if name and looks_local(name) and not Path(name).expanduser().is_dir():
             raise click.UsageError(f"{flag} {name}: no such directory (give a local model directory or a hub id)")
-    plan = make_plan(opt.root, opt.annotations, opt.all_videos)
-    if not plan.videos:
-        raise click.UsageError(_nothing_to_extract(opt, plan))
-    # something that is not a cache is refused, whatever the flags, before a lock file is made in it
-    probe_target(opt.out, replace=opt.overwrite, keep=_inputs(opt))
-
-    summary = Summary(plan=plan)
-    locks = Locks(opt.out)
-    with ExitStack() as stack:
-        if group is None and opt.distributed and sharded:
-            group = _join_group(console)
-            if group is not None:
-                stack.callback(group.close)
-        locks.start(exclusive=not sharded, console=console)
-        stack.callback(locks.stop)
-        # decoding workers start first: they load their preprocessors while this process loads the encoders
-        init = (opt.clip_model, opt.clap_model if opt.audio else None, opt.frames, opt.audio_segments)
-        pool = stack.enter_context(decoders(opt.workers, init))
-        _extract(opt, plan, pool, summary, locks, group, console)
-    summary.seconds = time.perf_counter() - t0
-    return summary
 
 
 def _nothing_to_extract(opt: Options, plan: Plan) -> str:
@@ -250,47 +255,12 @@ def _device_name(opt: Options) -> str:
 
 
 def _extract(opt: Options, plan: Plan, pool, summary: Summary, locks: Locks, group: _Group | None, console) -> None:
-    from .encoders.frozen import ClapEncoder, ClipEncoder, resolve_device
-
-    try:
-        device = resolve_device(_device_name(opt))
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-    clip = ClipEncoder(opt.clip_model, device)
-    clap = ClapEncoder(opt.clap_model, device) if opt.audio else None
-    spec = CacheSpec(num_frames=opt.frames, num_patches=clip.num_patches, dim=clip.dim, max_words=opt.max_words,
-                     audio_segments=opt.audio_segments if clap else 0, audio_dim=clap.dim if clap else 512)
+    """Load the encoders, open the split, encode this shard's pending videos (and, in shard 0, the
+    captions) while `pool` decodes them, then `_finish`. Ctrl-C ends the encoding, not the run."""
+    clip, clap = _load_encoders(opt)
     plan.notes.extend(_cut_captions(clip, plan, opt))
-    encoders = {"clip": clip.info(), "clap": clap.info() if clap else None}
-    preprocessing = {
-        "frames": "centres of N equal segments of the video (first frame to the end of the last); the frame on "
-                  "screen at each, upright (display rotation applied); fewer frames -> mask",
-        "image_processor": {k: v for k, v in clip.processor.to_dict().items() if not k.startswith("_")},
-        "text": f"CLIP tokenizer, {opt.max_words} tokens incl. start/end, words = text_projection(last_hidden_state)",
-        "audio": (f"{AUDIO_MIX}, {AUDIO_RATE} Hz; {opt.audio_segments} windows centred on the frame times, "
-                  "clamp(duration/N_a, 1 s, 10 s) long; CLAP get_audio_features, is_longer=False") if clap else None,
-    }
-    split_attrs = {"root": str(opt.root.resolve()), "annotations": str(opt.annotations) if opt.annotations else None,
-                   "audio": opt.audio, "rejected": plan.rejected, "missing": plan.missing,
-                   "plan_notes": plan.notes}
-
     mine = np.arange(opt.shard_index, len(plan.videos), opt.num_shards)
-    with locks.meta():
-        if opt.overwrite:
-            remove_store(opt.out, keep=_inputs(opt))
-        writer = CacheWriter(opt.out, spec, encoders, preprocessing)
-        try:
-            sw = writer.split(opt.split, plan.videos, plan.queries, split_attrs)
-            _reset(sw, plan, opt, mine)
-            status = sw.video_status()
-            todo = [int(i) for i in mine if status[i] != DONE]
-            text_status = sw.text_status()
-            if todo or (opt.shard_index == 0 and text_status is not None and (text_status != DONE).any()):
-                sw.mark_unfinished()  # no longer final: this run writes to it
-            writer.consolidate()
-        except BaseException:
-            writer.close()
-            raise
+    writer, sw, todo = _open_split(opt, plan, clip, clap, mine, locks)
     try:
         try:
             summary.total, summary.already = len(mine), len(mine) - len(todo)
@@ -307,6 +277,61 @@ def _extract(opt: Options, plan: Plan, pool, summary: Summary, locks: Locks, gro
         writer.close()
 
 
+def _load_encoders(opt: Options):
+    """(CLIP, CLAP or None) on the run's device."""
+    from .encoders.frozen import ClapEncoder, ClipEncoder, resolve_device
+
+    try:
+        device = resolve_device(_device_name(opt))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    clip = ClipEncoder(opt.clip_model, device)
+    return clip, (ClapEncoder(opt.clap_model, device) if opt.audio else None)
+
+
+def _records(opt: Options, plan: Plan, clip, clap) -> tuple[CacheSpec, dict, dict, dict]:
+    """What the store records of this run: its spec, encoders and preprocessing, and the split's attributes."""
+    spec = CacheSpec(num_frames=opt.frames, num_patches=clip.num_patches, dim=clip.dim, max_words=opt.max_words,
+                     audio_segments=opt.audio_segments if clap else 0, audio_dim=clap.dim if clap else 512)
+    encoders = {"clip": clip.info(), "clap": clap.info() if clap else None}
+    preprocessing = {
+        "frames": "centres of N equal segments of the video (first frame to the end of the last); the frame on "
+                  "screen at each, upright (display rotation applied); fewer frames -> mask",
+        "image_processor": {k: v for k, v in clip.processor.to_dict().items() if not k.startswith("_")},
+        "text": f"CLIP tokenizer, {opt.max_words} tokens incl. start/end, words = text_projection(last_hidden_state)",
+        "audio": (f"{AUDIO_MIX}, {AUDIO_RATE} Hz; {opt.audio_segments} windows centred on the frame times, "
+                  "clamp(duration/N_a, 1 s, 10 s) long; CLAP get_audio_features, is_longer=False") if clap else None,
+    }
+    split_attrs = {"root": str(opt.root.resolve()), "annotations": str(opt.annotations) if opt.annotations else None,
+                   "audio": opt.audio, "rejected": plan.rejected, "missing": plan.missing,
+                   "plan_notes": plan.notes}
+    return spec, encoders, preprocessing, split_attrs
+
+
+def _open_split(opt: Options, plan: Plan, clip, clap, mine: np.ndarray, locks: Locks):
+    """(writer, split writer, this shard's videos still to extract), under the metadata lock: the
+    store made or checked, the split made or checked, --redo applied, the split unfinalized when
+    this run writes to it."""
+    spec, encoders, preprocessing, split_attrs = _records(opt, plan, clip, clap)
+    with locks.meta():
+        if opt.overwrite:
+            remove_store(opt.out, keep=_inputs(opt))
+        writer = CacheWriter(opt.out, spec, encoders, preprocessing)
+        try:
+            sw = writer.split(opt.split, plan.videos, plan.queries, split_attrs)
+            _reset(sw, plan, opt, mine)
+            status = sw.video_status()
+            todo = [int(i) for i in mine if status[i] != DONE]
+            text_status = sw.text_status()
+            if todo or (opt.shard_index == 0 and text_status is not None and (text_status != DONE).any()):
+                sw.mark_unfinished()  # no longer final: this run writes to it
+            writer.consolidate()
+        except BaseException:
+            writer.close()
+            raise
+    return writer, sw, todo
+
+
 def _cut_captions(clip, plan: Plan, opt: Options) -> list[str]:
     """A note naming the captions longer than --max-words tokens: they are encoded cut to it
     (as search cuts a query, and says so)."""
@@ -321,48 +346,69 @@ def _cut_captions(clip, plan: Plan, opt: Options) -> list[str]:
 def _finish(opt: Options, plan: Plan, writer: CacheWriter, sw, mine: np.ndarray, locks: Locks,
             group: _Group | None, summary: Summary) -> None:
     """After this process's videos: finalize the split if this process is the one to (see the
-    module docstring), and decide the exit code."""
-    status = sw.video_status()
-    errors = sw.store.read_str(f"{opt.split}/videos/error")
-    summary.failed = [(plan.videos[i].path, errors[i]) for i in mine if status[i] == FAILED]
-    sharded = opt.num_shards > 1
-    states = None
-    if group is not None:  # torchrun: rank 0 finalizes once every rank has finished
-        locks.stop()
-        group.barrier()
-        if group.rank == 0:
-            with locks.meta():
-                states = writer.finalize([opt.split])
-    elif not sharded or locks.last_writer():  # the only writer, or the last one: no other run holds the store
-        with locks.meta():
-            states = writer.finalize()
-    else:
-        with locks.meta():
-            writer.consolidate()
+    module docstring), say where the split stands, and decide the exit code."""
+    summary.failed = _failed(sw, plan, mine)
+    states = _finalize_if_last(opt, writer, locks, group)
     own = next((c for c in states or [] if c.split == opt.split), None)
     if own is not None and own.complete:
-        summary.final = own
-        if group is None and sharded:  # the last shard's report covers the whole split
-            status = sw.video_status()
-            errors = sw.store.read_str(f"{opt.split}/videos/error")
-            summary.failed_elsewhere = [(plan.videos[i].path, errors[i]) for i in np.flatnonzero(status == FAILED)
-                                        if i % opt.num_shards != opt.shard_index]
-        if sharded:
-            summary.note = (f"finalized split '{opt.split}': {own.videos} videos, {own.done} extracted, "
-                            f"{own.failed} failed" + (f", {own.captions} captions" if own.captions else ""))
+        _finalized(opt, plan, sw, own, group, summary)
     else:
-        state = own or sw.completeness()
-        summary.remaining = len(state.missing)
-        if sharded and state.complete and group is None:
-            summary.note = (f"split '{opt.split}': every video is extracted or recorded as failed; the "
-                            "varcmp-extract still writing to the store finalizes it")
-        elif sharded and not summary.interrupted and (group is None or group.rank == 0):
-            summary.note = (f"split '{opt.split}': {len(state.missing)} of {state.videos} videos not extracted yet"
-                            + (" (by other shards; the last shard to finish finalizes the store)" if group is None
-                               else "") + f"; check with: varcmp-extract --out {opt.out} --finalize --split {opt.split}")
+        _unfinished(opt, own or sw.completeness(), group, summary)
     code = _exit_code(summary)
     # the ranks agree on one code (after rank 0 finalized); see _exit_together for who exits with it
     summary.exit_code = group.max(code) if group is not None else code
+
+
+def _failed(sw, plan: Plan, rows) -> list[tuple[str, str]]:
+    """(path, reason) of the videos among `rows` that failed."""
+    status = sw.video_status()
+    errors = sw.store.read_str(f"{sw.name}/videos/error")
+    return [(plan.videos[i].path, errors[i]) for i in rows if status[i] == FAILED]
+
+
+def _finalize_if_last(opt: Options, writer: CacheWriter, locks: Locks, group: _Group | None):
+    """Finalize when this process is the one to: under torchrun rank 0, once every rank has
+    finished; otherwise the only writer, or the last one (no other run holds the store). The
+    others write the consolidated metadata only. The splits' states, None when not finalized."""
+    if group is not None:
+        locks.stop()
+        group.barrier()
+        if group.rank != 0:
+            return None
+        with locks.meta():
+            return writer.finalize([opt.split])
+    if opt.num_shards == 1 or locks.last_writer():
+        with locks.meta():
+            return writer.finalize()
+    with locks.meta():
+        writer.consolidate()
+    return None
+
+
+def _finalized(opt: Options, plan: Plan, sw, own: Completeness, group: _Group | None, summary: Summary) -> None:
+    """This process finalized the split: the last shard's report covers every shard's failures."""
+    summary.final = own
+    if opt.num_shards == 1:
+        return
+    if group is None:
+        others = [i for i in range(len(plan.videos)) if i % opt.num_shards != opt.shard_index]
+        summary.failed_elsewhere = _failed(sw, plan, others)
+    summary.note = (f"finalized split '{opt.split}': {own.videos} videos, {own.done} extracted, "
+                    f"{own.failed} failed" + (f", {own.captions} captions" if own.captions else ""))
+
+
+def _unfinished(opt: Options, state: Completeness, group: _Group | None, summary: Summary) -> None:
+    """The split is not final after this process: what is missing, and who finishes it."""
+    summary.remaining = len(state.missing)
+    if opt.num_shards == 1:
+        return
+    if state.complete and group is None:
+        summary.note = (f"split '{opt.split}': every video is extracted or recorded as failed; the "
+                        "varcmp-extract still writing to the store finalizes it")
+    elif not summary.interrupted and (group is None or group.rank == 0):
+        summary.note = (f"split '{opt.split}': {len(state.missing)} of {state.videos} videos not extracted yet"
+                        + (" (by other shards; the last shard to finish finalizes the store)" if group is None
+                           else "") + f"; check with: varcmp-extract --out {opt.out} --finalize --split {opt.split}")
 
 
 def _exit_together(group: _Group, code: int) -> None:
@@ -528,12 +574,18 @@ def finalize(out: Path, split: str | None = None, plan: Plan | None = None, cons
     (as the extraction itself), 2 when a split is incomplete. Raises CacheError for a store that
     cannot be finalized."""
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console(stderr=True)
     if not out.exists():
         raise CacheError(f"{out}: no such cache")
     probe_target(out)
+    states, problems = _finalize_splits(out, split, plan)
+    return _report_finalized(out, states, problems, console)
+
+
+def _finalize_splits(out: Path, split: str | None, plan: Plan | None) -> tuple[list[Completeness], dict]:
+    """Finalize under the exclusive run lock (no extraction may be running) and the metadata
+    lock: the state of each split, and its (failed videos, rejected rows, missing rows)."""
     locks = Locks(out)
     locks.start(exclusive=True, busy=f"{out}: a varcmp-extract is still writing to this store; run --finalize "
                                      "once every shard has ended")
@@ -541,26 +593,40 @@ def finalize(out: Path, split: str | None = None, plan: Plan | None = None, cons
         with locks.meta():
             writer = CacheWriter.open(out)
             try:
-                names = writer.splits()
-                if split is not None:
-                    if split not in names:
-                        raise CacheError(f"{out}: no split '{split}' (splits: {', '.join(names) or 'none'})")
-                    names = [split]
-                    if plan is not None:
-                        writer.split(split, plan.videos, plan.queries)  # refuses another list of videos or captions
-                states = writer.finalize(names)
-                details = {}
-                for c in states:
-                    status = np.asarray(writer.store.array(f"{c.split}/videos/status")[:])
-                    paths = writer.store.read_str(f"{c.split}/videos/path")
-                    errors = writer.store.read_str(f"{c.split}/videos/error")
-                    attrs = writer.store.get_attrs(c.split).get("varcmp_split", {})
-                    details[c.split] = ([(paths[i], errors[i]) for i in np.flatnonzero(status == FAILED)],
-                                        list(attrs.get("rejected") or []), list(attrs.get("missing") or []))
+                states = writer.finalize(_splits_to_finalize(writer, out, split, plan))
+                return states, {c.split: _problems(writer.store, c.split) for c in states}
             finally:
                 writer.close()
     finally:
         locks.stop()
+
+
+def _splits_to_finalize(writer: CacheWriter, out: Path, split: str | None, plan: Plan | None) -> list[str]:
+    """Every split, or `split`, which must exist (and hold `plan`'s videos and captions, when given)."""
+    names = writer.splits()
+    if split is None:
+        return names
+    if split not in names:
+        raise CacheError(f"{out}: no split '{split}' (splits: {', '.join(names) or 'none'})")
+    if plan is not None:
+        writer.split(split, plan.videos, plan.queries)  # refuses another list of videos or captions
+    return [split]
+
+
+def _problems(store, name: str) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """(failed videos with their reasons, rejected caption rows, missing caption rows) of split `name`."""
+    status = np.asarray(store.array(f"{name}/videos/status")[:])
+    paths = store.read_str(f"{name}/videos/path")
+    errors = store.read_str(f"{name}/videos/error")
+    attrs = store.get_attrs(name).get(SPLIT_KEY, {})
+    return ([(paths[i], errors[i]) for i in np.flatnonzero(status == FAILED)],
+            list(attrs.get("rejected") or []), list(attrs.get("missing") or []))
+
+
+def _report_finalized(out: Path, states: list[Completeness], problems: dict, console) -> int:
+    """The --finalize table, one line per problem and per video not extracted (20 per split at
+    most); the exit code."""
+    from rich.table import Table
 
     t = Table(title=lit(f"varcmp-extract --finalize: {out}"))
     for col in ("split", "videos", "done", "failed", "pending", "captions", "encoded", "state"):
@@ -569,16 +635,14 @@ def finalize(out: Path, split: str | None = None, plan: Plan | None = None, cons
         t.add_row(lit(c.split), str(c.videos), str(c.done), str(c.failed), str(len(c.missing)), str(c.captions),
                   str(c.captions_encoded), "finalized" if c.complete else "incomplete")
     console.print(t)
-    problems = False
     for c in states:
-        failed, rejected, missing = details[c.split]
+        failed, rejected, missing = problems[c.split]
         for path, why in failed:
             console.print(f"[red]failed[/red] {lit(c.split)}: {lit(path)}: {lit(why)}", highlight=False, soft_wrap=True)
         for line in rejected:
             console.print(f"[red]rejected[/red] {lit(c.split)}: {lit(line)}", highlight=False, soft_wrap=True)
         for line in missing:
             console.print(f"[yellow]missing[/yellow] {lit(c.split)}: {lit(line)}", highlight=False, soft_wrap=True)
-        problems |= bool(failed or rejected or missing)
     incomplete = [c for c in states if not c.complete]
     for c in incomplete:
         for path in c.missing[:20]:
@@ -591,7 +655,17 @@ def finalize(out: Path, split: str | None = None, plan: Plan | None = None, cons
                       "then --finalize", highlight=False, soft_wrap=True)
     if incomplete:
         return 2
-    return 1 if problems else 0
+    return 1 if any(any(p) for p in problems.values()) else 0
+
+
+def _finalize_command(ctx, videos, out, annotations, split, all_videos, overwrite, console) -> int:
+    """`--finalize`: of every split, unless --split or VIDEOS names one (VIDEOS, with --annotations,
+    also gives the videos and captions the split must hold). The exit code."""
+    if overwrite:
+        raise click.UsageError("--finalize checks a store; it cannot be combined with --overwrite")
+    whole = videos is None and ctx.get_parameter_source("split") in (None, click.core.ParameterSource.DEFAULT)
+    plan = make_plan(videos, annotations, all_videos) if videos is not None else None
+    return finalize(out, None if whole else split, plan, console)
 
 
 def _shards_from_env(ctx) -> tuple[int, int] | None:
@@ -672,24 +746,19 @@ def main(ctx, videos, out, annotations, split, audio, clip_model, clap_model, fr
     console = Console(stderr=True)
 
     if finalize_only:
-        if overwrite:
-            raise click.UsageError("--finalize checks a store; it cannot be combined with --overwrite")
-        whole = videos is None and ctx.get_parameter_source("split") in (None, click.core.ParameterSource.DEFAULT)
-        plan = make_plan(videos, annotations, all_videos) if videos is not None else None
-        sys.exit(finalize(out, None if whole else split, plan, console))
+        sys.exit(_finalize_command(ctx, videos, out, annotations, split, all_videos, overwrite, console))
     if videos is None:
         raise click.UsageError("missing argument VIDEOS, the folder of videos (only --finalize runs without it)")
     env = _shards_from_env(ctx)
-    distributed = env is not None and env[0] > 1
     if env is not None:
         num_shards, shard_index = env
     opt = Options(root=videos, out=out, annotations=annotations, split=split, clip_model=clip_model,
                   clap_model=clap_model, audio=audio, frames=frames, max_words=max_words,
                   audio_segments=audio_segments, batch_size=batch_size, device=device, workers=workers,
                   overwrite=overwrite, num_shards=num_shards, shard_index=shard_index, all_videos=all_videos,
-                  distributed=distributed, redo=tuple(redo))
+                  distributed=env is not None and env[0] > 1, redo=tuple(redo))
     # under torchrun: the ranks' process group lives until every rank has printed its report
-    group = _join_group(console) if distributed else None
+    group = _join_group(console) if opt.distributed else None
     try:  # a VarcmpError is one line and exit code 2 (OneLineErrors): under torchrun the others then stop
         summary = run(opt, console, group)
     except RuntimeError as e:  # an encoder that cannot be loaded, a decoding pool that broke

@@ -82,21 +82,11 @@ def main(out, videos, seed, media, clip_model, clap_model, overwrite, **knobs):
     """
     from rich.console import Console
 
-    from .markup import lit
-
     console = Console(stderr=True)
     t0 = time.perf_counter()
     try:
         if media is not None:
-            src = click.get_current_context().get_parameter_source
-            fixed = [k for k in ("dim", "patches") if src(k) != click.core.ParameterSource.DEFAULT]
-            if fixed:
-                raise CommandError(f"--{fixed[0]} cannot be used with --media (the encoders fix it)")
-            if media.exists() and any(media.iterdir()) and not overwrite:
-                raise CommandError(f"{media}: exists and is not empty; pass --overwrite or choose another --media folder")
-            params = {k: v for k, v in knobs.items() if k not in ("dim", "patches")}
-            make_media_cache(out, media, videos=videos, seed=seed, overwrite=overwrite, progress=True,
-                             clip_model=clip_model, clap_model=clap_model, console=console, **params)
+            _make_media(out, media, videos, seed, clip_model, clap_model, overwrite, knobs, console)
         else:
             if clip_model or clap_model:
                 raise CommandError("--clip-model / --clap-model only apply with --media")
@@ -107,11 +97,31 @@ def main(out, videos, seed, media, clip_model, clap_model, overwrite, **knobs):
         msg = e.format_message() if isinstance(e, click.UsageError) else str(e)
         click.echo(f"varcmp-synth: error: {' '.join(msg.split())}", err=True)
         sys.exit(1)
-    p = SynthParams(videos=videos, seed=seed, **knobs)
+    _report(out, media, SynthParams(videos=videos, seed=seed, **knobs), time.perf_counter() - t0, console)
+
+
+def _make_media(out: Path, media: Path, videos: int, seed: int, clip_model, clap_model, overwrite: bool, knobs: dict,
+                console) -> None:
+    """--media: render the world as files into `media`, then extract OUT from them."""
+    src = click.get_current_context().get_parameter_source
+    fixed = [k for k in ("dim", "patches") if src(k) != click.core.ParameterSource.DEFAULT]
+    if fixed:
+        raise CommandError(f"--{fixed[0]} cannot be used with --media (the encoders fix it)")
+    if media.exists() and any(media.iterdir()) and not overwrite:
+        raise CommandError(f"{media}: exists and is not empty; pass --overwrite or choose another --media folder")
+    params = {k: v for k, v in knobs.items() if k not in ("dim", "patches")}
+    make_media_cache(out, media, videos=videos, seed=seed, overwrite=overwrite, progress=True,
+                     clip_model=clip_model, clap_model=clap_model, console=console, **params)
+
+
+def _report(out: Path, media: Path | None, p: SynthParams, seconds: float, console) -> None:
+    """What was written, in one line (and, with --media, where the files are)."""
+    from .markup import lit
+
     n_train, n_test = split_sizes(p)
     n_normal, n_anom = label_counts(p)
     console.print(f"wrote {lit(out)}: {n_train} train / {n_test} test videos ({n_anom} anomalous, {n_normal} normal), "
-                  f"text and audio queries, in {time.perf_counter() - t0:.1f} s", highlight=False)
+                  f"text and audio queries, in {seconds:.1f} s", highlight=False)
     if media is not None:
         console.print(f"media: {lit(media / 'videos')}, captions {lit(media / 'captions.csv')}. Features come from "
                       "RANDOM tiny encoders: retrieval scores on this cache are meaningless.", highlight=False)

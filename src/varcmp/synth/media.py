@@ -60,16 +60,32 @@ def _shape_mask(kind: int, yy, xx, cy, cx, r) -> np.ndarray:
 
 
 def _render_video(world: World, plan: VideoPlan, style: dict, seconds: float, size: int, fps: int, rng):
-    N = world.params.frames
+    """The frames (RGB uint8) and the mono audio of one video, drawn from `rng` in a fixed order."""
     n = int(round(seconds * fps))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    sc = style["scene"][plan.scene]
-    colour = np.clip(sc["colour"] + rng.normal(0, 8, 3), 0, 255)
-    phase = rng.uniform(0, sc["period"])
-    stripes = np.sin(2 * np.pi * ((xx * np.cos(sc["angle"]) + yy * np.sin(sc["angle"])) + phase) / sc["period"])
-    base = np.clip(colour[None, None] * (1 + 0.2 * stripes[..., None]), 0, 255)
-    r = size / 10
-    # each event moves along its own path; anomalous actions jitter, activities drift
+    base = _background(style["scene"][plan.scene], yy, xx, rng)
+    paths = _event_paths(plan, size, n, rng)
+    # bystanders stand still (a smaller shape of their subject, no verb marker)
+    for subj in plan.bystanders:
+        cy, cx = rng.uniform(0.15, 0.85, 2) * size
+        ss = style["subject"][subj]
+        base[_shape_mask(ss["shape"], yy, xx, cy, cx, 0.7 * (size / 10))] = ss["colour"]
+    events = [(ev, ev.seconds(seconds, world.params.frames), path) for ev, path in zip(plan.events, paths)]
+    frames = [_frame(base, (yy, xx), style, events, (f + 0.5) / fps, f, rng).astype(np.uint8) for f in range(n)]
+    return frames, _audio(world, plan, style, seconds, rng)
+
+
+def _background(scene: dict, yy, xx, rng) -> np.ndarray:
+    """[H, W, 3] float: the scene's colour (slightly varied) with its stripes."""
+    colour = np.clip(scene["colour"] + rng.normal(0, 8, 3), 0, 255)
+    phase = rng.uniform(0, scene["period"])
+    stripes = np.sin(2 * np.pi * ((xx * np.cos(scene["angle"]) + yy * np.sin(scene["angle"])) + phase) / scene["period"])
+    return np.clip(colour[None, None] * (1 + 0.2 * stripes[..., None]), 0, 255)
+
+
+def _event_paths(plan: VideoPlan, size: int, n: int, rng) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(start, drift per frame) of each event's shape: the anomaly on the right-hand side, the
+    background activity on the left when there is one."""
     paths = []
     for e, ev in enumerate(plan.events):
         lo, hi = (0.2, 0.45) if (e == 0 and len(plan.events) > 1) else (0.2, 0.8)
@@ -78,38 +94,42 @@ def _render_video(world: World, plan: VideoPlan, style: dict, seconds: float, si
         start = rng.uniform(lo, hi, 2) * size
         drift = rng.uniform(-1, 1, 2) * size * 0.15 / max(n, 1)
         paths.append((start, drift))
-    # bystanders stand still (a smaller shape of their subject, no verb marker)
-    for subj in plan.bystanders:
-        cy, cx = rng.uniform(0.15, 0.85, 2) * size
-        ss = style["subject"][subj]
-        base[_shape_mask(ss["shape"], yy, xx, cy, cx, 0.7 * r)] = ss["colour"]
-    frames = []
-    for f in range(n):
-        t = (f + 0.5) / fps
-        img = base.copy()
-        for ev, (start, drift) in zip(plan.events, paths):
-            t0, t1 = ev.seconds(seconds, N)
-            if not t0 <= t < t1:
-                continue
-            vs = style["verb"][ev.verb]
-            cy, cx = start + drift * f
-            if vs["jitter"]:
-                cy, cx = cy + rng.uniform(-3, 3), cx + rng.uniform(-3, 3)
-            cy, cx = float(np.clip(cy, r, size - 2 * r)), float(np.clip(cx, r, size - 2 * r))
-            ss = style["subject"][ev.subject]
-            img[_shape_mask(ss["shape"], yy, xx, cy, cx, r)] = ss["colour"]
-            img[(abs(yy - cy - 1.4 * r) <= r / 2) & (abs(xx - cx - 1.4 * r) <= r / 2)] = vs["colour"]
-        frames.append(img.astype(np.uint8))
-    # audio: ambience tone + faint noise everywhere, each event's tones while it is visible
+    return paths
+
+
+def _frame(base: np.ndarray, grid, style: dict, events, t: float, f: int, rng) -> np.ndarray:
+    """Frame `f`, at `t` s: each of `events` ((event, (on, off) seconds, path)) that is on at `t`
+    as its subject's shape with its verb's marker beside it, moved along its path (actions jitter)."""
+    yy, xx = grid
+    size = base.shape[0]
+    r = size / 10
+    img = base.copy()
+    for ev, (t0, t1), (start, drift) in events:
+        if not t0 <= t < t1:
+            continue
+        vs = style["verb"][ev.verb]
+        cy, cx = start + drift * f
+        if vs["jitter"]:
+            cy, cx = cy + rng.uniform(-3, 3), cx + rng.uniform(-3, 3)
+        cy, cx = float(np.clip(cy, r, size - 2 * r)), float(np.clip(cx, r, size - 2 * r))
+        ss = style["subject"][ev.subject]
+        img[_shape_mask(ss["shape"], yy, xx, cy, cx, r)] = ss["colour"]
+        img[(abs(yy - cy - 1.4 * r) <= r / 2) & (abs(xx - cx - 1.4 * r) <= r / 2)] = vs["colour"]
+    return img
+
+
+def _audio(world: World, plan: VideoPlan, style: dict, seconds: float, rng) -> np.ndarray:
+    """Mono float32 at AUDIO_RATE: the scene's ambience tone and faint noise everywhere, and each
+    event's tones (verb, subject) while it is visible."""
     ts = np.arange(int(seconds * AUDIO_RATE)) / AUDIO_RATE
-    audio = 0.05 * np.sin(2 * np.pi * sc["freq"] * ts) + 0.005 * rng.standard_normal(len(ts))
+    audio = 0.05 * np.sin(2 * np.pi * style["scene"][plan.scene]["freq"] * ts) + 0.005 * rng.standard_normal(len(ts))
     for ev in plan.events:
-        t0, t1 = ev.seconds(seconds, N)
+        t0, t1 = ev.seconds(seconds, world.params.frames)
         on = (ts >= t0) & (ts < t1)
         loud = 1.0 if ev.anomalous else AMP["activity_loudness"]
         audio += on * loud * (0.25 * np.sin(2 * np.pi * style["verb"][ev.verb]["freq"] * ts)
                               + 0.12 * np.sin(2 * np.pi * style["subject"][ev.subject]["freq"] * ts))
-    return frames, audio.astype(np.float32)
+    return audio.astype(np.float32)
 
 
 def render_media(world_or_params=None, out_dir=".", videos: int | None = None, seed: int | None = None,
@@ -127,14 +147,7 @@ def render_media(world_or_params=None, out_dir=".", videos: int | None = None, s
     range; the world's durations are not used). `world_or_params`: a World, a
     SynthParams, or None (then `videos`, `seed` and `knobs` make the params).
     Returns (video_root, captions_csv)."""
-    if isinstance(world_or_params, World):
-        world = world_or_params
-        if videos is not None or seed is not None or knobs:
-            raise ValueError("pass videos/seed/knobs through the World, not with it")
-    else:
-        base = world_or_params or SynthParams()
-        over = {k: v for k, v in (("videos", videos), ("seed", seed)) if v is not None}
-        world = World(replace(base, **over, **knobs))
+    world = _world_of(world_or_params, videos, seed, knobs)
     if not (16 <= size <= 1024 and size % 2 == 0):
         raise ValueError(f"size must be an even number of pixels in [16, 1024], got {size}")
     if not 0 < seconds[0] <= seconds[1]:
@@ -156,18 +169,34 @@ def render_media(world_or_params=None, out_dir=".", videos: int | None = None, s
             rows[plan.split].append((plan.path, plan.caption))
             if prog is not None:
                 prog.update(task, advance=1)
-    for name, data in (("captions.csv", rows["train"] + rows["test"]), ("captions_train.csv", rows["train"]),
-                       ("captions_test.csv", rows["test"])):
-        with open(out_dir / name, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["video", "text"])
-            w.writerows(data)
+    _write_captions(out_dir, rows)
     (out_dir / "README.txt").write_text(
         "Rendered by varcmp-synth from a synthetic world (coloured shapes and tones).\n"
         "Extracted with tiny randomly initialised encoders, the resulting scores are meaningless;\n"
         "real retrieval needs the pre-trained CLIP/CLAP checkpoints.\n"
         f"World: {json.dumps(asdict(world.params))}\n")
     return root, out_dir / "captions.csv"
+
+
+def _world_of(world_or_params, videos: int | None, seed: int | None, knobs: dict) -> World:
+    """The World given, or the one of SynthParams (default ones) with `videos`, `seed`, `knobs` applied."""
+    if isinstance(world_or_params, World):
+        if videos is not None or seed is not None or knobs:
+            raise ValueError("pass videos/seed/knobs through the World, not with it")
+        return world_or_params
+    base = world_or_params or SynthParams()
+    over = {k: v for k, v in (("videos", videos), ("seed", seed)) if v is not None}
+    return World(replace(base, **over, **knobs))
+
+
+def _write_captions(out_dir: Path, rows: dict[str, list[tuple[str, str]]]) -> None:
+    """captions.csv (every split) and captions_<split>.csv, columns video,text."""
+    for name, data in (("captions.csv", rows["train"] + rows["test"]), ("captions_train.csv", rows["train"]),
+                       ("captions_test.csv", rows["test"])):
+        with open(out_dir / name, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["video", "text"])
+            w.writerows(data)
 
 
 def extract_media(media_dir, out, clip_model=None, clap_model=None, frames: int = 32, words: int = 32,

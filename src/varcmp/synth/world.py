@@ -497,23 +497,43 @@ class World:
     def video_features(self, i: int) -> VideoFeatures:
         """Frame [CLS], patch and audio segment features of video `i` (float32)."""
         p, plan = self.params, self.videos[i]
-        N, P, C, Na, k = p.frames, p.patches, p.dim, p.audio_segments, p.object_patches
-        rng = np.random.default_rng([p.seed, 1, i, 1])
-        vis, snd = self.visual, self.sound
-        camera = _unit(rng.standard_normal(C)).astype(np.float32)
-        scene_v = vis["scene"][plan.scene]
-        off = AMP["offset"] * self.offset_img
+        rng = np.random.default_rng([p.seed, 1, i, 1])  # drawn from in this order: camera, frames, patches, audio
+        camera = _unit(rng.standard_normal(p.dim)).astype(np.float32)
+        frames = self._frame_features(plan, camera, rng)
+        patches = self._patch_features(plan, camera, rng)
+        a0, a1, _ = window_spans(plan.duration, p.audio_segments)  # the windows varcmp-extract cuts
+        audio = self._audio_features(plan, a0, a1, rng)
+        span = plan.span
+        note = f"synthetic; anomalous span: sampled frames {span[0]}-{span[1] - 1}" if span else "synthetic; normal"
+        return VideoFeatures(
+            duration=plan.duration, fps=FPS, frame_time=sample_times(plan.duration, p.frames).astype(np.float32),
+            frame_mask=np.ones(p.frames, bool), frame_feat=_unit(frames), patch_feat=_unit(patches),
+            audio_feat=_unit(audio), audio_mask=np.ones(p.audio_segments, bool),
+            audio_time=np.stack([a0, a1], axis=1).astype(np.float32), note=note)
 
-        # frame [CLS]
-        frames = np.broadcast_to(off + AMP["frame_scene"] * scene_v + AMP["frame_camera"] * camera, (N, C))
+    def _frame_features(self, plan: VideoPlan, camera: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """[N, C] frame [CLS] (not normalised): offset, scene and camera, the visible events and the
+        bystanders at `salience`, noise."""
+        p, vis = self.params, self.visual
+        N, C = p.frames, p.dim
+        off = AMP["offset"] * self.offset_img
+        frames = np.broadcast_to(off + AMP["frame_scene"] * vis["scene"][plan.scene] + AMP["frame_camera"] * camera,
+                                 (N, C))
         frames = frames.astype(np.float32)
         for ev in plan.events:
             frames[ev.start:ev.stop] += p.salience * (vis["subject"][ev.subject] + vis["verb"][ev.verb])
         for b in plan.bystanders:
             frames += p.salience * vis["subject"][b]
         frames += _gauss(rng, (N, C), AMP["frame_noise"] * p.noise, C)
+        return frames
 
-        # patches: a static background, events on a few patches that move from frame to frame
+    def _patch_features(self, plan: VideoPlan, camera: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """[N, P, C] patches (not normalised): a static background, and each event (its subject and
+        its verb) and each bystander on a few patches that move from frame to frame."""
+        p, vis = self.params, self.visual
+        N, P, C, k = p.frames, p.patches, p.dim, p.object_patches
+        scene_v = vis["scene"][plan.scene]
+        off = AMP["offset"] * self.offset_img
         texture = _gauss(rng, (P, C), 1.0, C)
         background = (off + AMP["patch_scene"] * scene_v + AMP["patch_camera"] * camera)[None]
         background = background + AMP["patch_texture"] * texture
@@ -533,27 +553,23 @@ class World:
             cols = where[:, first + m * k:first + (m + 1) * k]
             obj = off + AMP["object"] * vis["subject"][b] + AMP["object_scene"] * scene_v
             patches[np.arange(N)[:, None], cols] = obj + _gauss(rng, (N, k, C), AMP["patch_noise"] * p.noise, C)
+        return patches
 
-        # audio: windows centred on the frame times, as varcmp-extract cuts them
-        D = plan.duration
-        a0, a1, _ = window_spans(D, Na)
+    def _audio_features(self, plan: VideoPlan, a0: np.ndarray, a1: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """[Na, C] audio segments (not normalised) of the windows [a0, a1) s: ambience and a camera
+        of their own everywhere, each event's sound weighted by its overlap with the window, noise."""
+        p, snd = self.params, self.sound
+        Na, C, D = p.audio_segments, p.dim, plan.duration
         audio = np.broadcast_to(AMP["offset"] * self.offset_aud + AMP["audio_ambience"] * snd["scene"][plan.scene]
                                 + AMP["audio_camera"] * _unit(rng.standard_normal(C)), (Na, C)).astype(np.float32)
         for ev in plan.events:
-            t0, t1 = ev.seconds(D, N)
+            t0, t1 = ev.seconds(D, p.frames)
             overlap = np.clip(np.minimum(a1, t1) - np.maximum(a0, t0), 0.0, None) / np.maximum(a1 - a0, 1e-9)
             loud = 1.0 if ev.anomalous else AMP["activity_loudness"]
             audio += (loud * overlap)[:, None] * (AMP["audio_event"] * snd["verb"][ev.verb]
                                                  + AMP["audio_subject"] * snd["subject"][ev.subject])
         audio += _gauss(rng, (Na, C), AMP["audio_noise"] * p.noise, C)
-
-        span = plan.span
-        note = f"synthetic; anomalous span: sampled frames {span[0]}-{span[1] - 1}" if span else "synthetic; normal"
-        return VideoFeatures(
-            duration=D, fps=FPS, frame_time=sample_times(D, N).astype(np.float32),
-            frame_mask=np.ones(N, bool), frame_feat=_unit(frames), patch_feat=_unit(patches),
-            audio_feat=_unit(audio), audio_mask=np.ones(Na, bool),
-            audio_time=np.stack([a0, a1], axis=1).astype(np.float32), note=note)
+        return audio
 
     def encoders(self) -> dict:
         h = "synthetic:" + self.params.space_fingerprint()

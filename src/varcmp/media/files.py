@@ -32,45 +32,56 @@ def find_videos(root: str | os.PathLike, notes: list[str] | None = None) -> list
     seen: dict[tuple[int, int], str] = {}
     out = []
 
-    def rel(p) -> str:
-        try:
-            r = Path(p).relative_to(root).as_posix()
-        except ValueError:
-            return str(p)
-        return "." if r in ("", ".") else r
-
-    def inside(p: Path) -> bool:
-        if not os.path.islink(p) or not os.path.exists(p) or within(p, root):
-            return True
-        notes.append(f"{rel(p)}: symbolic link to {os.path.realpath(p)}, outside the video root, skipped")
-        return False
-
     def unlistable(e: OSError) -> None:
-        where = rel(e.filename) if e.filename is not None else "?"
+        where = _relative(e.filename, root) if e.filename is not None else "?"
         notes.append(f"{where}: cannot list folder ({e.strerror or e}), skipped")
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable, followlinks=True):
-        try:
-            st = os.stat(dirpath)
-        except OSError as e:
-            notes.append(f"{rel(dirpath)}: cannot read folder ({e.strerror or e}), skipped")
+        if not _first_visit(dirpath, root, seen, notes):
             dirnames[:] = []
             continue
-        key = (st.st_dev, st.st_ino)
-        if key in seen:
-            first = seen[key]
-            here = rel(dirpath)
-            loop = first == "." or here.startswith(first + "/")
-            why = "symlink loop back to" if loop else "same folder as"
-            notes.append(f"{here}: {why} {first!r}, skipped")
-            dirnames[:] = []
-            continue
-        seen[key] = rel(dirpath)
-        dirnames[:] = [d for d in sorted(dirnames) if inside(Path(dirpath) / d)]
+        dirnames[:] = [d for d in sorted(dirnames) if _inside(Path(dirpath) / d, root, notes)]
         for f in filenames:
-            if f.lower().endswith(VIDEO_EXTENSIONS) and not f.startswith(".") and inside(Path(dirpath) / f):
+            if f.lower().endswith(VIDEO_EXTENSIONS) and not f.startswith(".") and _inside(Path(dirpath) / f, root, notes):
                 out.append((Path(dirpath) / f).relative_to(root).as_posix())
     return sorted(out)
+
+
+def _relative(p, root: Path) -> str:
+    """How a note names `p`: relative to the root ("." for the root itself), else as it is."""
+    try:
+        r = Path(p).relative_to(root).as_posix()
+    except ValueError:
+        return str(p)
+    return "." if r in ("", ".") else r
+
+
+def _inside(p: Path, root: Path, notes: list[str]) -> bool:
+    """False (and a note) for a symbolic link whose target lies outside the root."""
+    if not os.path.islink(p) or not os.path.exists(p) or within(p, root):
+        return True
+    notes.append(f"{_relative(p, root)}: symbolic link to {os.path.realpath(p)}, outside the video root, skipped")
+    return False
+
+
+def _first_visit(dirpath: str, root: Path, seen: dict[tuple[int, int], str], notes: list[str]) -> bool:
+    """Whether the walk reaches folder `dirpath` for the first time (by device and inode, recorded
+    in `seen`). A folder that cannot be read, or is reached again (a symlink loop, or two links to
+    one folder), is skipped with a note."""
+    try:
+        st = os.stat(dirpath)
+    except OSError as e:
+        notes.append(f"{_relative(dirpath, root)}: cannot read folder ({e.strerror or e}), skipped")
+        return False
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        first, here = seen[key], _relative(dirpath, root)
+        loop = first == "." or here.startswith(first + "/")
+        why = "symlink loop back to" if loop else "same folder as"
+        notes.append(f"{here}: {why} {first!r}, skipped")
+        return False
+    seen[key] = _relative(dirpath, root)
+    return True
 
 
 def write_video(path: str | os.PathLike, frames, fps: int = 10, audio: np.ndarray | None = None,

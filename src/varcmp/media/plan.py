@@ -40,35 +40,10 @@ def make_plan(root: Path, annotations: Path | None, all_videos: bool = False) ->
     found_set = set(found)
     plan = Plan([], [], notes=notes)
     index: dict[str, int] = {}
-    where = annotations.name
     for c in captions:
-        if c.problem:
-            plan.rejected.append(f"{where} row {c.row}: {c.problem}")
+        rel = _caption_video(c, root, annotations.name, found_set, by_name, plan)
+        if rel is None:
             continue
-        try:
-            rel = safe_relative(c.video, root)
-        except ValueError as e:
-            plan.rejected.append(f"{where} row {c.row}: {e}")
-            continue
-        if not c.text:
-            plan.rejected.append(f"{where} row {c.row}: empty caption for {rel!r}")
-            continue
-        if rel not in found_set:
-            name = PurePosixPath(rel).name
-            alt = by_name.get(name, [])
-            if len(alt) == 1:  # the release's folder layout differs from the user's: say which file is used
-                plan.notes.append(f"{where} row {c.row}: video {rel!r} not found; used {alt[0]!r}, the only video "
-                                  f"named {name!r} under {root}")
-                rel = alt[0]
-            elif alt:
-                shown = ", ".join(map(repr, alt[:5])) + (f" and {len(alt) - 5} more" if len(alt) > 5 else "")
-                plan.rejected.append(f"{where} row {c.row}: video {rel!r} not found, and {len(alt)} videos are named "
-                                     f"{name!r} ({shown}); write its path relative to {root}")
-                continue
-            else:
-                why = "not found" if (root / rel).exists() is False else "not a video file"
-                plan.missing.append(f"{where} row {c.row}: video {rel!r} {why} under {root}")
-                continue
         if rel not in index:
             index[rel] = len(plan.videos)
             plan.videos.append(_entry(rel))
@@ -80,6 +55,40 @@ def make_plan(root: Path, annotations: Path | None, all_videos: bool = False) ->
                 plan.videos.append(_entry(p))
                 plan.uncaptioned += 1
     return plan
+
+
+def _caption_video(c, root: Path, where: str, found: set[str], by_name: dict[str, list[str]], plan: Plan) -> str | None:
+    """The video under `root` that caption row `c` (of file `where`) names, or None when the row
+    is refused (a line in plan.rejected) or its video is not there (plan.missing). A path that is
+    not found names the one video of its file name under the root, if there is exactly one (a
+    line in plan.notes)."""
+    if c.problem:
+        plan.rejected.append(f"{where} row {c.row}: {c.problem}")
+        return None
+    try:
+        rel = safe_relative(c.video, root)
+    except ValueError as e:
+        plan.rejected.append(f"{where} row {c.row}: {e}")
+        return None
+    if not c.text:
+        plan.rejected.append(f"{where} row {c.row}: empty caption for {rel!r}")
+        return None
+    if rel in found:
+        return rel
+    name = PurePosixPath(rel).name
+    alt = by_name.get(name, [])
+    if len(alt) == 1:  # the release's folder layout differs from the user's: say which file is used
+        plan.notes.append(f"{where} row {c.row}: video {rel!r} not found; used {alt[0]!r}, the only video "
+                          f"named {name!r} under {root}")
+        return alt[0]
+    if alt:
+        shown = ", ".join(map(repr, alt[:5])) + (f" and {len(alt) - 5} more" if len(alt) > 5 else "")
+        plan.rejected.append(f"{where} row {c.row}: video {rel!r} not found, and {len(alt)} videos are named "
+                             f"{name!r} ({shown}); write its path relative to {root}")
+        return None
+    why = "not found" if (root / rel).exists() is False else "not a video file"
+    plan.missing.append(f"{where} row {c.row}: video {rel!r} {why} under {root}")
+    return None
 
 
 def _entry(rel: str) -> VideoEntry:

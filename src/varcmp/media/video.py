@@ -100,8 +100,6 @@ def read_frames(path: str | os.PathLike, n: int, transform=None) -> Frames:
     """Decode the `n` uniformly sampled frames of a video (fewer if it has fewer frames).
     `transform(rgb_uint8_array)`, when given, is applied to each frame as it is decoded and its
     result kept instead: a 4K frame (25 MB) then never outlives its own decoding."""
-    import av
-
     path = Path(path)
     with open_media(path) as container:
         if not container.streams.video:
@@ -109,7 +107,7 @@ def read_frames(path: str | os.PathLike, n: int, transform=None) -> Frames:
         stream = container.streams.video[0]
         tb = float(stream.time_base)
         idx = _index(container, stream)
-        pts, keys, step = idx.pts, idx.keys, idx.step
+        pts = idx.pts
         if len(pts) == 0:
             raise MediaError("no video frames")
         start = int(pts[0])
@@ -117,34 +115,44 @@ def read_frames(path: str | os.PathLike, n: int, transform=None) -> Frames:
         fps = len(pts) / duration if duration > 0 else 0.0
         targets = start + sample_times(duration, n) / tb
         chosen = np.unique(pts[np.clip(np.searchsorted(pts, targets, side="right") - 1, 0, len(pts) - 1)])
-        if len(keys) == 0 or keys[0] > chosen[0]:
-            keys = np.concatenate([[start], keys])
-
-        images, times = [], []
-        decoder, last = None, None
-        wanted = set(int(p) for p in chosen)
-        try:
-            for want in chosen:
-                key = keys[np.searchsorted(keys, want, side="right") - 1]
-                if decoder is None or last is None or key > last:
-                    decoder = _decode_from(container, stream, int(key), wanted, idx.timed)
-                for frame in decoder:
-                    fpts = frame.pts if frame.pts is not None else (last + step if last is not None else start)
-                    last = fpts
-                    if fpts >= want:
-                        if not times or fpts > times[-1]:
-                            img = _upright(frame.to_ndarray(format="rgb24"), frame.rotation)
-                            images.append(img if transform is None else transform(img))
-                            times.append(fpts)
-                        break
-                else:
-                    break  # stream ended early (truncated file): keep what was decoded
-        except av.FFmpegError as e:
-            if not images:
-                raise MediaError(f"cannot decode video ({ffmpeg_reason(e)})") from None
-        if not images:
-            raise MediaError("no decodable video frames")
+        images, times = _decode_chosen(container, stream, idx, chosen, transform)
         return Frames(images, (np.asarray(times, dtype=np.float64) - start) * tb, float(duration), float(fps), len(pts))
+
+
+def _decode_chosen(container, stream, idx: _Index, chosen: np.ndarray, transform) -> tuple[list, list[int]]:
+    """(images, timestamps) of the `chosen` frames (the ones on screen at the sample times), each
+    decoded once, from the keyframe before it: upright RGB, `transform`ed when given. A stream
+    that ends early (a truncated file) keeps what was decoded; nothing decoded is a MediaError."""
+    import av
+
+    start, keys = int(idx.pts[0]), idx.keys
+    if len(keys) == 0 or keys[0] > chosen[0]:
+        keys = np.concatenate([[start], keys])
+    images, times = [], []
+    decoder, last = None, None
+    wanted = set(int(p) for p in chosen)
+    try:
+        for want in chosen:
+            key = keys[np.searchsorted(keys, want, side="right") - 1]
+            if decoder is None or last is None or key > last:
+                decoder = _decode_from(container, stream, int(key), wanted, idx.timed)
+            for frame in decoder:
+                fpts = frame.pts if frame.pts is not None else (last + idx.step if last is not None else start)
+                last = fpts
+                if fpts >= want:
+                    if not times or fpts > times[-1]:
+                        img = _upright(frame.to_ndarray(format="rgb24"), frame.rotation)
+                        images.append(img if transform is None else transform(img))
+                        times.append(fpts)
+                    break
+            else:
+                break  # stream ended early (truncated file): keep what was decoded
+    except av.FFmpegError as e:
+        if not images:
+            raise MediaError(f"cannot decode video ({ffmpeg_reason(e)})") from None
+    if not images:
+        raise MediaError("no decodable video frames")
+    return images, times
 
 
 def _upright(img: np.ndarray, rotation: float) -> np.ndarray:

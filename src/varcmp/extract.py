@@ -347,7 +347,7 @@ def _finish(opt: Options, plan: Plan, writer: CacheWriter, sw, mine: np.ndarray,
             group: _Group | None, summary: Summary) -> None:
     """After this process's videos: finalize the split if this process is the one to (see the
     module docstring), say where the split stands, and decide the exit code."""
-    summary.failed = _failed(sw, plan, mine)
+    summary.failed = _failed(sw.store, opt.split, mine)
     states = _finalize_if_last(opt, writer, locks, group)
     own = next((c for c in states or [] if c.split == opt.split), None)
     if own is not None and own.complete:
@@ -359,11 +359,12 @@ def _finish(opt: Options, plan: Plan, writer: CacheWriter, sw, mine: np.ndarray,
     summary.exit_code = group.max(code) if group is not None else code
 
 
-def _failed(sw, plan: Plan, rows) -> list[tuple[str, str]]:
-    """(path, reason) of the videos among `rows` that failed."""
-    status = sw.video_status()
-    errors = sw.store.read_str(f"{sw.name}/videos/error")
-    return [(plan.videos[i].path, errors[i]) for i in rows if status[i] == FAILED]
+def _failed(store, split: str, rows=None) -> list[tuple[str, str]]:
+    """(path, reason) of the videos of `split` that failed, among `rows` (default: all), in their order."""
+    status = np.asarray(store.array(f"{split}/videos/status")[:])
+    rows = np.flatnonzero(status == FAILED) if rows is None else [i for i in rows if status[i] == FAILED]
+    paths, errors = store.read_str(f"{split}/videos/path"), store.read_str(f"{split}/videos/error")
+    return [(paths[i], errors[i]) for i in rows]
 
 
 def _finalize_if_last(opt: Options, writer: CacheWriter, locks: Locks, group: _Group | None):
@@ -392,7 +393,7 @@ def _finalized(opt: Options, plan: Plan, sw, own: Completeness, group: _Group | 
         return
     if group is None:
         others = [i for i in range(len(plan.videos)) if i % opt.num_shards != opt.shard_index]
-        summary.failed_elsewhere = _failed(sw, plan, others)
+        summary.failed_elsewhere = _failed(sw.store, opt.split, others)
     summary.note = (f"finalized split '{opt.split}': {own.videos} videos, {own.done} extracted, "
                     f"{own.failed} failed" + (f", {own.captions} captions" if own.captions else ""))
 
@@ -615,12 +616,8 @@ def _splits_to_finalize(writer: CacheWriter, out: Path, split: str | None, plan:
 
 def _problems(store, name: str) -> tuple[list[tuple[str, str]], list[str], list[str]]:
     """(failed videos with their reasons, rejected caption rows, missing caption rows) of split `name`."""
-    status = np.asarray(store.array(f"{name}/videos/status")[:])
-    paths = store.read_str(f"{name}/videos/path")
-    errors = store.read_str(f"{name}/videos/error")
     attrs = store.get_attrs(name).get(SPLIT_KEY, {})
-    return ([(paths[i], errors[i]) for i in np.flatnonzero(status == FAILED)],
-            list(attrs.get("rejected") or []), list(attrs.get("missing") or []))
+    return _failed(store, name), list(attrs.get("rejected") or []), list(attrs.get("missing") or [])
 
 
 def _report_finalized(out: Path, states: list[Completeness], problems: dict, console) -> int:

@@ -20,7 +20,7 @@ import torch
 
 from .cli.common import OneLineErrors, OutputFile
 from .model import VarCMP
-from .model.queries import QUERY_KINDS, check_segments
+from .model.queries import AUDIO, QUERY_KINDS, check_segments
 from .retrieval.scoring import DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, default_chunk, encode_queries, encode_videos, score_matrix
 from .errors import UserError
 from .retrieval.metrics import METRICS, POST, POST_LABEL, SINKHORN_ITERS, format_metric, metric_label, parse_metrics, postprocess, query_to_video_ranks, summarize, video_to_query_ranks
@@ -193,7 +193,7 @@ def print_report(r: dict, console) -> None:
         f"queries | model {model} | levels {'+'.join(r['levels'])} | anomaly weighting "
         f"{'on' if r['anomaly_weighting'] else 'off'} ({n['predicted_anomalous']} predicted anomalous) | "
         f"post-processing: {r['scores']}")
-    if r["zero_shot"] and r["query"] == "audio":
+    if r["zero_shot"] and r["query"] == AUDIO.name:
         say("note: zero-shot audio uses an untrained audio encoder (CLAP is not aligned with CLIP): "
             "expect chance level")
     if n["videos_without_query"]:
@@ -245,7 +245,7 @@ def _main(**kw):
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Run directory (its best.safetensors, else last.safetensors) or checkpoint file.")
 @click.option("--split", default="test", help="Split of the cache to evaluate.")
-@click.option("--query", type=click.Choice(["text", "audio"]), default=None,
+@click.option("--query", type=click.Choice(list(QUERY_KINDS)), default=None,
               help="Query modality [default: the checkpoint's; zero-shot: text if captions exist].")
 @click.option("--metrics", default=",".join(DEFAULT_METRICS), help=f"Any of {','.join(METRICS)}.")
 @click.option("--json", "json_out", type=OutputFile(), default=None,

@@ -1,55 +1,18 @@
-"""`varcmp-search`: find the video, and the moment in it, by text or by sound.
+"""`varcmp-search`'s engine: find the video, and the moment in it, by text or by sound.
 
-    varcmp-search cache.zarr --checkpoint runs/ucf "a man in a black shirt hits a dog with a stick" --top 10
-    varcmp-search cache.zarr --checkpoint runs/xd --audio gunshot.wav --top 5
-    varcmp-search cache.zarr --checkpoint runs/ucf --queries queries.txt --json hits.json
-    varcmp-search cache.zarr --checkpoint runs/ucf "car on fire" --html report.html
+The queries are encoded by the frozen encoder the cache was extracted with (its recorded config
+and weights hashes are checked): text with CLIP exactly as captions are extracted, audio with CLAP
+over the extraction's windows of the clip (`media.audio_windows`). Each split is then ranked by the
+scoring engine (`retrieval.scoring.top_k`), page by page, in one of three modes:
 
-The query is encoded by the frozen encoder the cache was extracted with (its recorded config and
-weights hashes are checked): text with CLIP exactly as captions are extracted (the cache's
-max_words, word features and sentence), audio with CLAP over the extraction's windows of the
-clip (`media.audio_windows`, mono 48 kHz, `is_longer` False). It is then scored against the
-videos through the scoring engine (`retrieval.scoring`: `VarCMP.encode_videos`, `encode_queries`, `similarity`), the code
-training and evaluation use.
-
-Modes (per split):
-
-- **exhaustive**: every video is read, encoded and scored with the full three-level score, page by
-  page (memory does not grow with the collection); the top hits are kept as it goes.
-- **two-stage**: a faiss inner-product index over one vector per video picks `--candidates` K
-  videos per query; the full score reranks them, through the same page-by-page code as the
-  exhaustive mode (which is this mode with every video a candidate: with K >= the collection the
-  two modes give identical hits and scores). The vector (`VarCMP.video_vectors`) is the normalised video
-  embedding ~e_v (the coarse level), plus, for text checkpoints, half the fine level's weighted
-  mean of the normalised frames: its inner product with the normalised sentence is exactly the
-  coarse score plus the weighted-mean half of the fine score (eq. 1-2), the part of the total
-  that is linear in the query. Measured on the benchmark world with trained heads, this keeps the
-  exhaustive top 10 in a pool ~10x smaller than the coarse level alone (benchmarks/search.py).
-  Audio checkpoints use ~e_v alone (eq. 3 has no linear part).
+- **exhaustive**: every video is read, encoded and scored with the full score;
+- **two-stage**: a faiss index of one vector per video (`retrieval.index`) picks `--candidates`
+  videos per query, which the full score reranks through the same code (with K >= the split's size
+  both modes give identical hits and scores);
 - **auto** (default): two-stage for a split of more than `AUTO_TWO_STAGE` videos, else exhaustive.
-  The default pool is `DEFAULT_POOL_SHARE` of the split, at least `DEFAULT_CANDIDATES` videos.
 
-The index (`faiss.IndexFlatIP`: exact inner products, ~15 ms a query at 100k videos x 512-d) is
-built once per (cache, checkpoint, split) and stored with the cache: in a `.varcmp-search/` folder
-inside a Zarr store (which `varcmp-extract --overwrite` clears with the rest), or in
-`CACHE.varcmp-search/` next to an HDF5 file. Its file name carries a key hashing the checkpoint's
-weights and settings, the split, its done videos (rows and paths) and the cache's encoders and
-dims, so an index of other weights or of another state of the split is never used; it is written
-atomically and checked against freshly computed vectors of its first videos when loaded.
-Indexes of the same split and checkpoint path with another key (the checkpoint was retrained) are
-deleted.
-
-Time span of a hit (seconds, from the stored frame timestamps): over the valid sampled frames j,
-
-    s_j  the frame-query similarity: cos(sentence, f_j) for text (the fine level's frame term,
-         eq. 2), max_i cos(e_a_i, f_j) over valid audio segments for audio (eq. 3's frame term);
-    w_j  the frame weight the fine level uses (after anomaly-biased weighting, eq. 6);
-    r_j = (w_j / max w) * (s_j - min s) / (max s - min s)   (s-part 1 when all s_j are equal);
-
-the peak is the frame maximising r_j (the first on ties) and the span is the longest run of
-consecutive valid frames around it whose r_j >= SPAN_THRESHOLD (0.5) x r_peak. Frame j covers
-from the midpoint with its previous frame to the midpoint with its next one (0 and the duration
-at the ends), which for the extraction's uniform sampling is exactly its segment of the video."""
+Each hit is described by its per-level scores, its predicted anomaly and the time span where it
+matches best (`retrieval.spans`)."""
 
 from __future__ import annotations
 

@@ -58,6 +58,15 @@ def _check_encoder(loaded: dict, recorded: dict, flag: str, name: str, cache_pat
                             f"extracted with ({recorded.get('name')}, {recorded.get(k)}); pass the same model")
 
 
+def check_texts(texts) -> list[str]:
+    """The text queries as strings; UserError for an empty one."""
+    texts = [str(t) for t in texts]
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise UserError(f"empty query (query {i + 1}): give words to search for")
+    return texts
+
+
 def read_query_audio(path, segments: int) -> dict:
     """The extraction's windows of an audio clip (mono 48 kHz): `segments` windows centred on the
     centres of equal parts of the clip, clamp(duration / segments, 1 s, 10 s) long (the clip is
@@ -155,10 +164,7 @@ class Searcher:
         if self.kind is not TEXT:
             raise UserError(f"{self.checkpoint}: trained for audio queries; pass --audio FILE (or a --queries file "
                             "of audio paths), not text")
-        texts = [str(t) for t in texts]
-        for i, t in enumerate(texts):
-            if not t.strip():
-                raise UserError(f"empty query (query {i + 1}): give words to search for")
+        texts = check_texts(texts)
         clip = self._encoder(ClipEncoder, clip_model)
         L = self.cache.spec.max_words
         long = [i + 1 for i in clip.cut(texts, L)]
@@ -345,9 +351,7 @@ def run_search(cache, checkpoint, texts=(), audio=(), queries_file=None, splits=
     if sum(given) > 1:
         raise UserError("give text QUERY..., --audio FILE... or --queries FILE, not several of them")
     lines = None if queries_file is None else read_queries_file(Path(queries_file))
-    for i, t in enumerate(texts):
-        if not t.strip():
-            raise UserError(f"empty query (query {i + 1}): give words to search for")
+    check_texts(texts)  # before any model loads
     with Searcher(cache, checkpoint, splits, device, chunk, mode, candidates, console, progress) as s:
         if lines is not None and s.kind is AUDIO:  # audio paths, relative to the file's folder
             audio = [p if p.is_absolute() else Path(queries_file).parent / p for p in map(Path, lines)]

@@ -508,7 +508,8 @@ def listed_silence(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def audio_ckpt(planted, tmp_path_factory) -> Path:
-    return save_checkpoint(zero_shot_model(SPEC, "audio"), planted, tmp_path_factory.mktemp("audio") / "best.safetensors")
+    out = tmp_path_factory.mktemp("audio") / "best.safetensors"
+    return save_checkpoint(zero_shot_model(SPEC, "audio"), planted, out)
 
 
 NOT_AUDIO = "not audio at all\n" * 20

@@ -21,9 +21,11 @@ import torch
 from .cli.common import OneLineErrors, OutputFile
 from .model import VarCMP
 from .model.queries import AUDIO, QUERY_KINDS, check_segments
-from .retrieval.scoring import DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, default_chunk, encode_queries, encode_videos, score_matrix
+from .retrieval.scoring import (DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, default_chunk, encode_queries, encode_videos,
+                                score_matrix)
 from .errors import UserError
-from .retrieval.metrics import METRICS, POST, POST_LABEL, SINKHORN_ITERS, format_metric, metric_label, parse_metrics, postprocess, query_to_video_ranks, summarize, video_to_query_ranks
+from .retrieval.metrics import (METRICS, POST, POST_LABEL, SINKHORN_ITERS, format_metric, metric_label, parse_metrics,
+                                postprocess, query_to_video_ranks, summarize, video_to_query_ranks)
 from .retrieval.pairs import load_eval_data
 
 
@@ -93,6 +95,8 @@ def evaluate_split(cache, checkpoint=None, split: str = "test", query: str | Non
 
 def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, anomaly_weighting, chunk, device,
                     post) -> dict:
+    """evaluate_split on an open cache: check the request, load the model and the split's pairs,
+    score every pair, rank both directions."""
     metrics = parse_metrics(metrics)
     _check_request(checkpoint, zero_shot, query, post, chunk)
     dev = pick_device(device)

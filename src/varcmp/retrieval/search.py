@@ -46,7 +46,8 @@ ENCODER_NAMES = {"clip": "CLIP", "clap": "CLAP (extract with --audio)"}
 def _encoder_record(cache, which: str) -> dict:
     rec = (cache.encoders or {}).get(which)
     if not rec:
-        raise UserError(f"{cache.path}: no {ENCODER_NAMES[which]} encoder recorded in this cache; cannot encode the query")
+        raise UserError(f"{cache.path}: no {ENCODER_NAMES[which]} encoder recorded in this cache; cannot encode "
+                        "the query")
     return rec
 
 
@@ -227,8 +228,10 @@ class Searcher:
         ranked, splits = zip(*(self._rank_split(src, q, top) for src in self.sources))
         hits = self._merge_splits(list(ranked), top)
         details = self._details(q, hits)
-        queries = [{"query": label, "hits": [{"rank": r + 1, **details[(qi, h[0], h[1])]} for r, h in enumerate(hits[qi])]}
-                   for qi, label in enumerate(labels)]
+        queries = []
+        for qi, label in enumerate(labels):  # a hit: (split index, position, ...), best first
+            queries.append({"query": label, "hits": [{"rank": r + 1, **details[(qi, h[0], h[1])]}
+                                                    for r, h in enumerate(hits[qi])]})
         return {**self._settings(top), "splits": list(splits), "span_rule": self._span_rule(), "queries": queries}
 
     def _rank_split(self, src: CacheVideos, q: QueryEmb, top: int) -> tuple[Ranked, dict]:

@@ -20,7 +20,9 @@ from varcmp.cache.reader import open_cache
 from varcmp.evaluate import DEFAULT_METRICS, main, zero_shot_model
 from varcmp.retrieval.metrics import METRICS, format_metric, metric_label, postprocess, query_to_video_ranks, retrieval_metrics, summarize, video_to_query_ranks
 from varcmp.retrieval.pairs import load_eval_data
-from varcmp.model import ModelConfig, VarCMP
+from varcmp.model import QUERIES, ModelConfig, VarCMP
+from varcmp.model.queries import AUDIO, QUERY_KINDS, TEXT, query_kind
+from varcmp.errors import UserError
 from varcmp.retrieval.scoring import DEFAULT_CHUNK, encode_queries, encode_videos, score_matrix
 
 ALL = ("r1", "r2", "r3", "r5", "r10", "mdr", "mnr")
@@ -381,6 +383,40 @@ def test_checkpoint_of_other_encoders_or_dims_is_refused(cache, tmp_path):
 def test_user_errors_are_one_line(cache, ckpt, tmp_path, args, needle):
     """args(cache, checkpoint, tmp_path): the command line; needle: in its one error line."""
     one_line_error(run(*args(cache, ckpt, tmp_path)), needle)
+
+
+def test_audio_checkpoint_of_fewer_segments_than_the_cache_is_refused(cache, tmp_path):
+    """The one segment check serves varcmp-eval and search alike."""
+    from varcmp.retrieval.search import Searcher
+
+    with open_cache(cache) as c:
+        model = zero_shot_model(dataclasses.replace(c.spec, audio_segments=SPEC.audio_segments - 1), "audio")
+        path = checkpoint.save(tmp_path / "short.safetensors", model, {"cache": checkpoint.cache_fingerprint(c)})
+    needle = f"trained with {SPEC.audio_segments - 1} audio segments, but {cache} has {SPEC.audio_segments}"
+    one_line_error(run(cache, "--checkpoint", path), needle)
+    with Searcher(cache, path, device="cpu", progress=False) as s:
+        with pytest.raises(UserError, match=re.escape(needle)):
+            s.audio_features([tmp_path / "never-read.wav"])
+
+
+def test_query_kinds_name_the_models_inputs():
+    for kind in QUERY_KINDS.values():
+        model = planted_model(kind.name)
+        assert model.kind is kind and kind.name in QUERIES
+        n, L = 3, SPEC.max_words if kind is TEXT else SPEC.audio_segments
+        dim = SPEC.dim if kind is TEXT else SPEC.audio_dim
+        feats = {"word_feat": torch.randn(n, L, dim), "sentence": torch.randn(n, dim),
+                 "seg_feat": torch.randn(n, L, dim), "word_mask": torch.ones(n, L, dtype=torch.bool),
+                 "seg_mask": torch.ones(n, L, dtype=torch.bool)}
+        with torch.no_grad():
+            q = model.encode_queries({k: feats[k] for k in kind.features})
+            ref = getattr(model, kind.encode)(*(feats[k] for k in kind.features))
+        assert torch.equal(q.glob, ref.glob) and torch.equal(q.token_weights, ref.token_weights)
+    assert set(QUERY_KINDS) == set(QUERIES) and (TEXT.fine_on_glob, AUDIO.fine_on_glob) == (True, False)
+    with pytest.raises(ValueError, match="'text' or 'audio', got 'video'"):
+        query_kind("video")
+    with pytest.raises(ValueError, match="'text' or 'audio'"):
+        load_eval_data(None, "video")
 
 
 def test_queries_the_cache_lacks_are_one_line(cache, tmp_path):

@@ -20,7 +20,9 @@ from varcmp.cache.reader import open_cache
 from varcmp.evaluate import DEFAULT_METRICS, main, zero_shot_model
 from varcmp.retrieval.metrics import METRICS, format_metric, metric_label, postprocess, query_to_video_ranks, retrieval_metrics, summarize, video_to_query_ranks
 from varcmp.retrieval.pairs import load_eval_data
-from varcmp.model import ModelConfig, VarCMP
+from varcmp.model import QUERIES, ModelConfig, VarCMP
+from varcmp.model.queries import AUDIO, QUERY_KINDS, TEXT, query_kind
+from varcmp.errors import UserError
 from varcmp.retrieval.scoring import DEFAULT_CHUNK, encode_queries, encode_videos, score_matrix
 
 ALL = ("r1", "r2", "r3", "r5", "r10", "mdr", "mnr")
@@ -109,29 +111,30 @@ def test_several_queries_per_video_and_distractors():
     assert m["v2q"] == {"r1": pytest.approx(200 / 3), "mdr": 1.0, "mnr": pytest.approx(4 / 3)}
 
 
-def test_vectorised_ranks_match_a_loop():
-    rng = np.random.default_rng(0)
-    for V, Q in ((7, 7), (9, 20), (30, 12)):
-        sim = np.round(rng.random((V, Q)), 1).astype(np.float32)  # many ties
-        qv = rng.integers(0, V, Q)
-        t2v = [1 + sum(sim[u, q] >= sim[qv[q], q] for u in range(V) if u != qv[q]) for q in range(Q)]
-        assert query_to_video_ranks(sim, qv).tolist() == t2v
-        v2t = []
-        for v in sorted(set(qv.tolist())):
-            best = max(sim[v, q] for q in range(Q) if qv[q] == v)
-            v2t.append(1 + sum(sim[v, q] >= best for q in range(Q) if qv[q] != v))
-        assert video_to_query_ranks(sim, qv)[0].tolist() == v2t
+@pytest.mark.parametrize("V, Q", [(7, 7), (9, 20), (30, 12)])
+def test_vectorised_ranks_match_a_loop(V, Q):
+    rng = np.random.default_rng(V * 100 + Q)
+    sim = np.round(rng.random((V, Q)), 1).astype(np.float32)  # many ties
+    qv = rng.integers(0, V, Q)
+    t2v = [1 + sum(sim[u, q] >= sim[qv[q], q] for u in range(V) if u != qv[q]) for q in range(Q)]
+    assert query_to_video_ranks(sim, qv).tolist() == t2v
+    v2t = []
+    for v in sorted(set(qv.tolist())):
+        best = max(sim[v, q] for q in range(Q) if qv[q] == v)
+        v2t.append(1 + sum(sim[v, q] >= best for q in range(Q) if qv[q] != v))
+    assert video_to_query_ranks(sim, qv)[0].tolist() == v2t
 
 
-def test_recall_is_monotone_in_k():
+@pytest.mark.parametrize("ranked", [lambda sim, qv: query_to_video_ranks(sim, qv),
+                                    lambda sim, qv: video_to_query_ranks(sim, qv)[0]], ids=["t2v", "v2t"])
+def test_recall_is_monotone_in_k(ranked):
     rng = np.random.default_rng(1)
     sim = rng.standard_normal((60, 80))
     qv = rng.integers(0, 60, 80)
-    for ranks in (query_to_video_ranks(sim, qv), video_to_query_ranks(sim, qv)[0]):
-        ks = [f"r{k}" for k in range(1, 81)]  # ranks are at most 60 (t2v) and 80 (v2t)
-        s = summarize(ranks, ks)
-        values = [s[k] for k in ks]
-        assert values == sorted(values) and values[0] < values[-1] == 100.0
+    ks = [f"r{k}" for k in range(1, 81)]  # ranks are at most 60 (t2v) and 80 (v2t)
+    s = summarize(ranked(sim, qv), ks)
+    values = [s[k] for k in ks]
+    assert values == sorted(values) and values[0] < values[-1] == 100.0
 
 
 def test_metric_names_and_formatting():
@@ -299,34 +302,38 @@ def test_cli_default_metrics_and_ablation_overrides(cache, ckpt, tmp_path):
     assert res["levels"] == ["coarse"] and res["anomaly_weighting"] is False
     assert res["metric_names"] == list(DEFAULT_METRICS) and res["chunk"] == DEFAULT_CHUNK and res["device"] == "cpu"
     assert "levels coarse " in r.output and "anomaly weighting off" in r.output
-    model, _ = checkpoint.load(ckpt)
-    model.cfg = dataclasses.replace(model.cfg, levels=("coarse",), anomaly_weighting=False)
+    model, _ = checkpoint.load(ckpt)  # the same weights, the ablation's levels and weighting as arguments
     data = load_eval_data(open_cache(cache).split("test"), "text", patches=False)
-    sim = score_matrix(model, encode_videos(model, data.videos, "cpu"), encode_queries(model, data.query_feats, "cpu"))
+    v = encode_videos(model, data.videos, "cpu", patches=False, anomaly_weighting=False)
+    sim = score_matrix(model, v, encode_queries(model, data.query_feats, "cpu"), levels=("coarse",))
     assert set(sim) == {"coarse", "total"}
     ref = retrieval_metrics(sim["total"], data.query_video, DEFAULT_METRICS)
     assert {k: res["metrics"]["t2v"][k] for k in DEFAULT_METRICS} == pytest.approx(ref["q2v"])
 
 
-def test_cli_zero_shot_and_post_processing_labelled(cache, tmp_path):
+def test_cli_zero_shot_text_and_audio(cache, tmp_path):
     out = tmp_path / "z.json"
     r = run(cache, "--zero-shot", "--json", out)
     assert r.exit_code == 0, r.output
     raw = json.loads(out.read_text())
     assert raw["zero_shot"] is True and raw["checkpoint"] is None and raw["counts"]["predicted_anomalous"] == 0
     assert "zero-shot" in r.output and "raw similarities" in r.output
-    for post, label in (("dsl", "DSL"), ("sinkhorn", "Sinkhorn")):
-        rp = run(cache, "--zero-shot", "--post", post, "--json", out)
-        assert rp.exit_code == 0, rp.output
-        res = json.loads(out.read_text())
-        assert res["post"] == post and res["raw_similarities"] is False
-        assert f"post-processing: {label}" in rp.output and "(not raw similarities)" in rp.output
-        assert "post-processing: none" not in rp.output
     ra = run(cache, "--zero-shot", "--query", "audio", "--json", out)
     assert ra.exit_code == 0, ra.output
     res = json.loads(out.read_text())
     assert res["query"] == "audio" and set(res["metrics"]) == {"a2v", "v2a"}
     assert res["counts"]["queries"] == 14 and "audio->video" in ra.output and "video->audio" in ra.output
+
+
+@pytest.mark.parametrize("post, label", [("dsl", "DSL"), ("sinkhorn", "Sinkhorn")])
+def test_cli_post_processing_is_labelled(cache, tmp_path, post, label):
+    out = tmp_path / "p.json"
+    rp = run(cache, "--zero-shot", "--post", post, "--json", out)
+    assert rp.exit_code == 0, rp.output
+    res = json.loads(out.read_text())
+    assert res["post"] == post and res["raw_similarities"] is False
+    assert f"post-processing: {label}" in rp.output and "(not raw similarities)" in rp.output
+    assert "post-processing: none" not in rp.output
 
 
 def test_cli_reports_captions_of_failed_videos(cache, tmp_path):
@@ -361,18 +368,58 @@ def test_checkpoint_of_other_encoders_or_dims_is_refused(cache, tmp_path):
     one_line_error(run(cache, "--checkpoint", path), "dim=64")
 
 
-def test_user_errors_are_one_line(cache, ckpt, tmp_path):
-    one_line_error(run(cache, "--checkpoint", ckpt, "--split", "val"), "no split 'val'")
-    one_line_error(run(cache, "--checkpoint", tmp_path / "nope"), "no such checkpoint")
-    one_line_error(run(cache, "--checkpoint", ckpt, "--metrics", "r1,map"), "'map'")
-    one_line_error(run(cache, "--checkpoint", ckpt, "--metrics", "r0"), "'r0'")
-    one_line_error(run(cache, "--checkpoint", ckpt, "--levels", "coarse,best"), "unknown level")
-    one_line_error(run(cache, "--checkpoint", ckpt, "--query", "audio"), "trained for text")
-    one_line_error(run(cache, "--checkpoint", ckpt, "--chunk", 0), "--chunk")
-    one_line_error(run(cache, "--checkpoint", ckpt, "--zero-shot"), "--zero-shot")
-    one_line_error(run(cache), "--checkpoint")
-    one_line_error(run(tmp_path / "missing.zarr", "--zero-shot"), "no such cache")
+@pytest.mark.parametrize("args, needle", [
+    (lambda c, k, t: (c, "--checkpoint", k, "--split", "val"), "no split 'val'"),
+    (lambda c, k, t: (c, "--checkpoint", t / "nope"), "no such checkpoint"),
+    (lambda c, k, t: (c, "--checkpoint", k, "--metrics", "r1,map"), "'map'"),
+    (lambda c, k, t: (c, "--checkpoint", k, "--metrics", "r0"), "'r0'"),
+    (lambda c, k, t: (c, "--checkpoint", k, "--levels", "coarse,best"), "unknown level"),
+    (lambda c, k, t: (c, "--checkpoint", k, "--query", "audio"), "trained for text"),
+    (lambda c, k, t: (c, "--checkpoint", k, "--chunk", 0), "--chunk"),
+    (lambda c, k, t: (c, "--checkpoint", k, "--zero-shot"), "--zero-shot"),
+    (lambda c, k, t: (c,), "--checkpoint"),
+    (lambda c, k, t: (t / "missing.zarr", "--zero-shot"), "no such cache"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_user_errors_are_one_line(cache, ckpt, tmp_path, args, needle):
+    """args(cache, checkpoint, tmp_path): the command line; needle: in its one error line."""
+    one_line_error(run(*args(cache, ckpt, tmp_path)), needle)
 
+
+def test_audio_checkpoint_of_fewer_segments_than_the_cache_is_refused(cache, tmp_path):
+    """The one segment check serves varcmp-eval and search alike."""
+    from varcmp.retrieval.search import Searcher
+
+    with open_cache(cache) as c:
+        model = zero_shot_model(dataclasses.replace(c.spec, audio_segments=SPEC.audio_segments - 1), "audio")
+        path = checkpoint.save(tmp_path / "short.safetensors", model, {"cache": checkpoint.cache_fingerprint(c)})
+    needle = f"trained with {SPEC.audio_segments - 1} audio segments, but {cache} has {SPEC.audio_segments}"
+    one_line_error(run(cache, "--checkpoint", path), needle)
+    with Searcher(cache, path, device="cpu", progress=False) as s:
+        with pytest.raises(UserError, match=re.escape(needle)):
+            s.audio_features([tmp_path / "never-read.wav"])
+
+
+def test_query_kinds_name_the_models_inputs():
+    for kind in QUERY_KINDS.values():
+        model = planted_model(kind.name)
+        assert model.kind is kind and kind.name in QUERIES
+        n, L = 3, SPEC.max_words if kind is TEXT else SPEC.audio_segments
+        dim = SPEC.dim if kind is TEXT else SPEC.audio_dim
+        feats = {"word_feat": torch.randn(n, L, dim), "sentence": torch.randn(n, dim),
+                 "seg_feat": torch.randn(n, L, dim), "word_mask": torch.ones(n, L, dtype=torch.bool),
+                 "seg_mask": torch.ones(n, L, dtype=torch.bool)}
+        with torch.no_grad():
+            q = model.encode_queries({k: feats[k] for k in kind.features})
+            ref = getattr(model, kind.encode)(*(feats[k] for k in kind.features))
+        assert torch.equal(q.glob, ref.glob) and torch.equal(q.token_weights, ref.token_weights)
+    assert set(QUERY_KINDS) == set(QUERIES) and (TEXT.fine_on_glob, AUDIO.fine_on_glob) == (True, False)
+    with pytest.raises(ValueError, match="'text' or 'audio', got 'video'"):
+        query_kind("video")
+    with pytest.raises(ValueError, match="'text' or 'audio'"):
+        load_eval_data(None, "video")
+
+
+def test_queries_the_cache_lacks_are_one_line(cache, tmp_path):
     # a split without captions, queried with text; a cache without audio, queried with audio
     w = CacheWriter(cache, SPEC, ENCODERS, {"planted": True, "seed": 0})
     sw = w.split("nocap", [VideoEntry("Abuse/x.mp4")])

@@ -495,34 +495,57 @@ def write_silent(path: Path, seconds: float = 2.0) -> Path:
     return path
 
 
-def test_bad_input_is_one_line_with_exit_code_2(planted, zero_ckpt, tmp_path):
-    audio_ckpt = save_checkpoint(zero_shot_model(SPEC, "audio"), planted, tmp_path / "audio" / "best.safetensors")
-    one_line_error(run(planted, "--checkpoint", zero_ckpt, ""), "empty query")
-    one_line_error(run(planted, "--checkpoint", zero_ckpt, "a dog", "   "), "empty query (query 2)")
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n  \n")
-    one_line_error(run(planted, "--checkpoint", zero_ckpt, "--queries", empty), "no queries")
-    one_line_error(run(planted, "--checkpoint", zero_ckpt), "give a query")
-    one_line_error(run(planted, "--checkpoint", zero_ckpt, "a dog", "--audio", empty), "not several")
-    one_line_error(run(planted, "a dog"), "--checkpoint")
-    one_line_error(run(planted, "--checkpoint", zero_ckpt, "a dog", "--mode", "fast"), "--mode")
-    one_line_error(run(planted, "--checkpoint", zero_ckpt, "a dog", "--top", 0), "--top")
-    one_line_error(run(planted, "--checkpoint", zero_ckpt, "a dog", "--split", "val"), "no split 'val'")
-    one_line_error(run(tmp_path / "none.zarr", "--checkpoint", zero_ckpt, "a dog"), "no such cache")
-    one_line_error(run(planted, "--checkpoint", tmp_path / "none", "a dog"), "no such checkpoint")
+def write_text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def listed_silence(folder: Path) -> Path:
+    """A --queries file naming a silent clip beside it (relative path)."""
+    write_silent(folder / "silent.m4a")
+    return write_text(folder / "audio.txt", "silent.m4a\n")
+
+
+@pytest.fixture(scope="module")
+def audio_ckpt(planted, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("audio") / "best.safetensors"
+    return save_checkpoint(zero_shot_model(SPEC, "audio"), planted, out)
+
+
+NOT_AUDIO = "not audio at all\n" * 20
+
+
+@pytest.mark.parametrize("args, needle", [
+    (lambda p, z, a, t: (p, "--checkpoint", z, ""), "empty query"),
+    (lambda p, z, a, t: (p, "--checkpoint", z, "a dog", "   "), "empty query (query 2)"),
+    (lambda p, z, a, t: (p, "--checkpoint", z, "--queries", write_text(t / "empty.txt", "\n  \n")), "no queries"),
+    (lambda p, z, a, t: (p, "--checkpoint", z), "give a query"),
+    (lambda p, z, a, t: (p, "--checkpoint", z, "a dog", "--audio", write_text(t / "empty.txt", "\n  \n")),
+     "not several"),
+    (lambda p, z, a, t: (p, "a dog"), "--checkpoint"),
+    (lambda p, z, a, t: (p, "--checkpoint", z, "a dog", "--mode", "fast"), "--mode"),
+    (lambda p, z, a, t: (p, "--checkpoint", z, "a dog", "--top", 0), "--top"),
+    (lambda p, z, a, t: (p, "--checkpoint", z, "a dog", "--split", "val"), "no split 'val'"),
+    (lambda p, z, a, t: (t / "none.zarr", "--checkpoint", z, "a dog"), "no such cache"),
+    (lambda p, z, a, t: (p, "--checkpoint", t / "none", "a dog"), "no such checkpoint"),
     # a query of the wrong kind for the checkpoint
-    one_line_error(run(planted, "--checkpoint", audio_ckpt, "a dog"), "trained for audio queries")
-    notes = tmp_path / "notes.wav"
-    notes.write_text("not audio at all\n" * 20)
-    one_line_error(run(planted, "--checkpoint", zero_ckpt, "--audio", notes), "trained for text queries")
-    # unreadable, missing and silent audio
+    (lambda p, z, a, t: (p, "--checkpoint", a, "a dog"), "trained for audio queries"),
+    (lambda p, z, a, t: (p, "--checkpoint", z, "--audio", write_text(t / "notes.wav", NOT_AUDIO)),
+     "trained for text queries"),
+    # missing and silent audio (audio paths in --queries are relative to the file's folder)
+    (lambda p, z, a, t: (p, "--checkpoint", a, "--audio", t / "nope.wav"), "no such file"),
+    (lambda p, z, a, t: (p, "--checkpoint", a, "--audio", write_silent(t / "silent.m4a")), "silent audio track"),
+    (lambda p, z, a, t: (p, "--checkpoint", a, "--queries", listed_silence(t)), "silent audio track"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_bad_input_is_one_line_with_exit_code_2(planted, zero_ckpt, audio_ckpt, tmp_path, args, needle):
+    """args(planted cache, text checkpoint, audio checkpoint, tmp_path): the command line (writing
+    the files it names); needle: in its one error line."""
+    one_line_error(run(*args(planted, zero_ckpt, audio_ckpt, tmp_path)), needle)
+
+
+def test_unreadable_audio_and_a_foreign_checkpoint_are_one_line(planted, audio_ckpt, tmp_path):
+    notes = write_text(tmp_path / "notes.wav", NOT_AUDIO)
     one_line_error(run(planted, "--checkpoint", audio_ckpt, "--audio", notes), str(notes), "not a readable media file")
-    one_line_error(run(planted, "--checkpoint", audio_ckpt, "--audio", tmp_path / "nope.wav"), "no such file")
-    silent = write_silent(tmp_path / "silent.m4a")
-    one_line_error(run(planted, "--checkpoint", audio_ckpt, "--audio", silent), "silent audio track")
-    listed = tmp_path / "audio.txt"
-    listed.write_text("silent.m4a\n")  # audio paths in --queries are relative to the file's folder
-    one_line_error(run(planted, "--checkpoint", audio_ckpt, "--queries", listed), "silent audio track")
     # a checkpoint from a cache of other encoders
     other = tmp_path / "other.zarr"
     shutil.copytree(planted, other)

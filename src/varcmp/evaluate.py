@@ -20,9 +20,12 @@ import torch
 
 from .cli.common import OneLineErrors, OutputFile
 from .model import VarCMP
-from .retrieval.scoring import DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, default_chunk, encode_queries, encode_videos, score_matrix
+from .model.queries import AUDIO, QUERY_KINDS, check_segments
+from .retrieval.scoring import (DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, default_chunk, encode_queries, encode_videos,
+                                score_matrix)
 from .errors import UserError
-from .retrieval.metrics import METRICS, POST, POST_LABEL, SINKHORN_ITERS, format_metric, metric_label, parse_metrics, postprocess, query_to_video_ranks, summarize, video_to_query_ranks
+from .retrieval.metrics import (METRICS, POST, POST_LABEL, SINKHORN_ITERS, format_metric, metric_label, parse_metrics,
+                                postprocess, query_to_video_ranks, summarize, video_to_query_ranks)
 from .retrieval.pairs import load_eval_data
 
 
@@ -33,12 +36,11 @@ ENCODE_BATCH = 16           # videos per encode_videos forward in the CLI (memor
 # --------------------------------------------------------------------------
 # The command
 
-DIRECTIONS = {"text": (("t2v", "text->video"), ("v2t", "video->text")),
-              "audio": (("a2v", "audio->video"), ("v2a", "video->audio"))}
 SHOWN_DROPPED = 5
 
 
-def _device(name: str) -> torch.device:
+def pick_device(name: str) -> torch.device:
+    """--device NAME as a device (`resolve_device`); UserError (one line) for one that is not here."""
     from .encoders.frozen import resolve_device
 
     try:
@@ -93,91 +95,96 @@ def evaluate_split(cache, checkpoint=None, split: str = "test", query: str | Non
 
 def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, anomaly_weighting, chunk, device,
                     post) -> dict:
-    from . import __version__
-    from .model.checkpoint import check_compatible, load, read_meta, resolve
-
+    """evaluate_split on an open cache: check the request, load the model and the split's pairs,
+    score every pair, rank both directions."""
     metrics = parse_metrics(metrics)
+    _check_request(checkpoint, zero_shot, query, post, chunk)
+    dev = pick_device(device)
+    chunk = chunk or default_chunk(dev)
+    sp = c.split(split)
+    model, ckpt = _model(c, sp, checkpoint, query, dev)
+    kind = model.kind
+    levels = _levels(levels, model.cfg.levels)  # ablations: same weights, other levels or weighting
+    weighting = model.cfg.anomaly_weighting if anomaly_weighting is None else bool(anomaly_weighting)
+    check_segments(model.cfg, c, ckpt)
+
+    data = load_eval_data(sp, kind.name, patches="finer" in levels)
+    if len(data.query_video) == 0:
+        raise UserError(f"{c.path}: split '{split}' has no {kind.name} query whose video was extracted"
+                        + (f" ({len(data.dropped)} dropped)" if data.dropped else ""))
+    v, sims = _score(model, data, dev, levels, weighting, chunk)
+    m_q2v, m_v2q = postprocess(sims["total"], post, model.cfg.logit_scale)
+    ranks = (query_to_video_ranks(m_q2v, data.query_video), video_to_query_ranks(m_v2q, data.query_video)[0])
+    return {**_settings(c, split, kind.name, ckpt, zero_shot, levels, weighting, post),
+            "metrics": {key: {"direction": label, "ranked": int(len(r)), **summarize(r, metrics)}
+                        for (key, label), r in zip(kind.directions, ranks)},
+            "metric_names": list(metrics),
+            "counts": _counts(data, v),
+            "dropped": list(data.dropped),
+            "chunk": chunk,
+            "device": str(dev)}
+
+
+def _check_request(checkpoint, zero_shot, query, post, chunk) -> None:
+    """The options that are wrong whatever the cache holds (UserError, one line)."""
     if zero_shot == (checkpoint is not None):
         raise UserError("give either --checkpoint RUN_DIR_OR_FILE or --zero-shot" if not zero_shot
                         else "--zero-shot evaluates untrained heads; it cannot be combined with --checkpoint")
-    if query not in (None, "text", "audio"):
+    if query is not None and query not in QUERY_KINDS:
         raise UserError(f"--query {query}: choose text or audio")
     if post not in (None, *POST):
         raise UserError(f"--post {post}: choose from {', '.join(POST)}")
     if chunk is not None and chunk < 1:
         raise UserError(f"--chunk {chunk}: must be >= 1")
-    dev = _device(device)
-    chunk = chunk or default_chunk(dev)
-    sp = c.split(split)
 
-    if zero_shot:
+
+def _model(c, sp, checkpoint, query, dev) -> tuple[VarCMP, object]:
+    """The model to evaluate and its checkpoint file (None: zero-shot, for `query`, by default the
+    first kind the split holds queries of). A checkpoint is checked against the cache and --query."""
+    from .model.checkpoint import check_compatible, load, read_meta, resolve
+
+    if checkpoint is None:
         if query is None:
-            query = "text" if sp.has_text else "audio" if sp.has_audio else None
+            query = next((k.name for k in QUERY_KINDS.values() if getattr(sp, k.held)), None)
             if query is None:
-                raise UserError(f"{c.path}: split '{split}' has neither captions nor audio features to query with")
-        model, ckpt = zero_shot_model(c.spec, query).to(dev), None
-    else:
-        ckpt = resolve(checkpoint)
-        check_compatible(read_meta(ckpt), c, ckpt)
-        model, _ = load(ckpt, dev)
-        if query is not None and query != model.cfg.query:
-            raise UserError(f"{ckpt}: trained for {model.cfg.query} queries, not --query {query}")
-        query = model.cfg.query
+                raise UserError(f"{c.path}: split '{sp.name}' has neither captions nor audio features to query with")
+        return zero_shot_model(c.spec, query).to(dev), None
+    ckpt = resolve(checkpoint)
+    check_compatible(read_meta(ckpt), c, ckpt)
+    model, _ = load(ckpt, dev)
+    if query is not None and query != model.cfg.query:
+        raise UserError(f"{ckpt}: trained for {model.cfg.query} queries, not --query {query}")
+    return model, ckpt
 
-    cfg = model.cfg
-    levels = _levels(levels, cfg.levels)  # ablations: same weights, other levels or weighting
-    weighting = cfg.anomaly_weighting if anomaly_weighting is None else bool(anomaly_weighting)
-    if query == "audio" and c.spec.audio_segments > cfg.audio_segments:
-        raise UserError(f"{ckpt}: trained with {cfg.audio_segments} audio segments, but {c.path} has "
-                        f"{c.spec.audio_segments}")
 
-    data = load_eval_data(sp, query, patches="finer" in levels)
-    Q, V = len(data.query_video), len(data.videos.index)
-    if Q == 0:
-        raise UserError(f"{c.path}: split '{split}' has no {query} query whose video was extracted"
-                        + (f" ({len(data.dropped)} dropped)" if data.dropped else ""))
-
+def _score(model: VarCMP, data, dev, levels, weighting: bool, chunk: int):
+    """The videos' embeddings and the all-pairs similarities (each level and "total", [V, Q])."""
     torch.manual_seed(0)
     model.eval()
     v = encode_videos(model, data.videos, dev, batch=ENCODE_BATCH, patches="finer" in levels,
                       anomaly_weighting=weighting)
     q = encode_queries(model, data.query_feats, dev)
-    sims = score_matrix(model, v, q, levels, chunk=chunk)
-    m_q2v, m_v2q = postprocess(sims["total"], post, cfg.logit_scale)
-    q2v = query_to_video_ranks(m_q2v, data.query_video)
-    v2q, _ = video_to_query_ranks(m_v2q, data.query_video)
+    return v, score_matrix(model, v, q, levels, chunk=chunk)
 
-    per_video = np.bincount(data.query_video, minlength=V)
-    (kq, lq), (kv, lv) = DIRECTIONS[query]
-    return {
-        "varcmp_version": __version__,
-        "cache": str(c.path),
-        "split": split,
-        "query": query,
-        "checkpoint": None if ckpt is None else str(ckpt),
-        "zero_shot": bool(zero_shot),
-        "levels": list(levels),
-        "anomaly_weighting": weighting,
-        "post": post,
-        "raw_similarities": post is None,
-        "scores": POST_LABEL[post],
-        "metrics": {
-            kq: {"direction": lq, "ranked": int(len(q2v)), **summarize(q2v, metrics)},
-            kv: {"direction": lv, "ranked": int(len(v2q)), **summarize(v2q, metrics)},
-        },
-        "metric_names": list(metrics),
-        "counts": {
-            "videos": V,
-            "queries": Q,
+
+def _settings(c, split, query, ckpt, zero_shot, levels, weighting, post) -> dict:
+    """What was evaluated, and how (the head of the JSON result)."""
+    from . import __version__
+
+    return {"varcmp_version": __version__, "cache": str(c.path), "split": split, "query": query,
+            "checkpoint": None if ckpt is None else str(ckpt), "zero_shot": bool(zero_shot), "levels": list(levels),
+            "anomaly_weighting": weighting, "post": post, "raw_similarities": post is None,
+            "scores": POST_LABEL[post]}
+
+
+def _counts(data, v) -> dict:
+    per_video = np.bincount(data.query_video, minlength=len(data.videos.index))
+    return {"videos": len(data.videos.index),
+            "queries": len(data.query_video),
             "videos_without_query": int((per_video == 0).sum()),
             "videos_with_several_queries": int((per_video > 1).sum()),
             "dropped_queries": len(data.dropped),
-            "predicted_anomalous": int(v.anomalous.sum()),
-        },
-        "dropped": list(data.dropped),
-        "chunk": chunk,
-        "device": str(dev),
-    }
+            "predicted_anomalous": int(v.anomalous.sum())}
 
 
 def print_report(r: dict, console) -> None:
@@ -190,7 +197,7 @@ def print_report(r: dict, console) -> None:
         f"queries | model {model} | levels {'+'.join(r['levels'])} | anomaly weighting "
         f"{'on' if r['anomaly_weighting'] else 'off'} ({n['predicted_anomalous']} predicted anomalous) | "
         f"post-processing: {r['scores']}")
-    if r["zero_shot"] and r["query"] == "audio":
+    if r["zero_shot"] and r["query"] == AUDIO.name:
         say("note: zero-shot audio uses an untrained audio encoder (CLAP is not aligned with CLIP): "
             "expect chance level")
     if n["videos_without_query"]:
@@ -242,7 +249,7 @@ def _main(**kw):
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Run directory (its best.safetensors, else last.safetensors) or checkpoint file.")
 @click.option("--split", default="test", help="Split of the cache to evaluate.")
-@click.option("--query", type=click.Choice(["text", "audio"]), default=None,
+@click.option("--query", type=click.Choice(list(QUERY_KINDS)), default=None,
               help="Query modality [default: the checkpoint's; zero-shot: text if captions exist].")
 @click.option("--metrics", default=",".join(DEFAULT_METRICS), help=f"Any of {','.join(METRICS)}.")
 @click.option("--json", "json_out", type=OutputFile(), default=None,

@@ -504,9 +504,7 @@ def _features(res: dict, clip, clap, opt: Options) -> VideoFeatures:
         audio_feat = np.zeros((na, clap.dim), np.float32)
         mask = res["audio_mask"]
         if mask.any():
-            emb = torch.cat([clap.encode(res["audio"][s:s + opt.batch_size])
-                             for s in range(0, len(res["audio"]), opt.batch_size)]).numpy()
-            audio_feat[mask] = emb
+            audio_feat[mask] = clap.encode_windows(res["audio"], opt.batch_size)
         feats.audio_feat, feats.audio_mask, feats.audio_time = audio_feat, mask, res["audio_spans"]
     return feats
 

@@ -26,7 +26,7 @@ EPILOG = (f"Modes: exhaustive scores every video with the full three-level score
           f"reranks them with the full score; auto uses two-stage for splits of more than {AUTO_TWO_STAGE} "
           f"videos. With --candidates >= the split's size both modes give identical results. Span: the frames "
           f"around the one maximising frame weight x query similarity, extended while neighbours keep "
-          f"{SPAN_THRESHOLD} of its relevance or more (python -c 'import varcmp.retrieval.search as s; help(s)').")
+          f"{SPAN_THRESHOLD} of its relevance or more (python -c 'import varcmp.retrieval.spans as s; help(s)').")
 
 
 @click.command(cls=OneLineErrors, epilog=EPILOG,

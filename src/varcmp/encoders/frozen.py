@@ -179,5 +179,14 @@ class ClapEncoder:
         out = getattr(out, "pooler_output", out)
         return out.float().cpu()
 
+    def encode_windows(self, input_features: torch.Tensor, batch: int) -> np.ndarray:
+        """[n, Ca] float32 embeddings of n windows' log-mel inputs (`preprocess_audio`), `batch`
+        windows a forward: the one loop that extraction (a video's windows) and search (a query
+        clip's windows) batch CLAP with. The batch size bounds memory only (see `encode`)."""
+        if len(input_features) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return torch.cat([self.encode(input_features[s:s + batch])
+                          for s in range(0, len(input_features), batch)]).numpy()
+
     def info(self) -> dict:
         return {"name": self.name, "config_hash": self.config_hash, "weights_hash": weights_hash(self.model)}

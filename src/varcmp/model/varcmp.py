@@ -5,7 +5,7 @@ patches and words; CLAP audio segments). The work is split so that training,
 evaluation and search each compute every part only once:
 
     per video   VarCMP.encode_videos                -> VideoEmb
-    per query   VarCMP.encode_queries (text or audio) -> QueryEmb
+    per query   VarCMP.encode_queries (text or audio, see queries) -> QueryEmb
     per pair    VarCMP.similarity(VideoEmb, QueryEmb) -> {level: [V, Q]}, batched
     training    info_nce, mil_bce, VarCMP.loss      (eq. 10-12)
 
@@ -22,6 +22,7 @@ from torch import Tensor
 from .config import LEVELS, ModelConfig
 from .heads import AnomalyHead, AudioEncoder, PatchSelector, TemporalEncoder, WeightHead
 from .losses import _nce_parts, mil_bce, video_scores
+from .queries import TEXT, QueryKind, query_kind
 from .similarity import QueryEmb, VideoEmb, _f32, _l2, masked_softmax, token_wise
 
 
@@ -40,11 +41,16 @@ class VarCMP(nn.Module):
         self.anomaly_head = AnomalyHead(cfg)
         self.patch_selector = PatchSelector(cfg)   # built whatever the levels: one checkpoint layout
         self.patch_weight = WeightHead(cfg.dim)
-        if cfg.query == "text":
+        if query_kind(cfg.query) is TEXT:
             self.word_weight = WeightHead(cfg.dim)
         else:
             self.audio = AudioEncoder(cfg)
             self.segment_weight = WeightHead(cfg.dim)
+
+    @property
+    def kind(self) -> QueryKind:
+        """What the model's kind of query (cfg.query) decides: its features, its fine level."""
+        return query_kind(self.cfg.query)
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -130,11 +136,10 @@ class VarCMP(nn.Module):
         return QueryEmb(glob=m_a, tokens=e_a, token_mask=mask, token_weights=self.segment_weight(e_a, mask))
 
     def encode_queries(self, feats: dict[str, Tensor]) -> QueryEmb:
-        """The one query dispatch, by cfg.query: encode_text(word_feat, word_mask, sentence) or
-        encode_audio(seg_feat, seg_mask), from a dict with those keys (as the cache stores them)."""
-        if self.cfg.query == "text":
-            return self.encode_text(feats["word_feat"], feats["word_mask"], feats["sentence"])
-        return self.encode_audio(feats["seg_feat"], feats["seg_mask"])
+        """Queries of the model's kind from a dict of their features (as the cache stores them):
+        encode_text(word_feat, word_mask, sentence) or encode_audio(seg_feat, seg_mask)."""
+        kind = self.kind
+        return getattr(self, kind.encode)(**{k: feats[k] for k in kind.features})
 
     # --- per pair ----------------------------------------------------------------------------
     def similarity(self, v: VideoEmb, q: QueryEmb, levels=None) -> dict[str, Tensor]:
@@ -152,7 +157,7 @@ class VarCMP(nn.Module):
         if "coarse" in levels:
             out["coarse"] = _f32(_l2(v.video) @ _l2(q.glob).T)
         if "fine" in levels:
-            if self.cfg.query == "text":
+            if self.kind.fine_on_glob:
                 one = _f32(q.glob.new_ones(len(q), 1))
                 out["fine"] = token_wise(v.frames, v.frame_mask, v.frame_weights,
                                          q.glob[:, None], one.bool(), one)
@@ -174,7 +179,7 @@ class VarCMP(nn.Module):
         fine = 1/2 (max_j s_j + sum_j w_j s_j) for text, and the frame half of eq. 3 is
         1/2 sum_j w_j s_j for audio (tests/test_model.py checks both against `similarity`)."""
         f = _l2(_f32(v.frames))                                                       # [V, N, C]
-        if self.cfg.query == "text":
+        if self.kind.fine_on_glob:
             s = torch.einsum("vnc,vc->vn", f, _l2(_f32(q.glob)))
         else:
             sim = torch.einsum("vnc,vlc->vnl", f, _l2(_f32(q.tokens)))
@@ -184,7 +189,7 @@ class VarCMP(nn.Module):
     def linear_levels(self, levels=None) -> str:
         """Which part of the total score is linear in the query vector (see `video_vectors`)."""
         levels = tuple(self.cfg.levels if levels is None else levels)
-        if self.cfg.query == "text" and "fine" in levels:
+        if self.kind.fine_on_glob and "fine" in levels:
             return "coarse+fine-mean" if "coarse" in levels else "fine-mean"
         return "coarse"
 

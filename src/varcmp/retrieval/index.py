@@ -1,4 +1,23 @@
-"""The first-stage index of two-stage search: one vector per video (`VarCMP.video_vectors`) in a faiss inner-product index, stored with the cache and keyed by what it depends on."""
+"""The first-stage index of two-stage search: one vector per video in a faiss inner-product index,
+stored with the cache and keyed by what it depends on.
+
+The vector (`VarCMP.video_vectors`) is the normalised video embedding ~e_v (the coarse level), plus,
+for text checkpoints, half the fine level's weighted mean of the normalised frames: its inner
+product with the normalised sentence is exactly the coarse score plus the weighted-mean half of the
+fine score (eq. 1-2), the part of the total that is linear in the query. Measured on the benchmark
+world with trained heads, this keeps the exhaustive top 10 in a pool ~10x smaller than the coarse
+level alone (benchmarks/search.py). Audio checkpoints use ~e_v alone (eq. 3 has no linear part).
+The default pool is `DEFAULT_POOL_SHARE` of the split, at least `DEFAULT_CANDIDATES` videos.
+
+The index (`faiss.IndexFlatIP`: exact inner products, ~15 ms a query at 100k videos x 512-d) is
+built once per (cache, checkpoint, split) and stored with the cache: in a `.varcmp-search/` folder
+inside a Zarr store (which `varcmp-extract --overwrite` clears with the rest), or in
+`CACHE.varcmp-search/` next to an HDF5 file. Its file name carries a key hashing the checkpoint's
+weights and settings, the split, its done videos (rows and paths) and the cache's encoders and
+dims, so an index of other weights or of another state of the split is never used; it is written
+atomically and checked against freshly computed vectors of its first videos when loaded. Indexes
+of the same split and checkpoint path with another key (the checkpoint was retrained) are
+deleted."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import numpy as np
 
 from ..cache_schema import CacheError
 from ..cache.reader import Split, VideoData
+from ..model.queries import AUDIO, TEXT, query_kind
 
 
 # --------------------------------------------------------------------------
@@ -27,25 +28,32 @@ class EvalData:
 
 
 def load_eval_data(split: Split, query: str, patches: bool = True) -> EvalData:
-    """Every extracted video of the split, and every query whose video was extracted."""
-    if query == "text":
-        videos = split.load_videos(patches=patches, audio=False)
-        t = split.load_text()
-        row = {int(i): n for n, i in enumerate(videos.index)}
-        keep = np.array([t.done[q] and int(t.video_index[q]) in row for q in range(len(t.text))], dtype=bool)
-        paths = split.paths
-        dropped = [f"caption {q} ({t.text[q][:40]!r}): its video {paths[t.video_index[q]]} was not extracted"
-                   for q in np.flatnonzero(~keep)]
-        qv = np.array([row[int(i)] for i in t.video_index[keep]], dtype=np.int64)
-        feats = {"word_feat": t.word_feat[keep], "word_mask": t.word_mask[keep], "sentence": t.sentence[keep]}
-        return EvalData(videos, "text", feats, qv, [str(x) for x in t.text[keep]], dropped,
-                        int(len(videos.index) - len(np.unique(qv))))
-    if query == "audio":
-        if not split.has_audio:
-            raise CacheError(f"{split.cache.path}: split '{split.name}' has no audio features (extract with --audio)")
-        videos = split.load_videos(patches=patches, audio=True)
-        has = videos.audio_mask.any(1)
-        qv = np.flatnonzero(has)
-        feats = {"seg_feat": videos.audio_feat[has], "seg_mask": videos.audio_mask[has]}
-        return EvalData(videos, "audio", feats, qv, [str(p) for p in videos.paths[has]], [], int((~has).sum()))
-    raise ValueError(f"query must be 'text' or 'audio', got {query!r}")
+    """Every extracted video of the split, and every query whose video was extracted. ValueError for
+    a query kind other than text or audio."""
+    return (_caption_pairs if query_kind(query) is TEXT else _audio_pairs)(split, patches)
+
+
+def _caption_pairs(split: Split, patches: bool) -> EvalData:
+    """Text queries: the captions whose video was extracted; the others are dropped, one line each."""
+    videos = split.load_videos(patches=patches, audio=False)
+    t = split.load_text()
+    row = {int(i): n for n, i in enumerate(videos.index)}
+    keep = np.array([t.done[q] and int(t.video_index[q]) in row for q in range(len(t.text))], dtype=bool)
+    paths = split.paths
+    dropped = [f"caption {q} ({t.text[q][:40]!r}): its video {paths[t.video_index[q]]} was not extracted"
+               for q in np.flatnonzero(~keep)]
+    qv = np.array([row[int(i)] for i in t.video_index[keep]], dtype=np.int64)
+    feats = {k: getattr(t, k)[keep] for k in TEXT.features}
+    return EvalData(videos, TEXT.name, feats, qv, [str(x) for x in t.text[keep]], dropped,
+                    int(len(videos.index) - len(np.unique(qv))))
+
+
+def _audio_pairs(split: Split, patches: bool) -> EvalData:
+    """Audio queries: each extracted video's own audio segments (videos with none stay as distractors)."""
+    if not split.has_audio:
+        raise CacheError(f"{split.cache.path}: split '{split.name}' has no audio features (extract with --audio)")
+    videos = split.load_videos(patches=patches, audio=True)
+    has = videos.audio_mask.any(1)
+    qv = np.flatnonzero(has)
+    feats = {"seg_feat": videos.audio_feat[has], "seg_mask": videos.audio_mask[has]}
+    return EvalData(videos, AUDIO.name, feats, qv, [str(p) for p in videos.paths[has]], [], int((~has).sum()))

@@ -157,6 +157,55 @@ def _pairs(candidates: list[np.ndarray], Q: int, n: int) -> tuple[np.ndarray, np
     return qi[order], ci[order]
 
 
+@dataclass
+class _Page:
+    """One page of videos, read and encoded: their positions, embeddings and anomaly predictions."""
+
+    pos: np.ndarray          # [U] positions in the source, ascending
+    v: VideoEmb
+    video_score: np.ndarray  # [U]
+    anomalous: np.ndarray    # [U] bool
+
+
+def _read_page(model: VarCMP, source, pos: np.ndarray, device, stats: dict, on_page) -> _Page:
+    """Read and encode the videos at `pos` (one forward), timing both into `stats`."""
+    t0 = time.perf_counter()
+    data = source.read(pos, patches="finer" in model.cfg.levels)
+    t1 = time.perf_counter()
+    v = encode_videos(model, data, device, batch=len(pos))
+    if on_page is not None:
+        on_page(pos, v)
+    stats["read"] += t1 - t0
+    stats["encode"] += time.perf_counter() - t1
+    return _Page(pos, v, v.video_score.float().cpu().numpy(), v.anomalous.cpu().numpy())
+
+
+def _members(qi: np.ndarray, ci: np.ndarray, need: np.ndarray, Q: int) -> np.ndarray:
+    """[Q, len(need)] bool: which of the page's videos are candidates of each query (pairs by position)."""
+    a, b = np.searchsorted(ci, [need[0], need[-1] + 1])
+    member = np.zeros((Q, len(need)), bool)
+    member[qi[a:b], np.searchsorted(need, ci[a:b])] = True
+    return member
+
+
+def _rank_page(model: VarCMP, page: _Page, q: QueryEmb, member: np.ndarray | None, best: Ranked, top: int,
+               chunk: int) -> Ranked:
+    """`best` of a group of queries `q` updated with one page: each query scored against the page's
+    videos that are a candidate of one of the group's queries (member [G, U]; None: every video),
+    non-candidate pairs at -inf."""
+    cols = np.arange(len(page.pos))
+    if member is not None:
+        cols = np.flatnonzero(member.any(0))
+        if len(cols) == 0:
+            return best
+    v = page.v if len(cols) == len(page.pos) else page.v.take(torch.from_numpy(cols).to(page.v.video.device))
+    s = {k: m.T for k, m in score_matrix(model, v, q, chunk=chunk).items()}  # [G, U]
+    if member is not None:
+        mask = member[:, cols]
+        s = {k: np.where(mask, m, -np.inf).astype(np.float32) for k, m in s.items()}
+    return _merge(best, page.pos[cols], s, page.video_score[cols], page.anomalous[cols], top)
+
+
 def top_k(model: VarCMP, source, q: QueryEmb, top: int, candidates: list[np.ndarray] | None = None,
           chunk: int = DEFAULT_CHUNK, device="cpu", progress=None, stats: dict | None = None,
           on_page=None) -> Ranked:
@@ -180,45 +229,20 @@ def top_k(model: VarCMP, source, q: QueryEmb, top: int, candidates: list[np.ndar
     if candidates is not None:
         qi, ci = _pairs(candidates, Q, n)
         union = np.unique(ci)
-    pages = [union[s:s + chunk] for s in range(0, len(union), chunk)]
     stats = stats if stats is not None else {}
     for k in ("read", "encode", "score"):
         stats.setdefault(k, 0.0)
-    finer = "finer" in model.cfg.levels
     groups = [slice(g, min(g + chunk, Q)) for g in range(0, Q, chunk)]
     best = [_empty_ranked(g.stop - g.start, keys) for g in groups]
+    pages = [union[s:s + chunk] for s in range(0, len(union), chunk)]
     task = progress.add_task("scoring", total=len(pages)) if progress is not None else None
     for need in pages:
-        member = None
-        if candidates is not None:
-            a, b = np.searchsorted(ci, [need[0], need[-1] + 1])
-            member = np.zeros((Q, len(need)), bool)
-            member[qi[a:b], np.searchsorted(need, ci[a:b])] = True
+        member = None if candidates is None else _members(qi, ci, need, Q)
+        page = _read_page(model, source, need, device, stats, on_page)
         t0 = time.perf_counter()
-        data = source.read(need, patches=finer)
-        t1 = time.perf_counter()
-        v = encode_videos(model, data, device, batch=len(need))
-        if on_page is not None:
-            on_page(need, v)
-        t2 = time.perf_counter()
-        vs = v.video_score.float().cpu().numpy()
-        an = v.anomalous.cpu().numpy()
         for gi, g in enumerate(groups):
-            cols = np.arange(len(need))
-            if member is not None:
-                cols = np.flatnonzero(member[g].any(0))
-                if len(cols) == 0:
-                    continue
-            sub = v if len(cols) == len(need) else v.take(torch.from_numpy(cols).to(v.video.device))
-            s = {k: m.T for k, m in score_matrix(model, sub, q.take(g), chunk=chunk).items()}  # [G, U]
-            if member is not None:
-                mask = member[g][:, cols]
-                s = {k: np.where(mask, m, -np.inf).astype(np.float32) for k, m in s.items()}
-            best[gi] = _merge(best[gi], need[cols], s, vs[cols], an[cols], top)
-        t3 = time.perf_counter()
-        stats["read"] += t1 - t0
-        stats["encode"] += t2 - t1
-        stats["score"] += t3 - t2
+            best[gi] = _rank_page(model, page, q.take(g), None if member is None else member[g], best[gi], top, chunk)
+        stats["score"] += time.perf_counter() - t0
         if task is not None:
             progress.advance(task)
     if task is not None:

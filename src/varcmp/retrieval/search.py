@@ -1,55 +1,18 @@
-"""`varcmp-search`: find the video, and the moment in it, by text or by sound.
+"""`varcmp-search`'s engine: find the video, and the moment in it, by text or by sound.
 
-    varcmp-search cache.zarr --checkpoint runs/ucf "a man in a black shirt hits a dog with a stick" --top 10
-    varcmp-search cache.zarr --checkpoint runs/xd --audio gunshot.wav --top 5
-    varcmp-search cache.zarr --checkpoint runs/ucf --queries queries.txt --json hits.json
-    varcmp-search cache.zarr --checkpoint runs/ucf "car on fire" --html report.html
+The queries are encoded by the frozen encoder the cache was extracted with (its recorded config
+and weights hashes are checked): text with CLIP exactly as captions are extracted, audio with CLAP
+over the extraction's windows of the clip (`media.audio_windows`). Each split is then ranked by the
+scoring engine (`retrieval.scoring.top_k`), page by page, in one of three modes:
 
-The query is encoded by the frozen encoder the cache was extracted with (its recorded config and
-weights hashes are checked): text with CLIP exactly as captions are extracted (the cache's
-max_words, word features and sentence), audio with CLAP over the extraction's windows of the
-clip (`media.audio_windows`, mono 48 kHz, `is_longer` False). It is then scored against the
-videos through the scoring engine (`retrieval.scoring`: `VarCMP.encode_videos`, `encode_queries`, `similarity`), the code
-training and evaluation use.
-
-Modes (per split):
-
-- **exhaustive**: every video is read, encoded and scored with the full three-level score, page by
-  page (memory does not grow with the collection); the top hits are kept as it goes.
-- **two-stage**: a faiss inner-product index over one vector per video picks `--candidates` K
-  videos per query; the full score reranks them, through the same page-by-page code as the
-  exhaustive mode (which is this mode with every video a candidate: with K >= the collection the
-  two modes give identical hits and scores). The vector (`VarCMP.video_vectors`) is the normalised video
-  embedding ~e_v (the coarse level), plus, for text checkpoints, half the fine level's weighted
-  mean of the normalised frames: its inner product with the normalised sentence is exactly the
-  coarse score plus the weighted-mean half of the fine score (eq. 1-2), the part of the total
-  that is linear in the query. Measured on the benchmark world with trained heads, this keeps the
-  exhaustive top 10 in a pool ~10x smaller than the coarse level alone (benchmarks/search.py).
-  Audio checkpoints use ~e_v alone (eq. 3 has no linear part).
+- **exhaustive**: every video is read, encoded and scored with the full score;
+- **two-stage**: a faiss index of one vector per video (`retrieval.index`) picks `--candidates`
+  videos per query, which the full score reranks through the same code (with K >= the split's size
+  both modes give identical hits and scores);
 - **auto** (default): two-stage for a split of more than `AUTO_TWO_STAGE` videos, else exhaustive.
-  The default pool is `DEFAULT_POOL_SHARE` of the split, at least `DEFAULT_CANDIDATES` videos.
 
-The index (`faiss.IndexFlatIP`: exact inner products, ~15 ms a query at 100k videos x 512-d) is
-built once per (cache, checkpoint, split) and stored with the cache: in a `.varcmp-search/` folder
-inside a Zarr store (which `varcmp-extract --overwrite` clears with the rest), or in
-`CACHE.varcmp-search/` next to an HDF5 file. Its file name carries a key hashing the checkpoint's
-weights and settings, the split, its done videos (rows and paths) and the cache's encoders and
-dims, so an index of other weights or of another state of the split is never used; it is written
-atomically and checked against freshly computed vectors of its first videos when loaded.
-Indexes of the same split and checkpoint path with another key (the checkpoint was retrained) are
-deleted.
-
-Time span of a hit (seconds, from the stored frame timestamps): over the valid sampled frames j,
-
-    s_j  the frame-query similarity: cos(sentence, f_j) for text (the fine level's frame term,
-         eq. 2), max_i cos(e_a_i, f_j) over valid audio segments for audio (eq. 3's frame term);
-    w_j  the frame weight the fine level uses (after anomaly-biased weighting, eq. 6);
-    r_j = (w_j / max w) * (s_j - min s) / (max s - min s)   (s-part 1 when all s_j are equal);
-
-the peak is the frame maximising r_j (the first on ties) and the span is the longest run of
-consecutive valid frames around it whose r_j >= SPAN_THRESHOLD (0.5) x r_peak. Frame j covers
-from the midpoint with its previous frame to the midpoint with its next one (0 and the duration
-at the ends), which for the extraction's uniform sampling is exactly its segment of the video."""
+Each hit is described by its per-level scores, its predicted anomaly and the time span where it
+matches best (`retrieval.spans`)."""
 
 from __future__ import annotations
 
@@ -61,6 +24,7 @@ import torch
 from ..errors import UserError
 from ..cli.markup import lit
 from ..model import QueryEmb
+from ..model.queries import AUDIO, TEXT, check_segments
 from .scoring import Ranked, default_chunk, encode_queries, encode_videos, top_k
 from ..cli.progress import progress_bar
 from .index import IndexInfo, default_pool, index_candidates, load_or_build_index
@@ -72,6 +36,7 @@ AUTO_TWO_STAGE = 5000       # --mode auto: two-stage for splits with more videos
 MODES = ("auto", "exhaustive", "two-stage")
 TEXT_BATCH = 256
 AUDIO_BATCH = 32
+ENCODER_NAMES = {"clip": "CLIP", "clap": "CLAP (extract with --audio)"}
 
 
 # --------------------------------------------------------------------------
@@ -81,8 +46,8 @@ AUDIO_BATCH = 32
 def _encoder_record(cache, which: str) -> dict:
     rec = (cache.encoders or {}).get(which)
     if not rec:
-        what = "CLIP" if which == "clip" else "CLAP (extract with --audio)"
-        raise UserError(f"{cache.path}: no {what} encoder recorded in this cache; cannot encode the query")
+        raise UserError(f"{cache.path}: no {ENCODER_NAMES[which]} encoder recorded in this cache; cannot encode "
+                        "the query")
     return rec
 
 
@@ -92,6 +57,15 @@ def _check_encoder(loaded: dict, recorded: dict, flag: str, name: str, cache_pat
             what = "configuration" if k == "config_hash" else "weights"
             raise UserError(f"{flag} {name}: its {what} ({loaded.get(k)}) differ from the encoder {cache_path} was "
                             f"extracted with ({recorded.get('name')}, {recorded.get(k)}); pass the same model")
+
+
+def check_texts(texts) -> list[str]:
+    """The text queries as strings; UserError for an empty one."""
+    texts = [str(t) for t in texts]
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise UserError(f"empty query (query {i + 1}): give words to search for")
+    return texts
 
 
 def read_query_audio(path, segments: int) -> dict:
@@ -127,7 +101,7 @@ class Searcher:
                  mode: str = "auto", candidates: int | None = None, console=None, progress: bool = True):
         from ..cache.reader import open_cache
         from ..model.checkpoint import check_compatible, load, read_meta, resolve
-        from ..evaluate import _device
+        from ..evaluate import pick_device
 
         if mode not in MODES:
             raise UserError(f"--mode {mode}: choose from {', '.join(MODES)}")
@@ -135,7 +109,7 @@ class Searcher:
             raise UserError(f"--candidates {candidates}: must be >= 1")
         if chunk is not None and chunk < 1:
             raise UserError(f"--chunk {chunk}: must be >= 1")
-        self.device = _device(device)
+        self.device = pick_device(device)
         self.chunk = chunk or default_chunk(self.device)
         self.mode, self.candidates = mode, None if candidates is None else int(candidates)
         self.console, self.progress = console, progress
@@ -153,7 +127,7 @@ class Searcher:
         except BaseException:
             self.cache.close()
             raise
-        self.kind = self.model.cfg.query
+        self.kind = self.model.kind
         self.index_info: dict[str, IndexInfo] = {}
         self._indexes: dict[str, object] = {}
 
@@ -167,11 +141,13 @@ class Searcher:
         self.close()
 
     # ---- queries -----------------------------------------------------------------------------
-    def _encoder(self, cls, which: str, override: str | None):
-        """The cache's recorded encoder (`which`: clip or clap), loaded from `override` or the
-        recorded name, refused unless its config and weights hash as the cache records."""
+    def _encoder(self, cls, override: str | None):
+        """The frozen encoder of the model's kind of query (CLIP or CLAP, `cls`), loaded from
+        `override` or the name the cache recorded, refused unless its config and weights hash as
+        the cache records."""
         from ..encoders.frozen import quiet_transformers
 
+        which = self.kind.encoder
         rec = _encoder_record(self.cache, which)
         name = override or rec.get("name")
         quiet_transformers()
@@ -186,14 +162,11 @@ class Searcher:
         """CLIP word features, mask and sentence of `texts`, as extraction computes captions."""
         from ..encoders.frozen import ClipEncoder
 
-        if self.kind != "text":
+        if self.kind is not TEXT:
             raise UserError(f"{self.checkpoint}: trained for audio queries; pass --audio FILE (or a --queries file "
                             "of audio paths), not text")
-        texts = [str(t) for t in texts]
-        for i, t in enumerate(texts):
-            if not t.strip():
-                raise UserError(f"empty query (query {i + 1}): give words to search for")
-        clip = self._encoder(ClipEncoder, "clip", clip_model)
+        texts = check_texts(texts)
+        clip = self._encoder(ClipEncoder, clip_model)
         L = self.cache.spec.max_words
         long = [i + 1 for i in clip.cut(texts, L)]
         if long and self.console is not None:
@@ -209,20 +182,17 @@ class Searcher:
         from ..encoders.frozen import ClapEncoder, preprocess_audio
         from ..media.audio import AUDIO_RATE
 
-        if self.kind != "audio":
+        if self.kind is not AUDIO:
             raise UserError(f"{self.checkpoint}: trained for text queries; --audio needs a checkpoint trained with "
                             "--query audio")
+        check_segments(self.model.cfg, self.cache, self.checkpoint)
         na = self.cache.spec.audio_segments or self.model.cfg.audio_segments
-        if na > self.model.cfg.audio_segments:
-            raise UserError(f"{self.checkpoint}: trained with {self.model.cfg.audio_segments} audio segments, but "
-                            f"{self.cache.path} has {na}")
         clips = [read_query_audio(f, na) for f in files]        # bad files fail before any model loads
-        clap = self._encoder(ClapEncoder, "clap", clap_model)
+        clap = self._encoder(ClapEncoder, clap_model)
         feat = np.zeros((len(clips), na, clap.dim), np.float32)
         for i, c in enumerate(clips):
-            x = preprocess_audio(clap.extractor, c["windows"], AUDIO_RATE)
-            emb = torch.cat([clap.encode(x[s:s + AUDIO_BATCH]) for s in range(0, len(x), AUDIO_BATCH)]).numpy()
-            feat[i, c["mask"]] = emb
+            feat[i, c["mask"]] = clap.encode_windows(preprocess_audio(clap.extractor, c["windows"], AUDIO_RATE),
+                                                     AUDIO_BATCH)
         return {"seg_feat": feat, "seg_mask": np.stack([c["mask"] for c in clips])}
 
     # ---- search ------------------------------------------------------------------------------
@@ -254,44 +224,49 @@ class Searcher:
         n_q = len(next(iter(feats.values())))
         if n_q == 0 or n_q != len(labels):
             raise UserError("no query to search with" if n_q == 0 else f"{len(labels)} labels for {n_q} queries")
-        model = self.model.eval()
-        q = encode_queries(model, feats, self.device)
-        per_split, splits_out = [], []
-        for si, src in enumerate(self.sources):
-            mode = self.split_mode(src)
-            info = None
-            cands = None
-            if src.n and mode == "two-stage":
-                index = self.index(src)
-                info = self.index_info[src.name]
-                cands = index_candidates(index, q, self.pool(src))
-            with progress_bar(self.console, self.console is not None and self.progress and src.n > 8 * self.chunk) as prog:
-                r = top_k(model, src, q, top, cands, self.chunk, self.device, progress=prog)
-            per_split.append(r)
-            splits_out.append({"name": src.name, "videos": int(src.n), "mode": mode,
-                               "candidates": self.pool(src) if mode == "two-stage" else None,
-                               "exact": mode == "exhaustive" or self.pool(src) >= src.n,
-                               "root": src.root,
-                               "index": None if info is None else {"path": info.path, "built": info.built,
-                                                                   "stored": info.stored, "key": info.key,
-                                                                   "seconds": round(info.seconds, 3)}})
-        hits = self._merge_splits(per_split, top)
+        q = encode_queries(self.model.eval(), feats, self.device)
+        ranked, splits = zip(*(self._rank_split(src, q, top) for src in self.sources))
+        hits = self._merge_splits(list(ranked), top)
         details = self._details(q, hits)
         queries = []
-        for qi, label in enumerate(labels):
+        for qi, label in enumerate(labels):  # a hit: (split index, position, ...), best first
             queries.append({"query": label, "hits": [{"rank": r + 1, **details[(qi, h[0], h[1])]}
                                                     for r, h in enumerate(hits[qi])]})
+        return {**self._settings(top), "splits": list(splits), "span_rule": self._span_rule(), "queries": queries}
+
+    def _rank_split(self, src: CacheVideos, q: QueryEmb, top: int) -> tuple[Ranked, dict]:
+        """The best `top` videos of one split per query (exhaustive or two-stage), and the split's
+        record in the result."""
+        mode = self.split_mode(src)
+        info = cands = None
+        if src.n and mode == "two-stage":
+            cands = index_candidates(self.index(src), q, self.pool(src))
+            info = self.index_info[src.name]
+        show = self.console is not None and self.progress and src.n > 8 * self.chunk
+        with progress_bar(self.console, show) as prog:
+            ranked = top_k(self.model, src, q, top, cands, self.chunk, self.device, progress=prog)
+        return ranked, {"name": src.name, "videos": int(src.n), "mode": mode,
+                        "candidates": self.pool(src) if mode == "two-stage" else None,
+                        "exact": mode == "exhaustive" or self.pool(src) >= src.n,
+                        "root": src.root,
+                        "index": None if info is None else {"path": info.path, "built": info.built,
+                                                            "stored": info.stored, "key": info.key,
+                                                            "seconds": round(info.seconds, 3)}}
+
+    def _settings(self, top: int) -> dict:
+        """The head of the result: what was searched, and with what."""
         from .. import __version__
 
+        cfg = self.model.cfg
         return {"varcmp_version": __version__, "cache": str(self.cache.path), "checkpoint": str(self.checkpoint),
-                "query_kind": self.kind, "levels": list(model.cfg.levels),
-                "anomaly_weighting": bool(model.cfg.anomaly_weighting), "top": int(top), "device": str(self.device),
-                "num_frames": int(self.cache.spec.num_frames), "splits": splits_out,
-                "span_rule": (f"peak of r_j = (w_j / max w) * (s_j - min s) / (max s - min s), extended over "
-                              f"consecutive frames with r_j >= {SPAN_THRESHOLD} r_peak; s_j: "
-                              + ("cos(sentence, frame)" if self.kind == "text" else "max_i cos(audio segment i, frame)")
-                              + ", w_j: the fine level's frame weights"),
-                "queries": queries}
+                "query_kind": self.kind.name, "levels": list(cfg.levels),
+                "anomaly_weighting": bool(cfg.anomaly_weighting), "top": int(top), "device": str(self.device),
+                "num_frames": int(self.cache.spec.num_frames)}
+
+    def _span_rule(self) -> str:
+        return (f"peak of r_j = (w_j / max w) * (s_j - min s) / (max s - min s), extended over consecutive "
+                f"frames with r_j >= {SPAN_THRESHOLD} r_peak; s_j: {self.kind.frame_term}, w_j: the fine level's "
+                "frame weights")
 
     def _merge_splits(self, per_split: list[Ranked], top: int) -> list[list[tuple]]:
         """Per query: [(split index, position, scores dict, video_score, anomalous)], best first
@@ -311,46 +286,50 @@ class Searcher:
         return out
 
     def _details(self, q: QueryEmb, hits: list[list[tuple]]) -> dict:
-        """Span, frame curves and the JSON record of every (query, split, position) hit."""
-        pairs = [(qi, h) for qi, hs in enumerate(hits) for h in hs]
-        out = {}
+        """The JSON record of every hit, by (query, split, position): span and frame curves."""
         by_split: dict[int, list] = {}
-        for qi, h in pairs:
-            by_split.setdefault(h[0], []).append((qi, h))
+        for qi, hs in enumerate(hits):
+            for h in hs:
+                by_split.setdefault(h[0], []).append((qi, h))
+        out = {}
         for si, items in by_split.items():
             src = self.sources[si]
-            uniq = np.unique([h[1] for _, h in items])
-            data = src.read(uniq, patches=False)
-            # frames, weights and A do not depend on the patches
-            v = encode_videos(self.model, data, self.device, batch=len(uniq), patches=False)
-            row_of = {int(p): i for i, p in enumerate(uniq)}
-            vi = torch.tensor([row_of[h[1]] for _, h in items], device=v.video.device)
-            qidx = torch.tensor([qi for qi, _ in items], device=q.glob.device)
-            vv, qq = v.take(vi), q.take(qidx)
-            sim = self.model.frame_terms(vv, qq).cpu().numpy()
-            w = vv.frame_weights.float().cpu().numpy()
-            A = vv.anomaly.float().cpu().numpy()
-            m = vv.frame_mask.cpu().numpy()
-            for k, (qi, h) in enumerate(items):
-                _, pos, scores, vscore, anom = h
-                r = row_of[pos]
-                times = data.frame_time[r]
-                dur = float(src.durations[pos])
-                span = best_span(sim[k], w[k], m[k], times, dur)
-                valid = m[k]
-                rel = relevance(sim[k], w[k], m[k])
-                out[(qi, si, pos)] = {
-                    "video": str(src.paths[pos]), "split": src.name, "row": int(src.rows[pos]),
-                    "score": scores["total"], "levels": {lv: scores[lv] for lv in self.model.cfg.levels},
-                    "anomaly": vscore, "predicted_anomalous": anom, "duration": dur,
-                    "span": dataclasses.asdict(span),
-                    "frames": {"index": [int(j) for j in np.flatnonzero(valid)],
-                               "time": [float(x) for x in times[valid]],
-                               "similarity": [float(x) for x in sim[k][valid]],
-                               "weight": [float(x) for x in w[k][valid]],
-                               "anomaly": [float(x) for x in A[k][valid]],
-                               "relevance": [float(x) for x in rel[valid]]}}
+            curves = self._frame_curves(src, q, [qi for qi, _ in items], [h[1] for _, h in items])
+            for (qi, h), curve in zip(items, curves):
+                out[(qi, si, h[1])] = self._hit_record(src, h, *curve)
         return out
+
+    def _frame_curves(self, src: CacheVideos, q: QueryEmb, queries: list[int], positions: list[int]) -> list[tuple]:
+        """Per (query, position) pair of one split: (frame similarity s_j, frame weight w_j, anomaly
+        A_j, frame mask, frame times), each [N], from one read and one encoding of its videos."""
+        uniq = np.unique(positions)
+        data = src.read(uniq, patches=False)
+        # frames, weights and A do not depend on the patches
+        v = encode_videos(self.model, data, self.device, batch=len(uniq), patches=False)
+        row_of = {int(p): i for i, p in enumerate(uniq)}
+        rows = [row_of[p] for p in positions]
+        vv = v.take(torch.tensor(rows, device=v.video.device))
+        sim = self.model.frame_terms(vv, q.take(torch.tensor(queries, device=q.glob.device))).cpu().numpy()
+        w, A = (x.float().cpu().numpy() for x in (vv.frame_weights, vv.anomaly))
+        m = vv.frame_mask.cpu().numpy()
+        return [(sim[k], w[k], A[k], m[k], data.frame_time[r]) for k, r in enumerate(rows)]
+
+    def _hit_record(self, src: CacheVideos, hit: tuple, sim, w, A, valid, times) -> dict:
+        """One hit as --json writes it: the video, its scores, its span and its frame curves."""
+        _, pos, scores, vscore, anom = hit
+        dur = float(src.durations[pos])
+        span = best_span(sim, w, valid, times, dur)
+        rel = relevance(sim, w, valid)
+        return {"video": str(src.paths[pos]), "split": src.name, "row": int(src.rows[pos]),
+                "score": scores["total"], "levels": {lv: scores[lv] for lv in self.model.cfg.levels},
+                "anomaly": vscore, "predicted_anomalous": anom, "duration": dur,
+                "span": dataclasses.asdict(span),
+                "frames": {"index": [int(j) for j in np.flatnonzero(valid)],
+                           "time": [float(x) for x in times[valid]],
+                           "similarity": [float(x) for x in sim[valid]],
+                           "weight": [float(x) for x in w[valid]],
+                           "anomaly": [float(x) for x in A[valid]],
+                           "relevance": [float(x) for x in rel[valid]]}}
 
 
 def search_features(cache, checkpoint, feats: dict[str, np.ndarray], labels: list[str] | None = None,
@@ -374,27 +353,27 @@ def run_search(cache, checkpoint, texts=(), audio=(), queries_file=None, splits=
         raise UserError("give a query: text QUERY..., --audio FILE... or --queries FILE")
     if sum(given) > 1:
         raise UserError("give text QUERY..., --audio FILE... or --queries FILE, not several of them")
-    lines = None
-    if queries_file is not None:
-        qf = Path(queries_file)
-        try:
-            lines = [x.strip() for x in qf.read_text(encoding="utf-8").splitlines()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"--queries {qf}: {getattr(e, 'strerror', None) or e}") from None
-        lines = [x for x in lines if x]
-        if not lines:
-            raise UserError(f"--queries {qf}: no queries in it (one per line)")
-    for i, t in enumerate(texts):
-        if not t.strip():
-            raise UserError(f"empty query (query {i + 1}): give words to search for")
+    lines = None if queries_file is None else read_queries_file(Path(queries_file))
+    check_texts(texts)  # before any model loads
     with Searcher(cache, checkpoint, splits, device, chunk, mode, candidates, console, progress) as s:
-        if lines is not None:
-            if s.kind == "audio":
-                audio = [p if p.is_absolute() else Path(queries_file).parent / p for p in map(Path, lines)]
-            else:
-                texts = lines
+        if lines is not None and s.kind is AUDIO:  # audio paths, relative to the file's folder
+            audio = [p if p.is_absolute() else Path(queries_file).parent / p for p in map(Path, lines)]
+        elif lines is not None:
+            texts = lines
         if texts:
             feats, labels = s.text_features(texts, clip_model), texts
         else:
             feats, labels = s.audio_features(audio, clap_model), [str(a) for a in audio]
         return s.search(feats, labels, top)
+
+
+def read_queries_file(path: Path) -> list[str]:
+    """The non-empty lines of a --queries file, stripped; UserError for an unreadable or empty file."""
+    try:
+        lines = [x.strip() for x in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--queries {path}: {getattr(e, 'strerror', None) or e}") from None
+    lines = [x for x in lines if x]
+    if not lines:
+        raise UserError(f"--queries {path}: no queries in it (one per line)")
+    return lines

@@ -1,4 +1,16 @@
-"""Where in a video a hit matches: the time span rule."""
+"""Where in a video a hit matches: the time span rule.
+
+Time span of a hit (seconds, from the stored frame timestamps): over the valid sampled frames j,
+
+    s_j  the frame-query similarity: cos(sentence, f_j) for text (the fine level's frame term,
+         eq. 2), max_i cos(e_a_i, f_j) over valid audio segments for audio (eq. 3's frame term);
+    w_j  the frame weight the fine level uses (after anomaly-biased weighting, eq. 6);
+    r_j = (w_j / max w) * (s_j - min s) / (max s - min s)   (s-part 1 when all s_j are equal);
+
+the peak is the frame maximising r_j (the first on ties) and the span is the longest run of
+consecutive valid frames around it whose r_j >= SPAN_THRESHOLD (0.5) x r_peak. Frame j covers
+from the midpoint with its previous frame to the midpoint with its next one (0 and the duration
+at the ends), which for the extraction's uniform sampling is exactly its segment of the video."""
 
 from __future__ import annotations
 

@@ -87,8 +87,8 @@ from .cli.progress import progress_bar
 from .model import LEVELS, QUERIES, ModelConfig, VarCMP
 from .training import NonFiniteLoss, OutputError, TrainError
 from .training.data import Plan, Rows, TEXT_KEYS, available_memory, bytes_needed, describe_caption, describe_video, epoch_batches, load_validation, plan_data, video_keys
-from .training.state import STATE_FORMAT, STATE_NAME, _holds_epoch, _rng_state, _save_state, _set_rng_state, load_state
-from .training.step import TrainStep, _amp, resolve_precision, val_score, validate
+from .training.state import STATE_FORMAT, STATE_NAME, holds_epoch, rng_state, save_state, set_rng_state, load_state
+from .training.step import TrainStep, autocast, resolve_precision, val_score, validate
 from .errors import VarcmpError, first_line
 
 
@@ -390,7 +390,7 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
         optimizer.load_state_dict(state["optimizer"])
         if use_scaler and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"], device)
+        set_rng_state(state["rng"], device)
         history, best = list(state["history"]), dict(state["best"])
         start = int(state["epoch"]) + 1
         console.print(f"resuming {lit(out)} after epoch {state['epoch']}", highlight=False, soft_wrap=True)
@@ -401,7 +401,7 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
             metrics = next((r.get("val") for r in history if r["epoch"] == done), None)
             for name, epoch_of in (("last", done), ("best", best["epoch"])):
                 path = out / f"{name}.safetensors"
-                if _holds_epoch(path, epoch_of, plan.digest()):
+                if holds_epoch(path, epoch_of, plan.digest()):
                     continue
                 if epoch_of == done:
                     write(path, lambda p=path: save(p, model, meta(done, metrics)), done, True)
@@ -461,7 +461,7 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
                 batch_labels = labels if sizes is None else labels_all[vrows].to(device)
                 if qb is not None:
                     qb = {k: t.to(device, non_blocking=True) for k, t in qb.items()}
-                with _amp(device, amp_dtype):
+                with autocast(device, amp_dtype):
                     parts = step_fn(vb, qb, labels, sizes, batch_labels)
                 vals = torch.stack([parts[k].detach().float() for k in PARTS]).cpu()  # one sync per step
                 if not torch.isfinite(vals[0]):  # the same value in every process: all stop here
@@ -505,9 +505,9 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
             st = {"format": STATE_FORMAT, "epoch": epoch,
                   "model": {k: t.detach().cpu() for k, t in model.state_dict().items()},
                   "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if use_scaler else {},
-                  "rng": _rng_state(device), "history": history, "best": best, "train": opts.jsonable(),
+                  "rng": rng_state(device), "history": history, "best": best, "train": opts.jsonable(),
                   "cache": fingerprint, "plan": plan.digest()}
-            write(out / STATE_NAME, lambda: atomic_write(out / STATE_NAME, lambda tmp: _save_state(st, tmp)),
+            write(out / STATE_NAME, lambda: atomic_write(out / STATE_NAME, lambda tmp: save_state(st, tmp)),
                   epoch, False)
             if improved:
                 write(out / "best.safetensors", lambda: save(out / "best.safetensors", model, meta(epoch, metrics)),

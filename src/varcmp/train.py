@@ -70,7 +70,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 import click
 import numpy as np
@@ -83,9 +83,11 @@ from .cli.common import Interrupted, OneLineErrors
 from .training.distributed import DistInfo, all_gather_object, barrier, distributed, env_int_or, is_dist_error, local_rows, rank_seed
 from .encoders.frozen import resolve_device, weights_hash
 from .cli.markup import lit
+from .cli.options import cli_options, settings_of
 from .cli.progress import progress_bar
-from .model import LEVELS, QUERIES, ModelConfig, VarCMP
+from .model import VarCMP
 from .training import NonFiniteLoss, OutputError, TrainError
+from .training.options import Runtime, TrainOptions
 from .training.data import Plan, Rows, TEXT_KEYS, available_memory, bytes_needed, describe_caption, describe_video, epoch_batches, load_validation, plan_data, video_keys
 from .training.state import STATE_FORMAT, STATE_NAME, holds_epoch, rng_state, save_state, set_rng_state, load_state
 from .training.step import TrainStep, autocast, resolve_precision, val_score, validate
@@ -99,75 +101,6 @@ PARTS = ("loss", "v2q", "q2v", "bce", "sim_total")  # loss parts averaged per ep
 
 
 # ----------------------------------------------------------------------------- options
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """Every hyper-parameter of a run (stored in each checkpoint and in the resume state)."""
-
-    split: str = "train"
-    query: str = "text"
-    val_fraction: float = 0.1
-    levels: tuple = LEVELS
-    anomaly_weighting: bool = True
-    epochs: int = 15
-    batch_size: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    tau: float = ModelConfig.tau
-    top_patches: int = ModelConfig.top_patches
-    logit_scale: float = ModelConfig.logit_scale
-    dropout: float = ModelConfig.dropout
-    heads: int = ModelConfig.heads
-    ffn_dim: int = ModelConfig.ffn_dim
-    shift_fraction: float = ModelConfig.shift_fraction
-    topk_sigma: float = ModelConfig.topk_sigma
-    topk_samples: int = ModelConfig.topk_samples
-    seed: int = 0
-
-    def __post_init__(self):
-        levels = self.levels.split(",") if isinstance(self.levels, str) else self.levels
-        object.__setattr__(self, "levels", tuple(lv.strip() for lv in levels if lv.strip()))
-        if self.query not in QUERIES:
-            raise TrainError(f"--query must be one of {', '.join(QUERIES)}, got {self.query!r}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise TrainError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        for name in ("epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise TrainError("--batch-size must be at least 2 (InfoNCE needs negatives in the batch)")
-        if not self.lr > 0 or self.weight_decay < 0:
-            raise TrainError(f"--lr must be > 0 and --weight-decay >= 0, got {self.lr} and {self.weight_decay}")
-        try:  # the model's own checks, on dummy dims
-            self.model_config(None)
-        except ValueError as e:
-            raise TrainError(str(e)) from None
-
-    def model_config(self, spec) -> ModelConfig:
-        """The ModelConfig of this run for a cache with CacheSpec `spec` (None: check only)."""
-        dims = {}
-        if spec is not None:
-            dims = dict(dim=spec.dim, audio_dim=spec.audio_dim, num_frames=spec.num_frames,
-                        num_patches=spec.num_patches, max_words=spec.max_words,
-                        audio_segments=spec.audio_segments or ModelConfig.audio_segments)
-        return ModelConfig(query=self.query, levels=self.levels, anomaly_weighting=self.anomaly_weighting,
-                           tau=self.tau, top_patches=self.top_patches, logit_scale=self.logit_scale,
-                           dropout=self.dropout, heads=self.heads, ffn_dim=self.ffn_dim,
-                           shift_fraction=self.shift_fraction, topk_sigma=self.topk_sigma,
-                           topk_samples=self.topk_samples, **dims)
-
-    def jsonable(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how a run computes; not hyper-parameters (a resume may change them)."""
-
-    device: str = "auto"     # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    data: str = "auto"       # auto | memory | stream
-
 
 def _check_resume(st: dict, path: Path, cache, opts: TrainOptions, plan: Plan) -> None:
     try:
@@ -571,51 +504,15 @@ def report(summary: RunSummary, console) -> None:
                   soft_wrap=True)
 
 
-D = TrainOptions()
-
-
 @click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
               help="Run directory: checkpoints, resume state and history.json.")
-@click.option("--split", default=D.split,
-              help="Split of the cache to train on (a validation subset is held out of it).")
-@click.option("--query", type=click.Choice(QUERIES), default=D.query,
-              help="text: captions (UCFCrime-AR); audio: the videos' own CLAP segments (XDViolence-AR).")
-@click.option("--val-fraction", default=D.val_fraction, type=float,
-              help="Share of the training videos held out for model selection (0: none, best = last).")
-@click.option("--levels", default=",".join(D.levels), help="Active similarity levels, comma-separated (ablations).")
-@click.option("--anomaly-weighting/--no-anomaly-weighting", default=D.anomaly_weighting,
-              help="Anomaly-biased frame/patch weights (eq. 5-7).")
-@click.option("--epochs", default=D.epochs, type=int, help="Total epochs (with --resume: train up to this many).")
-@click.option("--batch-size", default=D.batch_size, type=int,
-              help="Pairs per step: B of the InfoNCE, the GLOBAL batch. Under torchrun with N processes each "
-                   "encodes B/N pairs (B must be divisible by N) and the InfoNCE is over all B, as in one process.")
-@click.option("--lr", default=D.lr, type=float, help="AdamW learning rate (constant).")
-@click.option("--weight-decay", default=D.weight_decay, type=float, help="AdamW weight decay.")
-@click.option("--tau", default=D.tau, type=float,
-              help="Temperature of the anomaly-biased softmax (eq. 7; the paper gives no value).")
-@click.option("--top-patches", default=D.top_patches, type=int, help="Patches kept per frame (M).")
-@click.option("--logit-scale", default=D.logit_scale, type=float, help="Scale of R in the InfoNCE (CLIP's 100).")
-@click.option("--dropout", default=D.dropout, type=float, help="Dropout of the Transformer layers.")
-@click.option("--heads", default=D.heads, type=int, help="Attention heads of the Transformer layers.")
-@click.option("--ffn-dim", default=D.ffn_dim, type=int,
-              help="FFN width of the Transformer layers and the anomaly head.")
-@click.option("--shift-fraction", default=D.shift_fraction, type=float, help="Channels token-shifted over frames.")
-@click.option("--topk-sigma", default=D.topk_sigma, type=float, help="Noise of the perturbed top-k (training).")
-@click.option("--topk-samples", default=D.topk_samples, type=int, help="Samples of the perturbed top-k (training).")
-@click.option("--seed", default=D.seed, type=int, help="Seeds the weights, the batch order and the validation draw.")
-@click.option("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-              help="auto: bf16 autocast on CUDA (fp16 + GradScaler without bf16), fp32 elsewhere.")
-@click.option("--data", type=click.Choice(["auto", "memory", "stream"]), default="auto",
-              help="auto: features in memory when they take under half of the free RAM, else read per batch.")
+@cli_options(TrainOptions, Runtime)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace the run in --out.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def main(cache, out, split, query, val_fraction, levels, anomaly_weighting, epochs, batch_size, lr, weight_decay,
-         tau, top_patches, logit_scale, dropout, heads, ffn_dim, shift_fraction, topk_sigma, topk_samples, seed,
-         device, precision, data, resume, overwrite, quiet):
+def main(cache, out, resume, overwrite, quiet, **settings):
     """Train VarCMP's heads on the features in CACHE (written by varcmp-extract).
 
     Defaults are the paper's (AdamW, lr 1e-4, batch 8, 15 epochs, M = 4, logit scale 100).
@@ -641,14 +538,10 @@ def main(cache, out, split, query, val_fraction, levels, anomaly_weighting, epoc
     world, rank = env_int_or("WORLD_SIZE", 1), env_int_or("RANK", 0)
     tag = f" (process {rank} of {world})" if world > 1 and rank else ""
     try:
-        opts = TrainOptions(split=split, query=query, val_fraction=val_fraction, levels=levels,
-                            anomaly_weighting=anomaly_weighting, epochs=epochs, batch_size=batch_size, lr=lr,
-                            weight_decay=weight_decay, tau=tau, top_patches=top_patches, logit_scale=logit_scale,
-                            dropout=dropout, heads=heads, ffn_dim=ffn_dim, shift_fraction=shift_fraction,
-                            topk_sigma=topk_sigma, topk_samples=topk_samples, seed=seed)
-        with distributed(device) as dist:
-            summary = train(cache, out, opts, Runtime(device=device, precision=precision, data=data),
-                            resume=resume, overwrite=overwrite, console=err, quiet=quiet, dist=dist)
+        opts, runtime = settings_of(TrainOptions, settings), settings_of(Runtime, settings)
+        with distributed(runtime.device) as dist:
+            summary = train(cache, out, opts, runtime, resume=resume, overwrite=overwrite, console=err, quiet=quiet,
+                            dist=dist)
     except VarcmpError as e:  # as OneLineErrors does, with the process named under torchrun
         err.print(f"[red]error[/red]{tag}: {lit(e)}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)

@@ -16,6 +16,7 @@ from helpers import write_planted_cache
 import varcmp.train as T
 import varcmp.training as TR
 import varcmp.training.data as TD
+import varcmp.training.loop as TL
 import varcmp.training.state as TS
 import varcmp.training.step as TP
 from varcmp.model import checkpoint
@@ -330,7 +331,7 @@ def test_non_finite_loss_stops_with_a_message(planted, tmp_path, monkeypatch):
             out["loss"] = out["loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(T, "epoch_batches", record)
+    monkeypatch.setattr(TL, "epoch_batches", record)
     monkeypatch.setattr(VarCMP, "loss", poisoned)
     run = tmp_path / "run"
     line = one_line_error(cli(planted, "--out", run, "--epochs", "3", *SMALL_ARGS, code=1), alone=False)
@@ -354,7 +355,7 @@ def test_validation_is_held_out_of_training_and_never_touches_test(planted, tmp_
         return out
 
     monkeypatch.setattr(Cache, "split", record_split)
-    monkeypatch.setattr(T, "epoch_batches", record_batches)
+    monkeypatch.setattr(TL, "epoch_batches", record_batches)
     s = T.train(planted, tmp_path / "run", T.TrainOptions(epochs=2, val_fraction=0.25, **SMALL), quiet=True)
     assert set(opened) == {"train"}
     hist = json.loads((tmp_path / "run" / "history.json").read_text())

@@ -22,6 +22,7 @@ from helpers import write_planted_cache
 
 import varcmp.train as T
 import varcmp.training.data as TD
+import varcmp.training.loop as TL
 import varcmp.training.state as TS
 from varcmp.model import checkpoint
 from varcmp.cache.reader import open_cache
@@ -103,14 +104,13 @@ import safetensors.torch
 import torch
 
 import varcmp.train as T
-import varcmp.training.data as TD
-import varcmp.training.state as TS
+import varcmp.training.loop as TL
 from varcmp.model import VarCMP
 
 torch.set_num_threads(1)
 point = os.environ["KILL_AT"]  # "step": mid-epoch; else the name of the file whose write is killed midway
 now = {"epoch": 0, "step": 0}
-batches, loss = T.epoch_batches, VarCMP.loss
+batches, loss = TL.epoch_batches, VarCMP.loss
 
 
 def record(plan, epoch, seed, batch_size):
@@ -139,7 +139,7 @@ def killed_midway(write):
     return wrapper
 
 
-T.epoch_batches, VarCMP.loss = record, counted
+TL.epoch_batches, VarCMP.loss = record, counted
 safetensors.torch.save_file = killed_midway(safetensors.torch.save_file)
 torch.save = killed_midway(torch.save)
 T.main(prog_name="varcmp-train")
@@ -306,7 +306,7 @@ def test_a_full_disk_after_the_epoch_is_committed_resumes(planted, reference, tm
                 f.truncate(os.path.getsize(filename) // 2)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
 
-    monkeypatch.setattr(T, "epoch_batches", record)
+    monkeypatch.setattr(TL, "epoch_batches", record)
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     run = tmp_path / "run"
     line = one_line_error(cli(planted, *ARGS, "--out", run, code=1).stderr, alone=False)

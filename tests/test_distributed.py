@@ -263,20 +263,23 @@ def test_ddp_gradient_equals_one_process_and_resume_equals_uninterrupted(planted
 # ----------------------------------------------------------------------------- without processes
 
 
-def test_global_batch_split_and_gather_order():
-    for n in (2, 5, 8, 10):
-        for world in (2, 3, 4):
-            sizes = D.split_sizes(n, world)
-            assert sum(sizes) == n and max(sizes) - min(sizes) <= 1
-            vrows, qrows = np.arange(100, 100 + n), np.arange(200, 200 + n)
-            got = []
-            for rank in range(world):
-                dist = D.DistInfo(rank, world, rank, torch.device("cpu"), "gloo")
-                lv, lq, s = D.local_rows(vrows, qrows, dist)
-                assert s == sizes and len(lv) == len(lq) == max(sizes)  # equal shapes for all_gather
-                assert np.array_equal(lv - 100, lq - 200)  # pairs stay pairs, padding included
-                got.append(lv[: sizes[rank]])  # what gather_rows keeps of each process
-            assert np.array_equal(np.concatenate(got), vrows)  # the global batch, in order
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("n", [2, 5, 8, 10])
+def test_global_batch_split_and_gather_order(n, world):
+    sizes = D.split_sizes(n, world)
+    assert sum(sizes) == n and max(sizes) - min(sizes) <= 1
+    vrows, qrows = np.arange(100, 100 + n), np.arange(200, 200 + n)
+    got = []
+    for rank in range(world):
+        dist = D.DistInfo(rank, world, rank, torch.device("cpu"), "gloo")
+        lv, lq, s = D.local_rows(vrows, qrows, dist)
+        assert s == sizes and len(lv) == len(lq) == max(sizes)  # equal shapes for all_gather
+        assert np.array_equal(lv - 100, lq - 200)  # pairs stay pairs, padding included
+        got.append(lv[: sizes[rank]])  # what gather_rows keeps of each process
+    assert np.array_equal(np.concatenate(got), vrows)  # the global batch, in order
+
+
+def test_one_process_encodes_the_whole_batch():
     v, q, s = D.local_rows(np.arange(3), np.arange(3), None)
     assert s is None and np.array_equal(v, np.arange(3))
 

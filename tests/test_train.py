@@ -205,28 +205,28 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def test_loading_never_executes_code(planted, tmp_path):
+@pytest.mark.parametrize("kind", ["pickle", "torch.save"])
+def test_loading_never_executes_code(planted, tmp_path, kind):
     live = tmp_path / "proof"
     pickle.loads(pickle.dumps(_Payload(live)))  # the payload is live under plain pickle...
     assert live.exists()
     marker = tmp_path / "pwned"
     run = tmp_path / "run"
     run.mkdir()
-    for blob in (pickle.dumps(_Payload(marker)), None):
-        if blob is None:  # ...also as a torch.save file
-            torch.save(_Payload(marker), run / TS.STATE_NAME)
-        else:
-            (run / TS.STATE_NAME).write_bytes(blob)
-        (run / "best.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
-        res = cli(planted, "--out", run, "--resume", *SMALL_ARGS, code=2)
-        assert "not a varcmp training state" in one_line_error(res)
-        with pytest.raises(TR.TrainError):
-            TS.load_state(run / TS.STATE_NAME)
-        with pytest.raises(checkpoint.CheckpointError):
-            checkpoint.load(run / "best.safetensors")
-        with pytest.raises(checkpoint.CheckpointError):
-            checkpoint.load(run)
-        assert not marker.exists()
+    if kind == "torch.save":  # ...also as a torch.save file
+        torch.save(_Payload(marker), run / TS.STATE_NAME)
+    else:
+        (run / TS.STATE_NAME).write_bytes(pickle.dumps(_Payload(marker)))
+    (run / "best.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
+    res = cli(planted, "--out", run, "--resume", *SMALL_ARGS, code=2)
+    assert "not a varcmp training state" in one_line_error(res)
+    with pytest.raises(TR.TrainError):
+        TS.load_state(run / TS.STATE_NAME)
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.load(run / "best.safetensors")
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.load(run)
+    assert not marker.exists()
 
 
 def test_refuses_other_encoders_and_other_settings(planted, other_encoders, tmp_path):
@@ -283,28 +283,36 @@ def test_ablation_options_and_streaming(planted, tmp_path):
     assert json.loads((tmp_path / "stream" / "history.json").read_text())["runtime"]["data"] == "stream"
 
 
-def test_cli_errors_are_one_line_with_exit_code_2(planted, bare, tmp_path):
-    out = ["--out", tmp_path / "run"]
-    cases = [
-        ([tmp_path / "nothing.zarr", *out], "no such cache"),
-        ([tmp_path, *out], "cannot be opened as a varcmp cache"),
-        ([planted, *out, "--split", "dev"], "no split 'dev'"),
-        ([bare, *out], "holds no captions"),
-        ([bare, *out, "--query", "audio"], "holds no audio features"),
-        ([planted, *out, "--levels", "coarse,finest"], "unknown level 'finest'"),
-        ([planted, *out, "--val-fraction", "1.5"], "--val-fraction"),
-        ([planted, *out, "--batch-size", "1"], "--batch-size"),
-        ([planted, *out, "--top-patches", "7"], "top_patches (7) > num_patches (6)"),
-        ([planted, *out, "--device", "cuda:7"] if not torch.cuda.is_available() else [planted, *out, "--device", "nope"],
-         "--device"),
-        ([planted, *out, "--precision", "fp16", "--device", "cpu"], "fp16"),
-        ([planted], "--out"),  # a usage error of click's own
-        ([planted, *out, "--query", "video"], "--query"),
-    ]
-    for args, words in cases:
-        line = one_line_error(cli(*args, code=2))
-        assert words in line, (args, line)
+OUT = ["--out", "RUN"]
+# (the cache, the options, words of the one error line): "RUN" stands for the run directory
+CLI_ERRORS = [
+    ("nothing.zarr", OUT, "no such cache"),
+    ("tmp_path", OUT, "cannot be opened as a varcmp cache"),
+    ("planted", [*OUT, "--split", "dev"], "no split 'dev'"),
+    ("bare", OUT, "holds no captions"),
+    ("bare", [*OUT, "--query", "audio"], "holds no audio features"),
+    ("planted", [*OUT, "--levels", "coarse,finest"], "unknown level 'finest'"),
+    ("planted", [*OUT, "--val-fraction", "1.5"], "--val-fraction"),
+    ("planted", [*OUT, "--batch-size", "1"], "--batch-size"),
+    ("planted", [*OUT, "--top-patches", "7"], "top_patches (7) > num_patches (6)"),
+    ("planted", [*OUT, "--device", "cuda:7"] if not torch.cuda.is_available() else [*OUT, "--device", "nope"],
+     "--device"),
+    ("planted", [*OUT, "--precision", "fp16", "--device", "cpu"], "fp16"),
+    ("planted", [], "--out"),  # a usage error of click's own
+    ("planted", [*OUT, "--query", "video"], "--query"),
+]
+
+
+@pytest.mark.parametrize("cache, args, words", CLI_ERRORS, ids=[w for _, _, w in CLI_ERRORS])
+def test_cli_errors_are_one_line_with_exit_code_2(planted, bare, tmp_path, cache, args, words):
+    paths = {"planted": planted, "bare": bare, "nothing.zarr": tmp_path / "nothing.zarr", "tmp_path": tmp_path,
+             "RUN": tmp_path / "run"}
+    line = one_line_error(cli(paths[cache], *[paths.get(a, a) for a in args], code=2))
+    assert words in line, (cache, args, line)
     assert not (tmp_path / "run").exists()
+
+
+def test_help_shows_examples_and_defaults():
     help_text = cli("--help").stdout
     assert "Examples:" in help_text and "--no-anomaly-weighting" in help_text and "[default: 15]" in help_text
 

@@ -182,30 +182,36 @@ def damaged_copy(planted: Path, tmp_path: Path) -> tuple[Path, TD.Plan]:
     return copy, TD.plan_data(open_cache(copy).split("train"), "text", 0.25, 0)
 
 
-def test_nan_features_are_named_at_load_and_at_read(planted, tmp_path):
-    """A NaN in one video's frame features: a one-line error naming the video, when the features are read
-    into memory, when they are streamed (at the read of its batch), and in the validation subset; never a
-    NaN loss."""
+def frame_features(cache: Path):
     import zarr
 
+    return zarr.open_group(str(cache), mode="r+", use_consolidated=False)["train/videos/frame_feat"]
+
+
+@pytest.mark.parametrize("data, alone", [("memory", True), ("stream", False)])
+def test_nan_features_are_named_at_load_and_at_read(planted, tmp_path, data, alone):
+    """A NaN in one video's frame features: a one-line error naming the video, when the features are read
+    into memory, and when they are streamed (at the read of its batch); never a NaN loss."""
     cache, plan = damaged_copy(planted, tmp_path)
-    train_row, val_row = int(plan.train_rows[5]), int(plan.val_rows[0])
-    arr = zarr.open_group(str(cache), mode="r+", use_consolidated=False)["train/videos/frame_feat"]
-    arr[train_row, 2, 7] = np.nan
-    args = [cache, *ARGS, "--val-fraction", "0.25"]
-    for data, alone in (("memory", True), ("stream", False)):
-        res = cli(*args, "--out", tmp_path / data, "--data", data, code=2)
-        line = one_line_error(res.stderr, alone=alone)
-        assert f"video {plan.paths[train_row]} (row {train_row} of split 'train')" in line, line
-        assert "frame_feat holds NaN or infinite values" in line and "nan at epoch" not in line
-        assert not list((tmp_path / data).glob("*.safetensors"))
-    arr[train_row, 2, 7] = 0.0
-    arr[val_row, 0, 0] = np.inf
-    line = one_line_error(cli(*args, "--out", tmp_path / "val", code=2).stderr)
+    train_row = int(plan.train_rows[5])
+    frame_features(cache)[train_row, 2, 7] = np.nan
+    res = cli(cache, *ARGS, "--val-fraction", "0.25", "--out", tmp_path / data, "--data", data, code=2)
+    line = one_line_error(res.stderr, alone=alone)
+    assert f"video {plan.paths[train_row]} (row {train_row} of split 'train')" in line, line
+    assert "frame_feat holds NaN or infinite values" in line and "nan at epoch" not in line
+    assert not list((tmp_path / data).glob("*.safetensors"))
+
+
+def test_infinite_features_in_the_validation_subset_are_named(planted, tmp_path):
+    cache, plan = damaged_copy(planted, tmp_path)
+    val_row = int(plan.val_rows[0])
+    frame_features(cache)[val_row, 0, 0] = np.inf
+    line = one_line_error(cli(cache, *ARGS, "--val-fraction", "0.25", "--out", tmp_path / "val", code=2).stderr)
     assert f"video {plan.paths[val_row]} " in line and "NaN or infinite" in line
 
 
-def test_a_chunk_that_does_not_decompress_is_named(planted, tmp_path):
+@pytest.mark.parametrize("data, alone", [("memory", True), ("stream", False)])
+def test_a_chunk_that_does_not_decompress_is_named(planted, tmp_path, data, alone):
     """Bytes of one video's patch chunk garbled on disk (zarr's zstd cannot decompress it): a one-line
     error naming the video, in memory and streamed."""
     cache, plan = damaged_copy(planted, tmp_path)
@@ -213,11 +219,10 @@ def test_a_chunk_that_does_not_decompress_is_named(planted, tmp_path):
     chunk = cache / "train" / "videos" / "patch_feat" / "c" / str(row) / "0" / "0" / "0"
     size = chunk.stat().st_size
     chunk.write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
-    for data, alone in (("memory", True), ("stream", False)):
-        res = cli(cache, *ARGS, "--val-fraction", "0.25", "--out", tmp_path / data, "--data", data, code=2)
-        line = one_line_error(res.stderr, alone=alone)
-        assert f"video {plan.paths[row]} (row {row} of split 'train')" in line, line
-        assert "patch_feat cannot be read" in line and "decompression" in line.lower()
+    res = cli(cache, *ARGS, "--val-fraction", "0.25", "--out", tmp_path / data, "--data", data, code=2)
+    line = one_line_error(res.stderr, alone=alone)
+    assert f"video {plan.paths[row]} (row {row} of split 'train')" in line, line
+    assert "patch_feat cannot be read" in line and "decompression" in line.lower()
 
 
 # ----------------------------------------------------------------------------- the run directory

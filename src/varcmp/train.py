@@ -87,6 +87,8 @@ from .training.state import STATE_NAME
 
 @dataclass
 class RunSummary:
+    """What `train` returns: the run's history and best epoch, how its data was read, its final model."""
+
     out: Path
     history: list[dict]
     best_epoch: int | None
@@ -271,7 +273,8 @@ def main(cache, out, resume, overwrite, quiet, **settings):
 @contextmanager
 def _errors_of_this_process(out: Path):
     """How `main` ends on an error: as OneLineErrors does, with the process named under torchrun (a
-    process whose peers went away says so); Ctrl-C says what `out` keeps. Yields (the stderr console, this process's rank)."""
+    process whose peers went away says so); Ctrl-C says what `out` keeps. Yields (the stderr
+    console, this process's rank)."""
     from rich.console import Console
 
     err = Console(stderr=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from helpers import write_planted_cache
+from train_helpers import cli, weights
 
 import varcmp.training.distributed as D
 import varcmp.train as T
@@ -59,18 +59,6 @@ def torchrun(*args, timeout: int = 180) -> subprocess.CompletedProcess:
     why = [line for line in res.stderr.splitlines() if any(w in line for w in ("Error", "error:", "terminate", "what()"))]
     assert res.returncode == 0, (res.returncode, res.stdout[-3000:], why[:20], res.stderr[-3000:])
     return res
-
-
-def cli(*args, code: int = 0):
-    res = CliRunner().invoke(T.main, [str(a) for a in args])
-    assert res.exit_code == code, (res.exit_code, res.output, res.exception)
-    return res
-
-
-def weights(path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def final_scores(run: Path, cache: Path) -> torch.Tensor:

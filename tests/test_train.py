@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from helpers import write_planted_cache
+from train_helpers import cli, error_line, weights
 
 import varcmp.train as T
 import varcmp.training as TR
@@ -80,28 +80,6 @@ def bare(tmp_path_factory) -> Path:
                                         patch_feat=rng.standard_normal((4, 6, 16))))
     w.finish()
     return path
-
-
-def cli(*args, code: int = 0):
-    res = CliRunner().invoke(T.main, [str(a) for a in args])
-    assert res.exit_code == code, (res.exit_code, res.output, res.exception)
-    return res
-
-
-def one_line_error(res, alone: bool = True) -> str:
-    """The error line of a failed run (alone: the only thing on stderr)."""
-    lines = res.stderr.strip().splitlines()
-    errors = [ln for ln in lines if ln.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], res.stderr
-    assert not alone or len(lines) == 1, res.stderr
-    assert "Traceback" not in res.output
-    return errors[0]
-
-
-def weights(path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def scores(model: VarCMP, cache: Path, split: str = "test") -> np.ndarray:
@@ -219,7 +197,7 @@ def test_loading_never_executes_code(planted, tmp_path, kind):
         (run / TS.STATE_NAME).write_bytes(pickle.dumps(_Payload(marker)))
     (run / "best.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
     res = cli(planted, "--out", run, "--resume", *SMALL_ARGS, code=2)
-    assert "not a varcmp training state" in one_line_error(res)
+    assert "not a varcmp training state" in error_line(res)
     with pytest.raises(TR.TrainError):
         TS.load_state(run / TS.STATE_NAME)
     with pytest.raises(checkpoint.CheckpointError):
@@ -233,15 +211,15 @@ def test_refuses_other_encoders_and_other_settings(planted, other_encoders, tmp_
     run = tmp_path / "run"
     cli(planted, "--out", run, "--epochs", "1", *SMALL_ARGS)
     res = cli(other_encoders, "--out", run, "--epochs", "2", "--resume", *SMALL_ARGS, code=2)
-    line = one_line_error(res)
+    line = error_line(res)
     assert "other encoders" in line and "another-clip" in line
     with pytest.raises(checkpoint.CheckpointError, match="other encoders"):
         checkpoint.check_compatible(checkpoint.read_meta(run), open_cache(other_encoders), run)
     res = cli(planted, "--out", run, "--epochs", "2", "--resume", *SMALL_ARGS, "--lr", "5e-4", "--tau", "0.2", code=2)
-    line = one_line_error(res)
+    line = error_line(res)
     assert "lr: 0.0001 there, 0.0005 now" in line and "tau: 0.1 there, 0.2 now" in line
     res = cli(planted, "--out", run, "--epochs", "2", "--resume", *SMALL_ARGS, "--val-fraction", "0.3", code=2)
-    assert "val_fraction" in one_line_error(res)
+    assert "val_fraction" in error_line(res)
     # nothing was written by the refused runs
     assert checkpoint.read_meta(run / "last.safetensors")["epoch"] == 1
 
@@ -256,8 +234,8 @@ def test_without_validation_best_is_last(planted, tmp_path):
 def test_existing_run_needs_resume_or_overwrite(planted, tmp_path):
     run = tmp_path / "run"
     cli(planted, "--out", run, "--epochs", "1", *SMALL_ARGS)
-    assert "--resume" in one_line_error(cli(planted, "--out", run, *SMALL_ARGS, code=2))
-    assert "pass one of them" in one_line_error(cli(planted, "--out", run, "--resume", "--overwrite", code=2))
+    assert "--resume" in error_line(cli(planted, "--out", run, *SMALL_ARGS, code=2))
+    assert "pass one of them" in error_line(cli(planted, "--out", run, "--resume", "--overwrite", code=2))
     cli(planted, "--out", run, "--epochs", "2", "--overwrite", *SMALL_ARGS)
     assert len(json.loads((run / "history.json").read_text())["epochs"]) == 3
     fresh = tmp_path / "fresh"  # --resume with nothing to resume starts a new run
@@ -307,7 +285,7 @@ CLI_ERRORS = [
 def test_cli_errors_are_one_line_with_exit_code_2(planted, bare, tmp_path, cache, args, words):
     paths = {"planted": planted, "bare": bare, "nothing.zarr": tmp_path / "nothing.zarr", "tmp_path": tmp_path,
              "RUN": tmp_path / "run"}
-    line = one_line_error(cli(paths[cache], *[paths.get(a, a) for a in args], code=2))
+    line = error_line(cli(paths[cache], *[paths.get(a, a) for a in args], code=2))
     assert words in line, (cache, args, line)
     assert not (tmp_path / "run").exists()
 
@@ -342,7 +320,7 @@ def test_non_finite_loss_stops_with_a_message(planted, tmp_path, monkeypatch):
     monkeypatch.setattr(TL, "epoch_batches", record)
     monkeypatch.setattr(VarCMP, "loss", poisoned)
     run = tmp_path / "run"
-    line = one_line_error(cli(planted, "--out", run, "--epochs", "3", *SMALL_ARGS, code=1), alone=False)
+    line = error_line(cli(planted, "--out", run, "--epochs", "3", *SMALL_ARGS, code=1), alone=False)
     assert "nan at epoch 2, step 1/" in line
     assert checkpoint.read_meta(run / "best.safetensors")["epoch"] == 1
     assert checkpoint.read_meta(run / "last.safetensors")["epoch"] == 1

@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from helpers import write_planted_cache
+from train_helpers import cli, error_line, weights
 
-import varcmp.train as T
 import varcmp.training.data as TD
 import varcmp.training.loop as TL
 import varcmp.training.state as TS
@@ -51,27 +50,6 @@ def reference(planted, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "run"
     cli(planted, *ARGS, "--out", out)
     return out
-
-
-def cli(*args, code: int = 0):
-    res = CliRunner().invoke(T.main, [str(a) for a in args])
-    assert res.exit_code == code, (res.exit_code, res.output, res.exception)
-    return res
-
-
-def one_line_error(stderr: str, alone: bool = True) -> str:
-    lines = stderr.strip().splitlines()
-    errors = [ln for ln in lines if ln.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], stderr
-    assert not alone or len(lines) == 1, stderr
-    assert "Traceback" not in stderr
-    return errors[0]
-
-
-def weights(path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def assert_same_run(run: Path, ref: Path) -> None:
@@ -196,7 +174,7 @@ def test_nan_features_are_named_at_load_and_at_read(planted, tmp_path, data, alo
     train_row = int(plan.train_rows[5])
     frame_features(cache)[train_row, 2, 7] = np.nan
     res = cli(cache, *ARGS, "--val-fraction", "0.25", "--out", tmp_path / data, "--data", data, code=2)
-    line = one_line_error(res.stderr, alone=alone)
+    line = error_line(res, alone=alone)
     assert f"video {plan.paths[train_row]} (row {train_row} of split 'train')" in line, line
     assert "frame_feat holds NaN or infinite values" in line and "nan at epoch" not in line
     assert not list((tmp_path / data).glob("*.safetensors"))
@@ -206,7 +184,7 @@ def test_infinite_features_in_the_validation_subset_are_named(planted, tmp_path)
     cache, plan = damaged_copy(planted, tmp_path)
     val_row = int(plan.val_rows[0])
     frame_features(cache)[val_row, 0, 0] = np.inf
-    line = one_line_error(cli(cache, *ARGS, "--val-fraction", "0.25", "--out", tmp_path / "val", code=2).stderr)
+    line = error_line(cli(cache, *ARGS, "--val-fraction", "0.25", "--out", tmp_path / "val", code=2))
     assert f"video {plan.paths[val_row]} " in line and "NaN or infinite" in line
 
 
@@ -220,7 +198,7 @@ def test_a_chunk_that_does_not_decompress_is_named(planted, tmp_path, data, alon
     size = chunk.stat().st_size
     chunk.write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
     res = cli(cache, *ARGS, "--val-fraction", "0.25", "--out", tmp_path / data, "--data", data, code=2)
-    line = one_line_error(res.stderr, alone=alone)
+    line = error_line(res, alone=alone)
     assert f"video {plan.paths[row]} (row {row} of split 'train')" in line, line
     assert "patch_feat cannot be read" in line and "decompression" in line.lower()
 
@@ -264,7 +242,7 @@ def test_a_run_directory_that_cannot_be_written_is_one_line(planted, tmp_path):
         (tmp_path / "plain").write_text("x")
         cases.append((tmp_path / "plain" / "run", "cannot create the run directory (Not a directory)"))
         for out, words in cases:
-            line = one_line_error(cli(planted, *ARGS, "--out", out, code=2).stderr)
+            line = error_line(cli(planted, *ARGS, "--out", out, code=2))
             assert line.startswith(f"error: {out}: {words}"), line
         assert not list(ro.iterdir())
     assert len(cases) >= 2 or os.geteuid() != 0
@@ -282,7 +260,7 @@ def test_a_full_disk_stops_with_one_line_and_nothing_partial(planted, reference,
     res = subprocess.run([sys.executable, "-m", "varcmp.train", str(planted), *ARGS, "--out", str(run)],
                          preexec_fn=limit, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1, (res.returncode, res.stderr[-2000:])
-    line = one_line_error(res.stderr, alone=False)
+    line = error_line(res, alone=False)
     assert f"cannot write {run / TS.STATE_NAME} (" in line and "nothing of the run was saved" in line, line
     assert "--resume" in line
     assert not [p for p in run.iterdir()], list(run.iterdir())  # no partial file, no temp file
@@ -314,7 +292,7 @@ def test_a_full_disk_after_the_epoch_is_committed_resumes(planted, reference, tm
     monkeypatch.setattr(TL, "epoch_batches", record)
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     run = tmp_path / "run"
-    line = one_line_error(cli(planted, *ARGS, "--out", run, code=1).stderr, alone=False)
+    line = error_line(cli(planted, *ARGS, "--out", run, code=1), alone=False)
     assert line.startswith(f"error: cannot write {run / 'last.safetensors'} (No space left on device): stopped at "
                            f"epoch 2, epoch 2 is saved in {TS.STATE_NAME}"), line
     assert_nothing_partial(run)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from helpers import write_planted_cache
+from train_helpers import cli, weights
 
 import varcmp.training.distributed as D
 import varcmp.train as T
@@ -59,18 +59,6 @@ def torchrun(*args, timeout: int = 180) -> subprocess.CompletedProcess:
     why = [line for line in res.stderr.splitlines() if any(w in line for w in ("Error", "error:", "terminate", "what()"))]
     assert res.returncode == 0, (res.returncode, res.stdout[-3000:], why[:20], res.stderr[-3000:])
     return res
-
-
-def cli(*args, code: int = 0):
-    res = CliRunner().invoke(T.main, [str(a) for a in args])
-    assert res.exit_code == code, (res.exit_code, res.output, res.exception)
-    return res
-
-
-def weights(path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def final_scores(run: Path, cache: Path) -> torch.Tensor:
@@ -263,20 +251,23 @@ def test_ddp_gradient_equals_one_process_and_resume_equals_uninterrupted(planted
 # ----------------------------------------------------------------------------- without processes
 
 
-def test_global_batch_split_and_gather_order():
-    for n in (2, 5, 8, 10):
-        for world in (2, 3, 4):
-            sizes = D.split_sizes(n, world)
-            assert sum(sizes) == n and max(sizes) - min(sizes) <= 1
-            vrows, qrows = np.arange(100, 100 + n), np.arange(200, 200 + n)
-            got = []
-            for rank in range(world):
-                dist = D.DistInfo(rank, world, rank, torch.device("cpu"), "gloo")
-                lv, lq, s = D.local_rows(vrows, qrows, dist)
-                assert s == sizes and len(lv) == len(lq) == max(sizes)  # equal shapes for all_gather
-                assert np.array_equal(lv - 100, lq - 200)  # pairs stay pairs, padding included
-                got.append(lv[: sizes[rank]])  # what gather_rows keeps of each process
-            assert np.array_equal(np.concatenate(got), vrows)  # the global batch, in order
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("n", [2, 5, 8, 10])
+def test_global_batch_split_and_gather_order(n, world):
+    sizes = D.split_sizes(n, world)
+    assert sum(sizes) == n and max(sizes) - min(sizes) <= 1
+    vrows, qrows = np.arange(100, 100 + n), np.arange(200, 200 + n)
+    got = []
+    for rank in range(world):
+        dist = D.DistInfo(rank, world, rank, torch.device("cpu"), "gloo")
+        lv, lq, s = D.local_rows(vrows, qrows, dist)
+        assert s == sizes and len(lv) == len(lq) == max(sizes)  # equal shapes for all_gather
+        assert np.array_equal(lv - 100, lq - 200)  # pairs stay pairs, padding included
+        got.append(lv[: sizes[rank]])  # what gather_rows keeps of each process
+    assert np.array_equal(np.concatenate(got), vrows)  # the global batch, in order
+
+
+def test_one_process_encodes_the_whole_batch():
     v, q, s = D.local_rows(np.arange(3), np.arange(3), None)
     assert s is None and np.array_equal(v, np.arange(3))
 

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from helpers import write_planted_cache
+from train_helpers import cli, error_line, weights
 
 import varcmp.train as T
 import varcmp.training as TR
 import varcmp.training.data as TD
+import varcmp.training.loop as TL
 import varcmp.training.state as TS
 import varcmp.training.step as TP
 from varcmp.model import checkpoint
@@ -79,28 +80,6 @@ def bare(tmp_path_factory) -> Path:
                                         patch_feat=rng.standard_normal((4, 6, 16))))
     w.finish()
     return path
-
-
-def cli(*args, code: int = 0):
-    res = CliRunner().invoke(T.main, [str(a) for a in args])
-    assert res.exit_code == code, (res.exit_code, res.output, res.exception)
-    return res
-
-
-def one_line_error(res, alone: bool = True) -> str:
-    """The error line of a failed run (alone: the only thing on stderr)."""
-    lines = res.stderr.strip().splitlines()
-    errors = [ln for ln in lines if ln.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], res.stderr
-    assert not alone or len(lines) == 1, res.stderr
-    assert "Traceback" not in res.output
-    return errors[0]
-
-
-def weights(path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def scores(model: VarCMP, cache: Path, split: str = "test") -> np.ndarray:
@@ -204,43 +183,43 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def test_loading_never_executes_code(planted, tmp_path):
+@pytest.mark.parametrize("kind", ["pickle", "torch.save"])
+def test_loading_never_executes_code(planted, tmp_path, kind):
     live = tmp_path / "proof"
     pickle.loads(pickle.dumps(_Payload(live)))  # the payload is live under plain pickle...
     assert live.exists()
     marker = tmp_path / "pwned"
     run = tmp_path / "run"
     run.mkdir()
-    for blob in (pickle.dumps(_Payload(marker)), None):
-        if blob is None:  # ...also as a torch.save file
-            torch.save(_Payload(marker), run / TS.STATE_NAME)
-        else:
-            (run / TS.STATE_NAME).write_bytes(blob)
-        (run / "best.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
-        res = cli(planted, "--out", run, "--resume", *SMALL_ARGS, code=2)
-        assert "not a varcmp training state" in one_line_error(res)
-        with pytest.raises(TR.TrainError):
-            TS.load_state(run / TS.STATE_NAME)
-        with pytest.raises(checkpoint.CheckpointError):
-            checkpoint.load(run / "best.safetensors")
-        with pytest.raises(checkpoint.CheckpointError):
-            checkpoint.load(run)
-        assert not marker.exists()
+    if kind == "torch.save":  # ...also as a torch.save file
+        torch.save(_Payload(marker), run / TS.STATE_NAME)
+    else:
+        (run / TS.STATE_NAME).write_bytes(pickle.dumps(_Payload(marker)))
+    (run / "best.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
+    res = cli(planted, "--out", run, "--resume", *SMALL_ARGS, code=2)
+    assert "not a varcmp training state" in error_line(res)
+    with pytest.raises(TR.TrainError):
+        TS.load_state(run / TS.STATE_NAME)
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.load(run / "best.safetensors")
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.load(run)
+    assert not marker.exists()
 
 
 def test_refuses_other_encoders_and_other_settings(planted, other_encoders, tmp_path):
     run = tmp_path / "run"
     cli(planted, "--out", run, "--epochs", "1", *SMALL_ARGS)
     res = cli(other_encoders, "--out", run, "--epochs", "2", "--resume", *SMALL_ARGS, code=2)
-    line = one_line_error(res)
+    line = error_line(res)
     assert "other encoders" in line and "another-clip" in line
     with pytest.raises(checkpoint.CheckpointError, match="other encoders"):
         checkpoint.check_compatible(checkpoint.read_meta(run), open_cache(other_encoders), run)
     res = cli(planted, "--out", run, "--epochs", "2", "--resume", *SMALL_ARGS, "--lr", "5e-4", "--tau", "0.2", code=2)
-    line = one_line_error(res)
+    line = error_line(res)
     assert "lr: 0.0001 there, 0.0005 now" in line and "tau: 0.1 there, 0.2 now" in line
     res = cli(planted, "--out", run, "--epochs", "2", "--resume", *SMALL_ARGS, "--val-fraction", "0.3", code=2)
-    assert "val_fraction" in one_line_error(res)
+    assert "val_fraction" in error_line(res)
     # nothing was written by the refused runs
     assert checkpoint.read_meta(run / "last.safetensors")["epoch"] == 1
 
@@ -255,8 +234,8 @@ def test_without_validation_best_is_last(planted, tmp_path):
 def test_existing_run_needs_resume_or_overwrite(planted, tmp_path):
     run = tmp_path / "run"
     cli(planted, "--out", run, "--epochs", "1", *SMALL_ARGS)
-    assert "--resume" in one_line_error(cli(planted, "--out", run, *SMALL_ARGS, code=2))
-    assert "pass one of them" in one_line_error(cli(planted, "--out", run, "--resume", "--overwrite", code=2))
+    assert "--resume" in error_line(cli(planted, "--out", run, *SMALL_ARGS, code=2))
+    assert "pass one of them" in error_line(cli(planted, "--out", run, "--resume", "--overwrite", code=2))
     cli(planted, "--out", run, "--epochs", "2", "--overwrite", *SMALL_ARGS)
     assert len(json.loads((run / "history.json").read_text())["epochs"]) == 3
     fresh = tmp_path / "fresh"  # --resume with nothing to resume starts a new run
@@ -282,28 +261,36 @@ def test_ablation_options_and_streaming(planted, tmp_path):
     assert json.loads((tmp_path / "stream" / "history.json").read_text())["runtime"]["data"] == "stream"
 
 
-def test_cli_errors_are_one_line_with_exit_code_2(planted, bare, tmp_path):
-    out = ["--out", tmp_path / "run"]
-    cases = [
-        ([tmp_path / "nothing.zarr", *out], "no such cache"),
-        ([tmp_path, *out], "cannot be opened as a varcmp cache"),
-        ([planted, *out, "--split", "dev"], "no split 'dev'"),
-        ([bare, *out], "holds no captions"),
-        ([bare, *out, "--query", "audio"], "holds no audio features"),
-        ([planted, *out, "--levels", "coarse,finest"], "unknown level 'finest'"),
-        ([planted, *out, "--val-fraction", "1.5"], "--val-fraction"),
-        ([planted, *out, "--batch-size", "1"], "--batch-size"),
-        ([planted, *out, "--top-patches", "7"], "top_patches (7) > num_patches (6)"),
-        ([planted, *out, "--device", "cuda:7"] if not torch.cuda.is_available() else [planted, *out, "--device", "nope"],
-         "--device"),
-        ([planted, *out, "--precision", "fp16", "--device", "cpu"], "fp16"),
-        ([planted], "--out"),  # a usage error of click's own
-        ([planted, *out, "--query", "video"], "--query"),
-    ]
-    for args, words in cases:
-        line = one_line_error(cli(*args, code=2))
-        assert words in line, (args, line)
+OUT = ["--out", "RUN"]
+# (the cache, the options, words of the one error line): "RUN" stands for the run directory
+CLI_ERRORS = [
+    ("nothing.zarr", OUT, "no such cache"),
+    ("tmp_path", OUT, "cannot be opened as a varcmp cache"),
+    ("planted", [*OUT, "--split", "dev"], "no split 'dev'"),
+    ("bare", OUT, "holds no captions"),
+    ("bare", [*OUT, "--query", "audio"], "holds no audio features"),
+    ("planted", [*OUT, "--levels", "coarse,finest"], "unknown level 'finest'"),
+    ("planted", [*OUT, "--val-fraction", "1.5"], "--val-fraction"),
+    ("planted", [*OUT, "--batch-size", "1"], "--batch-size"),
+    ("planted", [*OUT, "--top-patches", "7"], "top_patches (7) > num_patches (6)"),
+    ("planted", [*OUT, "--device", "cuda:7"] if not torch.cuda.is_available() else [*OUT, "--device", "nope"],
+     "--device"),
+    ("planted", [*OUT, "--precision", "fp16", "--device", "cpu"], "fp16"),
+    ("planted", [], "--out"),  # a usage error of click's own
+    ("planted", [*OUT, "--query", "video"], "--query"),
+]
+
+
+@pytest.mark.parametrize("cache, args, words", CLI_ERRORS, ids=[w for _, _, w in CLI_ERRORS])
+def test_cli_errors_are_one_line_with_exit_code_2(planted, bare, tmp_path, cache, args, words):
+    paths = {"planted": planted, "bare": bare, "nothing.zarr": tmp_path / "nothing.zarr", "tmp_path": tmp_path,
+             "RUN": tmp_path / "run"}
+    line = error_line(cli(paths[cache], *[paths.get(a, a) for a in args], code=2))
+    assert words in line, (cache, args, line)
     assert not (tmp_path / "run").exists()
+
+
+def test_help_shows_examples_and_defaults():
     help_text = cli("--help").stdout
     assert "Examples:" in help_text and "--no-anomaly-weighting" in help_text and "[default: 15]" in help_text
 
@@ -330,10 +317,10 @@ def test_non_finite_loss_stops_with_a_message(planted, tmp_path, monkeypatch):
             out["loss"] = out["loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(T, "epoch_batches", record)
+    monkeypatch.setattr(TL, "epoch_batches", record)
     monkeypatch.setattr(VarCMP, "loss", poisoned)
     run = tmp_path / "run"
-    line = one_line_error(cli(planted, "--out", run, "--epochs", "3", *SMALL_ARGS, code=1), alone=False)
+    line = error_line(cli(planted, "--out", run, "--epochs", "3", *SMALL_ARGS, code=1), alone=False)
     assert "nan at epoch 2, step 1/" in line
     assert checkpoint.read_meta(run / "best.safetensors")["epoch"] == 1
     assert checkpoint.read_meta(run / "last.safetensors")["epoch"] == 1
@@ -354,7 +341,7 @@ def test_validation_is_held_out_of_training_and_never_touches_test(planted, tmp_
         return out
 
     monkeypatch.setattr(Cache, "split", record_split)
-    monkeypatch.setattr(T, "epoch_batches", record_batches)
+    monkeypatch.setattr(TL, "epoch_batches", record_batches)
     s = T.train(planted, tmp_path / "run", T.TrainOptions(epochs=2, val_fraction=0.25, **SMALL), quiet=True)
     assert set(opened) == {"train"}
     hist = json.loads((tmp_path / "run" / "history.json").read_text())

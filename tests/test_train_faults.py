@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from helpers import write_planted_cache
+from train_helpers import cli, error_line, weights
 
-import varcmp.train as T
 import varcmp.training.data as TD
+import varcmp.training.loop as TL
 import varcmp.training.state as TS
 from varcmp.model import checkpoint
 from varcmp.cache.reader import open_cache
@@ -50,27 +50,6 @@ def reference(planted, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "run"
     cli(planted, *ARGS, "--out", out)
     return out
-
-
-def cli(*args, code: int = 0):
-    res = CliRunner().invoke(T.main, [str(a) for a in args])
-    assert res.exit_code == code, (res.exit_code, res.output, res.exception)
-    return res
-
-
-def one_line_error(stderr: str, alone: bool = True) -> str:
-    lines = stderr.strip().splitlines()
-    errors = [ln for ln in lines if ln.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], stderr
-    assert not alone or len(lines) == 1, stderr
-    assert "Traceback" not in stderr
-    return errors[0]
-
-
-def weights(path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def assert_same_run(run: Path, ref: Path) -> None:
@@ -103,14 +82,13 @@ import safetensors.torch
 import torch
 
 import varcmp.train as T
-import varcmp.training.data as TD
-import varcmp.training.state as TS
+import varcmp.training.loop as TL
 from varcmp.model import VarCMP
 
 torch.set_num_threads(1)
 point = os.environ["KILL_AT"]  # "step": mid-epoch; else the name of the file whose write is killed midway
 now = {"epoch": 0, "step": 0}
-batches, loss = T.epoch_batches, VarCMP.loss
+batches, loss = TL.epoch_batches, VarCMP.loss
 
 
 def record(plan, epoch, seed, batch_size):
@@ -139,7 +117,7 @@ def killed_midway(write):
     return wrapper
 
 
-T.epoch_batches, VarCMP.loss = record, counted
+TL.epoch_batches, VarCMP.loss = record, counted
 safetensors.torch.save_file = killed_midway(safetensors.torch.save_file)
 torch.save = killed_midway(torch.save)
 T.main(prog_name="varcmp-train")
@@ -182,30 +160,36 @@ def damaged_copy(planted: Path, tmp_path: Path) -> tuple[Path, TD.Plan]:
     return copy, TD.plan_data(open_cache(copy).split("train"), "text", 0.25, 0)
 
 
-def test_nan_features_are_named_at_load_and_at_read(planted, tmp_path):
-    """A NaN in one video's frame features: a one-line error naming the video, when the features are read
-    into memory, when they are streamed (at the read of its batch), and in the validation subset; never a
-    NaN loss."""
+def frame_features(cache: Path):
     import zarr
 
+    return zarr.open_group(str(cache), mode="r+", use_consolidated=False)["train/videos/frame_feat"]
+
+
+@pytest.mark.parametrize("data, alone", [("memory", True), ("stream", False)])
+def test_nan_features_are_named_at_load_and_at_read(planted, tmp_path, data, alone):
+    """A NaN in one video's frame features: a one-line error naming the video, when the features are read
+    into memory, and when they are streamed (at the read of its batch); never a NaN loss."""
     cache, plan = damaged_copy(planted, tmp_path)
-    train_row, val_row = int(plan.train_rows[5]), int(plan.val_rows[0])
-    arr = zarr.open_group(str(cache), mode="r+", use_consolidated=False)["train/videos/frame_feat"]
-    arr[train_row, 2, 7] = np.nan
-    args = [cache, *ARGS, "--val-fraction", "0.25"]
-    for data, alone in (("memory", True), ("stream", False)):
-        res = cli(*args, "--out", tmp_path / data, "--data", data, code=2)
-        line = one_line_error(res.stderr, alone=alone)
-        assert f"video {plan.paths[train_row]} (row {train_row} of split 'train')" in line, line
-        assert "frame_feat holds NaN or infinite values" in line and "nan at epoch" not in line
-        assert not list((tmp_path / data).glob("*.safetensors"))
-    arr[train_row, 2, 7] = 0.0
-    arr[val_row, 0, 0] = np.inf
-    line = one_line_error(cli(*args, "--out", tmp_path / "val", code=2).stderr)
+    train_row = int(plan.train_rows[5])
+    frame_features(cache)[train_row, 2, 7] = np.nan
+    res = cli(cache, *ARGS, "--val-fraction", "0.25", "--out", tmp_path / data, "--data", data, code=2)
+    line = error_line(res, alone=alone)
+    assert f"video {plan.paths[train_row]} (row {train_row} of split 'train')" in line, line
+    assert "frame_feat holds NaN or infinite values" in line and "nan at epoch" not in line
+    assert not list((tmp_path / data).glob("*.safetensors"))
+
+
+def test_infinite_features_in_the_validation_subset_are_named(planted, tmp_path):
+    cache, plan = damaged_copy(planted, tmp_path)
+    val_row = int(plan.val_rows[0])
+    frame_features(cache)[val_row, 0, 0] = np.inf
+    line = error_line(cli(cache, *ARGS, "--val-fraction", "0.25", "--out", tmp_path / "val", code=2))
     assert f"video {plan.paths[val_row]} " in line and "NaN or infinite" in line
 
 
-def test_a_chunk_that_does_not_decompress_is_named(planted, tmp_path):
+@pytest.mark.parametrize("data, alone", [("memory", True), ("stream", False)])
+def test_a_chunk_that_does_not_decompress_is_named(planted, tmp_path, data, alone):
     """Bytes of one video's patch chunk garbled on disk (zarr's zstd cannot decompress it): a one-line
     error naming the video, in memory and streamed."""
     cache, plan = damaged_copy(planted, tmp_path)
@@ -213,11 +197,10 @@ def test_a_chunk_that_does_not_decompress_is_named(planted, tmp_path):
     chunk = cache / "train" / "videos" / "patch_feat" / "c" / str(row) / "0" / "0" / "0"
     size = chunk.stat().st_size
     chunk.write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
-    for data, alone in (("memory", True), ("stream", False)):
-        res = cli(cache, *ARGS, "--val-fraction", "0.25", "--out", tmp_path / data, "--data", data, code=2)
-        line = one_line_error(res.stderr, alone=alone)
-        assert f"video {plan.paths[row]} (row {row} of split 'train')" in line, line
-        assert "patch_feat cannot be read" in line and "decompression" in line.lower()
+    res = cli(cache, *ARGS, "--val-fraction", "0.25", "--out", tmp_path / data, "--data", data, code=2)
+    line = error_line(res, alone=alone)
+    assert f"video {plan.paths[row]} (row {row} of split 'train')" in line, line
+    assert "patch_feat cannot be read" in line and "decompression" in line.lower()
 
 
 # ----------------------------------------------------------------------------- the run directory
@@ -259,7 +242,7 @@ def test_a_run_directory_that_cannot_be_written_is_one_line(planted, tmp_path):
         (tmp_path / "plain").write_text("x")
         cases.append((tmp_path / "plain" / "run", "cannot create the run directory (Not a directory)"))
         for out, words in cases:
-            line = one_line_error(cli(planted, *ARGS, "--out", out, code=2).stderr)
+            line = error_line(cli(planted, *ARGS, "--out", out, code=2))
             assert line.startswith(f"error: {out}: {words}"), line
         assert not list(ro.iterdir())
     assert len(cases) >= 2 or os.geteuid() != 0
@@ -277,7 +260,7 @@ def test_a_full_disk_stops_with_one_line_and_nothing_partial(planted, reference,
     res = subprocess.run([sys.executable, "-m", "varcmp.train", str(planted), *ARGS, "--out", str(run)],
                          preexec_fn=limit, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1, (res.returncode, res.stderr[-2000:])
-    line = one_line_error(res.stderr, alone=False)
+    line = error_line(res, alone=False)
     assert f"cannot write {run / TS.STATE_NAME} (" in line and "nothing of the run was saved" in line, line
     assert "--resume" in line
     assert not [p for p in run.iterdir()], list(run.iterdir())  # no partial file, no temp file
@@ -306,10 +289,10 @@ def test_a_full_disk_after_the_epoch_is_committed_resumes(planted, reference, tm
                 f.truncate(os.path.getsize(filename) // 2)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
 
-    monkeypatch.setattr(T, "epoch_batches", record)
+    monkeypatch.setattr(TL, "epoch_batches", record)
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     run = tmp_path / "run"
-    line = one_line_error(cli(planted, *ARGS, "--out", run, code=1).stderr, alone=False)
+    line = error_line(cli(planted, *ARGS, "--out", run, code=1), alone=False)
     assert line.startswith(f"error: cannot write {run / 'last.safetensors'} (No space left on device): stopped at "
                            f"epoch 2, epoch 2 is saved in {TS.STATE_NAME}"), line
     assert_nothing_partial(run)

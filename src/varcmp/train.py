@@ -61,134 +61,34 @@ Decisions (the paper gives the loss, AdamW, lr 1e-4, batch 8, 15 epochs, M = 4; 
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import random
-import re
 import sys
-import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+
 import click
-import numpy as np
-import torch
 
 from .cache.reader import open_cache
-from .model.checkpoint import CheckpointError, cache_fingerprint, check_compatible, save
-from .atomic import atomic_write, stale_temp_files
 from .cli.common import Interrupted, OneLineErrors
-from .training.distributed import DistInfo, all_gather_object, barrier, distributed, env_int_or, is_dist_error, local_rows, rank_seed
-from .encoders.frozen import resolve_device, weights_hash
 from .cli.markup import lit
+from .cli.options import cli_options, settings_of
 from .cli.progress import progress_bar
-from .model import LEVELS, QUERIES, ModelConfig, VarCMP
-from .training import NonFiniteLoss, OutputError, TrainError
-from .training.data import Plan, Rows, TEXT_KEYS, available_memory, bytes_needed, describe_caption, describe_video, epoch_batches, load_validation, plan_data, video_keys
-from .training.state import STATE_FORMAT, STATE_NAME, _holds_epoch, _rng_state, _save_state, _set_rng_state, load_state
-from .training.step import TrainStep, _amp, resolve_precision, val_score, validate
 from .errors import VarcmpError, first_line
+from .model import VarCMP
+from .training import TrainError
+from .training.data import plan_data
+from .training.distributed import DistInfo, barrier, distributed, env_int_or, is_dist_error, same_weights
+from .training.loop import (NO_BEST, data_line, direction_names, epoch_line, init_learner, load_data,
+                            make_step, pick_best, resolve_compute, train_epoch, validate_epoch)
+from .training.options import Runtime, TrainOptions
+from .training.rundir import HISTORY_NAME, RunDir, open_run, saved_run
+from .training.state import STATE_NAME
 
-
-HISTORY_NAME = "history.json"
-RUN_FILES = ("best.safetensors", "best.json", "last.safetensors", "last.json", STATE_NAME, HISTORY_NAME)
-RESUMABLE = ("epochs",)  # the only hyper-parameter that --resume may change
-PARTS = ("loss", "v2q", "q2v", "bce", "sim_total")  # loss parts averaged per epoch
-
-
-# ----------------------------------------------------------------------------- options
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """Every hyper-parameter of a run (stored in each checkpoint and in the resume state)."""
-
-    split: str = "train"
-    query: str = "text"
-    val_fraction: float = 0.1
-    levels: tuple = LEVELS
-    anomaly_weighting: bool = True
-    epochs: int = 15
-    batch_size: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    tau: float = ModelConfig.tau
-    top_patches: int = ModelConfig.top_patches
-    logit_scale: float = ModelConfig.logit_scale
-    dropout: float = ModelConfig.dropout
-    heads: int = ModelConfig.heads
-    ffn_dim: int = ModelConfig.ffn_dim
-    shift_fraction: float = ModelConfig.shift_fraction
-    topk_sigma: float = ModelConfig.topk_sigma
-    topk_samples: int = ModelConfig.topk_samples
-    seed: int = 0
-
-    def __post_init__(self):
-        levels = self.levels.split(",") if isinstance(self.levels, str) else self.levels
-        object.__setattr__(self, "levels", tuple(lv.strip() for lv in levels if lv.strip()))
-        if self.query not in QUERIES:
-            raise TrainError(f"--query must be one of {', '.join(QUERIES)}, got {self.query!r}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise TrainError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        for name in ("epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise TrainError("--batch-size must be at least 2 (InfoNCE needs negatives in the batch)")
-        if not self.lr > 0 or self.weight_decay < 0:
-            raise TrainError(f"--lr must be > 0 and --weight-decay >= 0, got {self.lr} and {self.weight_decay}")
-        try:  # the model's own checks, on dummy dims
-            self.model_config(None)
-        except ValueError as e:
-            raise TrainError(str(e)) from None
-
-    def model_config(self, spec) -> ModelConfig:
-        """The ModelConfig of this run for a cache with CacheSpec `spec` (None: check only)."""
-        dims = {}
-        if spec is not None:
-            dims = dict(dim=spec.dim, audio_dim=spec.audio_dim, num_frames=spec.num_frames,
-                        num_patches=spec.num_patches, max_words=spec.max_words,
-                        audio_segments=spec.audio_segments or ModelConfig.audio_segments)
-        return ModelConfig(query=self.query, levels=self.levels, anomaly_weighting=self.anomaly_weighting,
-                           tau=self.tau, top_patches=self.top_patches, logit_scale=self.logit_scale,
-                           dropout=self.dropout, heads=self.heads, ffn_dim=self.ffn_dim,
-                           shift_fraction=self.shift_fraction, topk_sigma=self.topk_sigma,
-                           topk_samples=self.topk_samples, **dims)
-
-    def jsonable(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how a run computes; not hyper-parameters (a resume may change them)."""
-
-    device: str = "auto"     # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    data: str = "auto"       # auto | memory | stream
-
-
-def _check_resume(st: dict, path: Path, cache, opts: TrainOptions, plan: Plan) -> None:
-    try:
-        check_compatible({"cache": st.get("cache")}, cache, path)
-    except CheckpointError as e:
-        raise TrainError(f"cannot resume: {e}") from None
-    stored, now = st.get("train") or {}, opts.jsonable()
-    diff = [k for k in sorted(set(stored) | set(now)) if k not in RESUMABLE and stored.get(k) != now.get(k)]
-    if diff:
-        what = ", ".join(f"{k}: {stored.get(k)!r} there, {now.get(k)!r} now" for k in diff[:5])
-        raise TrainError(f"cannot resume {path}: it was trained with other settings ({what}); pass the same "
-                         "options, or --overwrite to start over")
-    if st.get("plan") != plan.digest():
-        raise TrainError(f"cannot resume {path}: the videos of split '{opts.split}' differ from those the run "
-                         "started with (another cache?); use --overwrite to start over")
-
-
-# ----------------------------------------------------------------------------- training
 
 @dataclass
 class RunSummary:
+    """What `train` returns: the run's history and best epoch, how its data was read, its final model."""
+
     out: Path
     history: list[dict]
     best_epoch: int | None
@@ -201,63 +101,6 @@ class RunSummary:
     world_size: int = 1
 
 
-def _prefetch(it, workers: int):
-    """Iterate `fn()` results of an iterable of thunks, computing up to `workers` + 1 ahead."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = []
-        for fn in it:
-            pending.append(pool.submit(fn))
-            if len(pending) > workers:
-                yield pending.pop(0).result()
-        for f in pending:
-            yield f.result()
-
-
-def _dirs(query: str) -> tuple[str, str]:
-    return ("t2v", "v2t") if query == "text" else ("a2v", "v2a")
-
-
-PROBE = "varcmp-train-probe"  # the name of the writability probe's temp files
-
-
-def _prepare_out(out: Path, remove: list[str]) -> None:
-    """Create `out`, prove it writable (a small file written, fsynced and removed), then remove
-    `remove` (--overwrite) and the temp files of writers killed mid-write: one-line TrainErrors."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TrainError(f"{out}: cannot create the run directory ({e.strerror or first_line(e)})") from None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{PROBE}.", suffix=".tmp", dir=out)
-        try:
-            os.write(fd, b"\0" * 4096)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(tmp)
-    except OSError as e:
-        raise TrainError(f"{out}: cannot write in the run directory ({e.strerror or first_line(e)})") from None
-    try:
-        for name in remove:
-            (out / name).unlink(missing_ok=True)
-        for stale in stale_temp_files(out, RUN_FILES + (PROBE,)):
-            stale.unlink(missing_ok=True)
-    except OSError as e:
-        raise TrainError(f"{out}: cannot remove {e.filename} ({e.strerror})") from None
-
-
-def _io_reason(e: BaseException) -> str:
-    """Why a write failed, in words: the OSError's text (also inside safetensors' "(os error N)")."""
-    x = e
-    while x is not None:
-        if isinstance(x, OSError) and x.strerror:
-            return x.strerror
-        x = x.__cause__ or x.__context__
-    text = first_line(e)
-    code = re.search(r"os error (\d+)", text)
-    return os.strerror(int(code.group(1))) if code else text
-
-
 def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime = Runtime(), *,
           resume: bool = False, overwrite: bool = False, console=None, quiet: bool = False,
           dist: DistInfo | None = None) -> RunSummary:
@@ -266,14 +109,73 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
     Several processes (DDP): every process calls this with the same arguments and its `dist`
     (from `distributed()`); opts.batch_size is the global batch, split across the processes;
     process 0 alone validates, writes the run directory and prints."""
+    main_rank, world = dist is None or dist.rank == 0, 1 if dist is None else dist.world_size
+    console, quiet = _console(console, quiet, main_rank)
+    out = Path(out)
+    _check_request(out, opts, resume, overwrite, world)
+    cache = open_cache(cache_path)
+    split = cache.split(opts.split)
+    compute = resolve_compute(runtime, dist)
+    plan = plan_data(split, opts.query, opts.val_fraction, opts.seed)
+    cfg = _model_config(opts, cache)
+
+    # ---- the run directory (new, resumed or replaced), then the data
+    state = open_run(out, cache, opts, plan, resume, overwrite, prepare=main_rank)
+    for line in plan.notes:
+        console.print(("[yellow]" if line.startswith("warning") else "[dim]") + lit(line), highlight=False,
+                      soft_wrap=True)
+    data = load_data(split, plan, cfg, runtime.data, compute.device, dist, validation=main_rank)
+    console.print(data_line(data, plan, opts.split, compute, dist, opts.batch_size), highlight=False, soft_wrap=True)
+    files = RunDir(out, cache, opts, plan, {"device": str(compute.device), "precision": compute.precision,
+                                            "data": "memory" if data.memory else "stream", "world_size": world})
+
+    # ---- init or resume
+    learner = init_learner(cfg, opts, compute)
+    history, best, start = [], dict(NO_BEST), 1
+    if state is not None:
+        learner.load(state)
+        history, best, start = list(state["history"]), dict(state["best"]), int(state["epoch"]) + 1
+        console.print(f"resuming {lit(out)} after epoch {state['epoch']}", highlight=False, soft_wrap=True)
+        if main_rank:
+            files.restore(state, learner.model, console)
+    elif data.val is not None:
+        history.append(_validate_untrained(learner, data, opts.query, console))
+    make_step(learner, dist, {"start": start, "plan": plan.digest(), "cache": files.fingerprint,
+                              "resumed": state is not None}, out)
+
+    # ---- the epochs: each trained, then (process 0) validated and committed
+    with progress_bar(console, not quiet, transient=False,
+                      fields=("loss {task.fields[loss]:.4f}", "{task.fields[rate]:.1f} steps/s")) as progress:
+        for epoch in range(start, opts.epochs + 1):
+            rec = train_epoch(learner, data, plan, opts, epoch, progress, dist, out)
+            if dist is not None:
+                rec["ranks"] = same_weights(learner.model, dist, epoch)
+            if not main_rank:
+                history.append(rec)
+            else:
+                metrics = validate_epoch(learner, data.val, rec) if data.val is not None else None
+                rec["best"], best = pick_best(best, epoch, metrics)
+                history.append(rec)
+                files.commit(epoch, learner.state(), learner.model, metrics, rec["best"], history, best)
+                progress.console.print(epoch_line(rec, opts.epochs, opts.query, metrics, rec["best"]),
+                                       highlight=False)
+            if dist is not None:
+                barrier(dist)  # process 0 validates and writes
+    return RunSummary(out, history, best["epoch"], opts.query, data.seconds, data.memory,
+                      int(state["epoch"]) if state is not None else 0, plan.notes, learner.model.eval(), world)
+
+
+def _console(console, quiet: bool, main_rank: bool):
+    """(console, quiet) of this process: process 0 alone prints."""
     from rich.console import Console
 
-    main_rank = dist is None or dist.rank == 0
-    world = 1 if dist is None else dist.world_size
-    console = console or Console(stderr=True)
     if not main_rank:
-        console, quiet = Console(stderr=True, quiet=True), True
-    out = Path(out)
+        return Console(stderr=True, quiet=True), True
+    return console or Console(stderr=True), quiet
+
+
+def _check_request(out: Path, opts: TrainOptions, resume: bool, overwrite: bool, world: int) -> None:
+    """The checks that need no cache: --resume/--overwrite, --out, the global batch over the processes."""
     if resume and overwrite:
         raise TrainError("--resume continues a run and --overwrite replaces it: pass one of them")
     if out.exists() and not out.is_dir():
@@ -281,274 +183,31 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
     if opts.batch_size % world:
         raise TrainError(f"--batch-size {opts.batch_size} is the global batch and must be divisible by the {world} "
                          f"processes (each encodes batch-size / {world} pairs of every step)")
-    cache = open_cache(cache_path)
-    split = cache.split(opts.split)
-    if dist is not None:
-        device = dist.device
-    else:
-        try:
-            device = resolve_device(runtime.device)
-        except ValueError as e:
-            raise TrainError(str(e)) from None
-    amp_dtype, use_scaler = resolve_precision(runtime.precision, device)
-    if runtime.data not in ("auto", "memory", "stream"):
-        raise TrainError(f"--data must be auto, memory or stream, got {runtime.data!r}")
-    plan = plan_data(split, opts.query, opts.val_fraction, opts.seed)
+
+
+def _model_config(opts: TrainOptions, cache):
     try:
-        cfg = opts.model_config(cache.spec)
+        return opts.model_config(cache.spec)
     except ValueError as e:  # e.g. --top-patches above the cache's patches per frame
         raise TrainError(f"{cache.path}: {e}") from None
 
-    existing = [f for f in RUN_FILES if (out / f).exists()]
-    state = None
-    remove = []
-    if resume:
-        if (out / STATE_NAME).exists():
-            state = load_state(out / STATE_NAME)
-            _check_resume(state, out / STATE_NAME, cache, opts, plan)
-        elif existing:
-            raise TrainError(f"{out}: no {STATE_NAME} to resume from (it holds {', '.join(existing)}); "
-                             "use --overwrite to start over")
-        else:
-            plan.notes.append(f"nothing to resume in {out}: starting a new run")
-    elif existing:
-        if not overwrite:
-            raise TrainError(f"{out}: holds a previous run ({', '.join(existing)}); pass --resume to continue "
-                             "it or --overwrite to replace it")
-        remove = existing
-    if main_rank:
-        _prepare_out(out, remove)
-    for line in plan.notes:
-        console.print(("[yellow]" if line.startswith("warning") else "[dim]") + lit(line), highlight=False,
-                      soft_wrap=True)
 
-    # ---- data
-    t_load = time.perf_counter()
-    need = bytes_needed(split, plan, cfg)
-    avail = available_memory()
-    per_node = 1 if dist is None else max(1, dist.local_world_size)  # each process holds its own copy
-    memory = runtime.data == "memory" or (runtime.data == "auto" and (avail is None or need * per_node < 0.5 * avail))
-    data_device = torch.device("cpu")
-    if memory and device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        data_device = device if need < 0.5 * free else data_device
-    vsrc = Rows(split, video_keys(cfg), plan.train_rows, memory, data_device, describe_video(split, plan.paths))
-    qsrc = (Rows(split, TEXT_KEYS, plan.train_queries, memory, data_device, describe_caption(split, plan))
-            if opts.query == "text" else None)
-    ev = load_validation(split, plan, cfg) if main_rank else None  # validation runs in process 0 only
-    load_seconds = time.perf_counter() - t_load
-    labels_all = torch.from_numpy(plan.labels)
-    precision = str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
-    where = f"device {device}, {precision}"
-    if dist is not None:
-        where = (f"{world} processes ({dist.backend}), device {device} in process 0, {precision}; global batch "
-                 f"{opts.batch_size} = {opts.batch_size // world} pairs per process")
-    console.print(f"[dim]{len(plan.train_rows)} training and {len(plan.val_rows)} validation videos of "
-                  f"'{lit(opts.split)}' ({need / 2**30:.2f} GiB, {'in memory' if memory else 'streamed'}, read in "
-                  f"{load_seconds:.1f} s); {where}", highlight=False, soft_wrap=True)
-
-    # ---- model, optimiser, state
-    torch.manual_seed(opts.seed)
-    np.random.seed(opts.seed % 2**32)
-    random.seed(opts.seed)
-    model = VarCMP(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    fingerprint = cache_fingerprint(cache)
-    history: list[dict] = []
-    best = {"epoch": None, "score": -math.inf}
-    start = 1
-
-    def meta(epoch, metrics):
-        return {"cache": fingerprint, "train": opts.jsonable(), "epoch": epoch, "val": metrics,
-                "data": {"cache_path": str(cache.path), "split": opts.split, "train_videos": int(len(plan.train_rows)),
-                         "val_videos": int(len(plan.val_rows)), "plan": plan.digest()}}
-
-    def write_history():
-        doc = {"cache": str(cache.path), "split": opts.split, "train": opts.jsonable(),
-               "runtime": {"device": str(device), "precision": precision, "data": "memory" if memory else "stream",
-                           "world_size": world},
-               "best_epoch": best["epoch"], "epochs": history,
-               "training_videos": [str(p) for p in plan.paths[plan.train_rows]],
-               "validation_videos": [str(p) for p in plan.paths[plan.val_rows]]}
-        text = json.dumps(doc, indent=1, default=float)
-        atomic_write(out / HISTORY_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
-
-    def write(path: Path, fn, epoch: int, committed: bool):
-        """fn() writes `path`; a failure (disk full, permissions) stops the run with one line."""
-        try:
-            fn()
-        except Exception as e:  # noqa: BLE001 - OSError, safetensors' and torch's own write errors
-            reason = _io_reason(e)
-            kept = (f"epoch {epoch} is saved in {STATE_NAME}" if committed
-                    else f"the run keeps epoch {epoch - 1}" if epoch > 1 else "nothing of the run was saved")
-            raise OutputError(f"cannot write {path} ({reason}): stopped at epoch {epoch}, {kept}; make room (or fix "
-                              "the permissions) and run the same command with --resume") from None
-
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if use_scaler and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"], device)
-        history, best = list(state["history"]), dict(state["best"])
-        start = int(state["epoch"]) + 1
-        console.print(f"resuming {lit(out)} after epoch {state['epoch']}", highlight=False, soft_wrap=True)
-        if main_rank:
-            # the state is the run's commit point (written first each epoch): restore whatever a kill or a full
-            # disk kept from being written after it; best is then either on disk or this last epoch
-            done = int(state["epoch"])
-            metrics = next((r.get("val") for r in history if r["epoch"] == done), None)
-            for name, epoch_of in (("last", done), ("best", best["epoch"])):
-                path = out / f"{name}.safetensors"
-                if _holds_epoch(path, epoch_of, plan.digest()):
-                    continue
-                if epoch_of == done:
-                    write(path, lambda p=path: save(p, model, meta(done, metrics)), done, True)
-                    console.print(f"[dim]restored {lit(path)} (epoch {done}) from {STATE_NAME}",
-                                  highlight=False, soft_wrap=True)
-                else:
-                    console.print(f"[yellow]warning: {lit(path)} does not hold epoch {epoch_of}, the best "
-                                  f"epoch recorded in {STATE_NAME}", highlight=False, soft_wrap=True)
-            write(out / HISTORY_NAME, write_history, done, True)
-    elif ev is not None:
-        t0 = time.perf_counter()
-        m = validate(model, ev, device, amp_dtype)
-        history.append({"epoch": 0, "val": m, "val_r1": val_score(m), "val_seconds": time.perf_counter() - t0})
-        q, v = _dirs(opts.query)
-        console.print(f"epoch 0 (untrained): val R@1 {q} {m['q2v']['r1']:.1f} {v} {m['v2q']['r1']:.1f}",
-                      highlight=False)
-
-    step_fn = TrainStep(model, dist)
-    if dist is not None:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # every process must start from the same epoch of the same run (out on a filesystem that all nodes share,
-        # the same cache everywhere): a difference would deadlock or silently diverge
-        mine = {"start": start, "plan": plan.digest(), "cache": fingerprint, "resumed": state is not None}
-        seen = all_gather_object(mine)
-        for r, theirs in enumerate(seen):
-            if theirs != mine:
-                diff = ", ".join(f"{k}: {theirs[k]!r} in process {r}, {mine[k]!r} here"
-                                 for k in mine if theirs[k] != mine[k])
-                raise TrainError(f"the processes disagree ({diff}): every node must see the same cache and the same "
-                                 f"run directory {out} (a shared filesystem)")
-        # static_graph: the parameters used are fixed by the settings (--levels, --query), not by the data, so
-        # DDP learns once which are unused (e.g. patch selection without "finer")
-        step_fn = DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None,
-                                          static_graph=True)
-
-    model.train()
-
-    def fetch(vrows, qrows):
-        lv, lq, sizes = local_rows(vrows, qrows, dist)
-        return vrows, lv, sizes, vsrc.get(lv), (qsrc.get(lq) if qsrc is not None else None)
-
-    with progress_bar(console, not quiet, transient=False,
-                      fields=("loss {task.fields[loss]:.4f}", "{task.fields[rate]:.1f} steps/s")) as progress:
-        for epoch in range(start, opts.epochs + 1):
-            batches = epoch_batches(plan, epoch, opts.seed, opts.batch_size)  # global batches, the same everywhere
-            if dist is not None:
-                torch.manual_seed(rank_seed(opts.seed, epoch, dist.rank))
-            task = progress.add_task(f"epoch {epoch}/{opts.epochs}", total=len(batches), loss=float("nan"), rate=0.0)
-            thunks = (lambda b=b: fetch(*b) for b in batches)
-            it = (fn() for fn in thunks) if memory else _prefetch(thunks, 2)
-            sums = torch.zeros(5, dtype=torch.float64)
-            t0 = time.perf_counter()
-            for step, (vrows, lrows, sizes, vb, qb) in enumerate(it, 1):
-                vb = {k: t.to(device, non_blocking=True) for k, t in vb.items()}
-                labels = labels_all[lrows].to(device)
-                batch_labels = labels if sizes is None else labels_all[vrows].to(device)
-                if qb is not None:
-                    qb = {k: t.to(device, non_blocking=True) for k, t in qb.items()}
-                with _amp(device, amp_dtype):
-                    parts = step_fn(vb, qb, labels, sizes, batch_labels)
-                vals = torch.stack([parts[k].detach().float() for k in PARTS]).cpu()  # one sync per step
-                if not torch.isfinite(vals[0]):  # the same value in every process: all stop here
-                    raise NonFiniteLoss(
-                        f"the loss became {vals[0].item()} at epoch {epoch}, step {step}/{len(batches)}: stopped; "
-                        f"{out} keeps epoch {epoch - 1} (nothing of epoch {epoch} was written); try a lower --lr")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(parts["backward"]).backward()  # the loss, x world size under DDP (see TrainStep)
-                scaler.step(optimizer)
-                scaler.update()
-                sums += vals.double()
-                dt = time.perf_counter() - t0
-                progress.update(task, advance=1, loss=float(sums[0]) / step, rate=step / max(dt, 1e-9))
-            train_seconds = time.perf_counter() - t0
-            mean = (sums / len(batches)).tolist()
-            rec = {"epoch": epoch, "loss": mean[0], "v2q": mean[1], "q2v": mean[2], "bce": mean[3],
-                   "sim_total": mean[4], "steps": len(batches), "seconds": train_seconds}
-            if dist is not None:
-                digests = all_gather_object(weights_hash(model))
-                if len(set(digests)) > 1:
-                    raise TrainError(f"the {world} processes hold different weights after epoch {epoch} "
-                                     f"({', '.join(digests)}): stopped, nothing of epoch {epoch} was written")
-                rec["ranks"] = {"world_size": world, "weights_sha256": digests}
-            if not main_rank:
-                history.append(rec)
-                barrier(dist)  # process 0 validates and writes
-                continue
-            metrics = None
-            if ev is not None:
-                t1 = time.perf_counter()
-                metrics = validate(model, ev, device, amp_dtype)
-                rec.update(val=metrics, val_r1=val_score(metrics), val_seconds=time.perf_counter() - t1)
-            score = val_score(metrics)
-            improved = ev is None or score > best["score"]
-            if improved:
-                best = {"epoch": epoch, "score": score if ev is not None else -math.inf}
-            rec["best"] = improved
-            history.append(rec)
-            # the state first: it commits the epoch (--resume restores the files below from it if they are not
-            # written); each file is written whole or not at all (atomic_write)
-            st = {"format": STATE_FORMAT, "epoch": epoch,
-                  "model": {k: t.detach().cpu() for k, t in model.state_dict().items()},
-                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if use_scaler else {},
-                  "rng": _rng_state(device), "history": history, "best": best, "train": opts.jsonable(),
-                  "cache": fingerprint, "plan": plan.digest()}
-            write(out / STATE_NAME, lambda: atomic_write(out / STATE_NAME, lambda tmp: _save_state(st, tmp)),
-                  epoch, False)
-            if improved:
-                write(out / "best.safetensors", lambda: save(out / "best.safetensors", model, meta(epoch, metrics)),
-                      epoch, True)
-            write(out / "last.safetensors", lambda: save(out / "last.safetensors", model, meta(epoch, metrics)),
-                  epoch, True)
-            write(out / HISTORY_NAME, write_history, epoch, True)
-            line = f"epoch {epoch}/{opts.epochs}: loss {rec['loss']:.4f} (bce {rec['bce']:.4f})"
-            if metrics is not None:
-                q, v = _dirs(opts.query)
-                line += f"  val R@1 {q} {metrics['q2v']['r1']:.1f} {v} {metrics['v2q']['r1']:.1f}"
-            progress.console.print(line + ("  [green]best[/green]" if improved and ev is not None else ""),
-                                   highlight=False)
-            if dist is not None:
-                barrier(dist)
-    return RunSummary(out, history, best["epoch"], opts.query, load_seconds, memory,
-                      int(state["epoch"]) if state is not None else 0, plan.notes, model.eval(), world)
+def _validate_untrained(learner, data, query: str, console) -> dict:
+    """Epoch 0 of the history: the untrained model's validation metrics (for reference; never the best)."""
+    rec = {"epoch": 0}
+    m = validate_epoch(learner, data.val, rec)
+    q, v = direction_names(query)
+    console.print(f"epoch 0 (untrained): val R@1 {q} {m['q2v']['r1']:.1f} {v} {m['v2q']['r1']:.1f}", highlight=False)
+    return rec
 
 
 # ----------------------------------------------------------------------------- report and CLI
-
-def saved_run(out: Path) -> str:
-    """What run directory `out` holds for --resume, in words (said after Ctrl-C). The resume
-    state is the run's commit point: what it holds, --resume restores."""
-    path = out / STATE_NAME
-    if not path.is_file():
-        return f"no epoch of the run is saved in {out} (none had ended); run the same command again to start it"
-    try:
-        st = load_state(path)
-    except TrainError:
-        return f"{path} cannot be read back; run the same command with --overwrite to start over"
-    best = (st.get("best") or {}).get("epoch")
-    return (f"{out} holds epoch {st.get('epoch')} of the run (best so far: epoch {best}); run the same command "
-            "with --resume to continue")
-
 
 def report(summary: RunSummary, console) -> None:
     """The final table (epoch, loss, validation R@1 both ways, best marker) and where things are."""
     from rich.table import Table
 
-    q, v = _dirs(summary.query)
+    q, v = direction_names(summary.query)
     t = Table(title=lit(f"varcmp-train: {summary.out} (R@1 on the validation subset, %)"))
     for col in ("epoch", "loss", "bce", f"{q} R@1", f"{v} R@1", "mean", "time", "best"):
         t.add_column(col, justify="right", no_wrap=True)
@@ -571,51 +230,15 @@ def report(summary: RunSummary, console) -> None:
                   soft_wrap=True)
 
 
-D = TrainOptions()
-
-
 @click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
               help="Run directory: checkpoints, resume state and history.json.")
-@click.option("--split", default=D.split,
-              help="Split of the cache to train on (a validation subset is held out of it).")
-@click.option("--query", type=click.Choice(QUERIES), default=D.query,
-              help="text: captions (UCFCrime-AR); audio: the videos' own CLAP segments (XDViolence-AR).")
-@click.option("--val-fraction", default=D.val_fraction, type=float,
-              help="Share of the training videos held out for model selection (0: none, best = last).")
-@click.option("--levels", default=",".join(D.levels), help="Active similarity levels, comma-separated (ablations).")
-@click.option("--anomaly-weighting/--no-anomaly-weighting", default=D.anomaly_weighting,
-              help="Anomaly-biased frame/patch weights (eq. 5-7).")
-@click.option("--epochs", default=D.epochs, type=int, help="Total epochs (with --resume: train up to this many).")
-@click.option("--batch-size", default=D.batch_size, type=int,
-              help="Pairs per step: B of the InfoNCE, the GLOBAL batch. Under torchrun with N processes each "
-                   "encodes B/N pairs (B must be divisible by N) and the InfoNCE is over all B, as in one process.")
-@click.option("--lr", default=D.lr, type=float, help="AdamW learning rate (constant).")
-@click.option("--weight-decay", default=D.weight_decay, type=float, help="AdamW weight decay.")
-@click.option("--tau", default=D.tau, type=float,
-              help="Temperature of the anomaly-biased softmax (eq. 7; the paper gives no value).")
-@click.option("--top-patches", default=D.top_patches, type=int, help="Patches kept per frame (M).")
-@click.option("--logit-scale", default=D.logit_scale, type=float, help="Scale of R in the InfoNCE (CLIP's 100).")
-@click.option("--dropout", default=D.dropout, type=float, help="Dropout of the Transformer layers.")
-@click.option("--heads", default=D.heads, type=int, help="Attention heads of the Transformer layers.")
-@click.option("--ffn-dim", default=D.ffn_dim, type=int,
-              help="FFN width of the Transformer layers and the anomaly head.")
-@click.option("--shift-fraction", default=D.shift_fraction, type=float, help="Channels token-shifted over frames.")
-@click.option("--topk-sigma", default=D.topk_sigma, type=float, help="Noise of the perturbed top-k (training).")
-@click.option("--topk-samples", default=D.topk_samples, type=int, help="Samples of the perturbed top-k (training).")
-@click.option("--seed", default=D.seed, type=int, help="Seeds the weights, the batch order and the validation draw.")
-@click.option("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-              help="auto: bf16 autocast on CUDA (fp16 + GradScaler without bf16), fp32 elsewhere.")
-@click.option("--data", type=click.Choice(["auto", "memory", "stream"]), default="auto",
-              help="auto: features in memory when they take under half of the free RAM, else read per batch.")
+@cli_options(TrainOptions, Runtime)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace the run in --out.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def main(cache, out, split, query, val_fraction, levels, anomaly_weighting, epochs, batch_size, lr, weight_decay,
-         tau, top_patches, logit_scale, dropout, heads, ffn_dim, shift_fraction, topk_sigma, topk_samples, seed,
-         device, precision, data, resume, overwrite, quiet):
+def main(cache, out, resume, overwrite, quiet, **settings):
     """Train VarCMP's heads on the features in CACHE (written by varcmp-extract).
 
     Defaults are the paper's (AdamW, lr 1e-4, batch 8, 15 epochs, M = 4, logit scale 100).
@@ -637,19 +260,29 @@ def main(cache, out, split, query, val_fraction, levels, anomaly_weighting, epoc
     """
     from rich.console import Console
 
+    with _errors_of_this_process(out) as (err, rank):
+        opts, runtime = settings_of(TrainOptions, settings), settings_of(Runtime, settings)
+        with distributed(runtime.device) as dist:
+            summary = train(cache, out, opts, runtime, resume=resume, overwrite=overwrite,
+                            console=err, quiet=quiet, dist=dist)
+    if summary.world_size == 1 or rank == 0:
+        report(summary, Console())
+    sys.exit(0)
+
+
+@contextmanager
+def _errors_of_this_process(out: Path):
+    """How `main` ends on an error: as OneLineErrors does, with the process named under torchrun (a
+    process whose peers went away says so); Ctrl-C says what `out` keeps. Yields (the stderr
+    console, this process's rank)."""
+    from rich.console import Console
+
     err = Console(stderr=True)
     world, rank = env_int_or("WORLD_SIZE", 1), env_int_or("RANK", 0)
     tag = f" (process {rank} of {world})" if world > 1 and rank else ""
     try:
-        opts = TrainOptions(split=split, query=query, val_fraction=val_fraction, levels=levels,
-                            anomaly_weighting=anomaly_weighting, epochs=epochs, batch_size=batch_size, lr=lr,
-                            weight_decay=weight_decay, tau=tau, top_patches=top_patches, logit_scale=logit_scale,
-                            dropout=dropout, heads=heads, ffn_dim=ffn_dim, shift_fraction=shift_fraction,
-                            topk_sigma=topk_sigma, topk_samples=topk_samples, seed=seed)
-        with distributed(device) as dist:
-            summary = train(cache, out, opts, Runtime(device=device, precision=precision, data=data),
-                            resume=resume, overwrite=overwrite, console=err, quiet=quiet, dist=dist)
-    except VarcmpError as e:  # as OneLineErrors does, with the process named under torchrun
+        yield err, rank
+    except VarcmpError as e:
         err.print(f"[red]error[/red]{tag}: {lit(e)}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
@@ -660,10 +293,6 @@ def main(cache, out, split, query, val_fraction, levels, anomaly_weighting, epoc
                       highlight=False, soft_wrap=True)
             sys.exit(1)
         raise
-    if summary.world_size == 1 or rank == 0:
-        report(summary, Console())
-    sys.exit(0)
-
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,5 @@
-"""The model's settings, one dataclass whose fields declare their types and ranges."""
+"""The model's settings, one dataclass whose fields declare their types, ranges and meaning (the
+help text that the training command's options show)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,25 @@ LEVELS = ("coarse", "fine", "finer")
 QUERIES = ("text", "audio")
 
 
-def within(default, lo, hi, ends: str = "[]"):
+def setting(default, help: str | None = None, *, choices: tuple | None = None, flag: str | None = None, **metadata):
+    """A dataclass field that is a user's setting: its default, what it means (`help`), the values it
+    takes (`choices`) and its command-line flag where that is not the field's name (`flag`), in one place
+    (see `cli.options`)."""
+    extra = {k: v for k, v in (("help", help), ("choices", choices), ("flag", flag)) if v is not None}
+    return field(default=default, metadata={**metadata, **extra})
+
+
+def within(default, lo, hi, ends: str = "[]", help: str | None = None):
     """A ModelConfig field whose value must lie between lo and hi; `ends` says whether each end
     is allowed ("[", "]") or not ("(", ")")."""
-    return field(default=default, metadata={"range": (lo, hi, ends)})
+    return setting(default, help, range=(lo, hi, ends))
+
+
+def model_setting(name: str):
+    """A field of another dataclass (the training options) that is ModelConfig's setting `name`: its
+    default and its description come from ModelConfig, declared there once."""
+    f = next(f for f in dataclasses.fields(ModelConfig) if f.name == name)
+    return field(default=f.default, metadata=f.metadata)
 
 
 @dataclass(frozen=True)
@@ -23,25 +39,28 @@ class ModelConfig:
     """Every setting of the heads. Types and ranges are checked on construction, so a crafted
     checkpoint or option fails with one line naming the setting before anything is built."""
 
-    query: str = "text"          # "text" (UCFCrime-AR) or "audio" (XDViolence-AR)
+    query: str = setting("text", "text: captions (UCFCrime-AR); audio: the videos' own CLAP segments "
+                         "(XDViolence-AR).", choices=QUERIES)
     dim: int = within(512, 1, 16384)               # C, the CLIP joint space
     audio_dim: int = within(512, 1, 16384)         # CLAP embedding size
     num_frames: int = within(32, 1, 4096)          # N_v (also fixes k = N_v // 16 + 1 of the MIL score)
     num_patches: int = within(49, 1, 4096)
     max_words: int = within(32, 1, 4096)
     audio_segments: int = within(32, 1, 4096)      # N_a
-    top_patches: int = within(4, 1, 4096)          # M
+    top_patches: int = within(4, 1, 4096, help="Patches kept per frame (M).")
     selector_dim: int = within(128, 1, 16384)      # hidden width of the patch scorer MLP
-    heads: int = within(8, 1, 1024)
-    ffn_dim: int = within(1024, 1, 65536)
-    dropout: float = within(0.1, 0.0, 1.0, "[)")
-    shift_fraction: float = within(0.25, 0.0, 1.0)  # channels token-shifted: half from frame t-1, half from t+1
-    levels: tuple = LEVELS
-    anomaly_weighting: bool = True
-    tau: float = within(0.1, 0.0, 1e4, "(]")       # temperature of eq. 7
-    topk_sigma: float = within(0.05, 0.0, 1e4, "(]")  # perturbed top-k noise (training only)
-    topk_samples: int = within(100, 1, 100000)
-    logit_scale: float = within(100.0, 0.0, 1e4, "(]")
+    heads: int = within(8, 1, 1024, help="Attention heads of the Transformer layers.")
+    ffn_dim: int = within(1024, 1, 65536, help="FFN width of the Transformer layers and the anomaly head.")
+    dropout: float = within(0.1, 0.0, 1.0, "[)", help="Dropout of the Transformer layers.")
+    # channels token-shifted: half from frame t-1, half from t+1
+    shift_fraction: float = within(0.25, 0.0, 1.0, help="Channels token-shifted over frames.")
+    levels: tuple = setting(LEVELS, "Active similarity levels, comma-separated (ablations).")
+    anomaly_weighting: bool = setting(True, "Anomaly-biased frame/patch weights (eq. 5-7).")
+    tau: float = within(0.1, 0.0, 1e4, "(]",
+                        help="Temperature of the anomaly-biased softmax (eq. 7; the paper gives no value).")
+    topk_sigma: float = within(0.05, 0.0, 1e4, "(]", help="Noise of the perturbed top-k (training).")
+    topk_samples: int = within(100, 1, 100000, help="Samples of the perturbed top-k (training).")
+    logit_scale: float = within(100.0, 0.0, 1e4, "(]", help="Scale of R in the InfoNCE (CLIP's 100).")
 
     def __post_init__(self):
         levels = self.levels.split(",") if isinstance(self.levels, str) else self.levels

@@ -1,4 +1,7 @@
-"""Training: what a run reads (data), one step (step), the resume state (state) and several processes (distributed); the errors a run stops with."""
+"""Training: the settings of a run (options), what it reads (data), one step (step), one epoch
+and the parts around it (loop), the run directory and its commits (rundir), the resume state
+(state) and several processes (distributed); the errors a run stops with. `varcmp.train` is the
+entry point that joins them."""
 
 from __future__ import annotations
 

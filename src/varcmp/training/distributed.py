@@ -7,7 +7,7 @@ single process (WORLD_SIZE unset or 1) needs none of it.
 
 --batch-size is the global batch: each process encodes its contiguous share of every global
 batch, the embeddings are all-gathered and every process computes the same InfoNCE over the
-whole batch (see `train.TrainStep` for the gradient scale).
+whole batch (see `training.step.TrainStep` for the gradient scale).
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from ..encoders.frozen import weights_hash
 from ..errors import VarcmpError, first_line
+from . import TrainError
 
 
 class DistSetupError(VarcmpError):
     """A torchrun setting that cannot work (one line)."""
-
-
-
 
 
 @dataclass(frozen=True)
@@ -178,6 +177,38 @@ def rank_seed(seed: int, epoch: int, rank: int) -> int:
     """The torch seed of one process for one epoch of a DDP run (dropout, perturbed top-k): distinct
     per process, and a function of (seed, epoch, rank) only, so a resumed run draws the same."""
     return int(np.random.SeedSequence([seed, epoch, rank, 0xDD9]).generate_state(1, np.uint64)[0] % 2**63)
+
+
+def same_start(facts: dict, out) -> None:
+    """Every process must start from the same epoch of the same run (`out` on a filesystem that all nodes
+    share, the same cache everywhere): a difference would deadlock or silently diverge."""
+    seen = all_gather_object(facts)
+    for r, theirs in enumerate(seen):
+        if theirs != facts:
+            diff = ", ".join(f"{k}: {theirs[k]!r} in process {r}, {facts[k]!r} here"
+                             for k in facts if theirs[k] != facts[k])
+            raise TrainError(f"the processes disagree ({diff}): every node must see the same cache and the same "
+                             f"run directory {out} (a shared filesystem)")
+
+
+def wrap_ddp(step: torch.nn.Module, dist: DistInfo) -> torch.nn.Module:
+    """The training step under DistributedDataParallel. static_graph: the parameters used are fixed by
+    the settings (--levels, --query), not by the data, so DDP learns once which are unused (e.g. patch
+    selection without "finer")."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = dist.device
+    return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
+                                   static_graph=True)
+
+
+def same_weights(model: torch.nn.Module, dist: DistInfo, epoch: int) -> dict:
+    """Check that every process holds the same weights after `epoch`; what history.json records of it."""
+    digests = all_gather_object(weights_hash(model))
+    if len(set(digests)) > 1:
+        raise TrainError(f"the {dist.world_size} processes hold different weights after epoch {epoch} "
+                         f"({', '.join(digests)}): stopped, nothing of epoch {epoch} was written")
+    return {"world_size": dist.world_size, "weights_sha256": digests}
 
 
 def env_int_or(name: str, default: int) -> int:

@@ -19,7 +19,7 @@ STATE_FORMAT = "varcmp-train-state/1"
 
 # ----------------------------------------------------------------------------- state
 
-def _rng_state(device: torch.device) -> dict:
+def rng_state(device: torch.device) -> dict:
     np_state = np.random.get_state()
     py = random.getstate()
     st = {"torch": torch.get_rng_state(),
@@ -33,7 +33,7 @@ def _rng_state(device: torch.device) -> dict:
     return st
 
 
-def _set_rng_state(st: dict, device: torch.device) -> None:
+def set_rng_state(st: dict, device: torch.device) -> None:
     torch.set_rng_state(st["torch"])
     name, keys, pos, has_gauss, gauss = st["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -60,7 +60,7 @@ def load_state(path: Path) -> dict:
     return st
 
 
-def _save_state(state: dict, path) -> None:
+def save_state(state: dict, path) -> None:
     """torch.save through a Python file object: a failing write (disk full) then surfaces as the OSError
     it is, where torch's own file writer reports only "unexpected pos"."""
     with open(path, "wb") as f:
@@ -72,7 +72,7 @@ def _save_state(state: dict, path) -> None:
             raise
 
 
-def _holds_epoch(path: Path, epoch, plan_digest: str) -> bool:
+def holds_epoch(path: Path, epoch, plan_digest: str) -> bool:
     """Whether checkpoint `path` and its .json copy both hold `epoch` of this run's data plan."""
     try:
         meta = read_meta(path)

@@ -30,7 +30,8 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
     raise TrainError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
 
 
-def _amp(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The autocast context of `dtype` on `device` (None: fp32, no autocast)."""
     return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
@@ -39,7 +40,7 @@ def validate(model: VarCMP, ev: EvalData, device: torch.device, amp_dtype=None) 
     was = model.training
     model.eval()
     try:
-        with _amp(device, amp_dtype):
+        with autocast(device, amp_dtype):
             v = encode_videos(model, ev.videos, device, batch=32)  # bounds the float32 patch copies
             q = encode_queries(model, ev.query_feats, device)
             sims = score_matrix(model, v, q)

@@ -1,0 +1,87 @@
+"""The settings of a training run, each declared once: `TrainOptions` (the hyper-parameters,
+stored in every checkpoint and in the resume state; the model's own come from `ModelConfig`) and
+`Runtime` (where and how it computes). `varcmp-train`'s options are made from these fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass
+
+from ..model.config import QUERIES, ModelConfig, model_setting, setting
+from . import TrainError
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Every hyper-parameter of a run (stored in each checkpoint and in the resume state)."""
+
+    split: str = setting("train", "Split of the cache to train on (a validation subset is held out of it).")
+    query: str = model_setting("query")
+    val_fraction: float = setting(0.1, "Share of the training videos held out for model selection (0: none, "
+                                  "best = last).")
+    levels: tuple = model_setting("levels")
+    anomaly_weighting: bool = model_setting("anomaly_weighting")
+    epochs: int = setting(15, "Total epochs (with --resume: train up to this many).")
+    batch_size: int = setting(8, "Pairs per step: B of the InfoNCE, the GLOBAL batch. Under torchrun with N "
+                              "processes each encodes B/N pairs (B must be divisible by N) and the InfoNCE is "
+                              "over all B, as in one process.")
+    lr: float = setting(1e-4, "AdamW learning rate (constant).")
+    weight_decay: float = setting(0.01, "AdamW weight decay.")
+    tau: float = model_setting("tau")
+    top_patches: int = model_setting("top_patches")
+    logit_scale: float = model_setting("logit_scale")
+    dropout: float = model_setting("dropout")
+    heads: int = model_setting("heads")
+    ffn_dim: int = model_setting("ffn_dim")
+    shift_fraction: float = model_setting("shift_fraction")
+    topk_sigma: float = model_setting("topk_sigma")
+    topk_samples: int = model_setting("topk_samples")
+    seed: int = setting(0, "Seeds the weights, the batch order and the validation draw.")
+
+    def __post_init__(self):
+        levels = self.levels.split(",") if isinstance(self.levels, str) else self.levels
+        object.__setattr__(self, "levels", tuple(lv.strip() for lv in levels if lv.strip()))
+        if self.query not in QUERIES:
+            raise TrainError(f"--query must be one of {', '.join(QUERIES)}, got {self.query!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise TrainError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise TrainError("--batch-size must be at least 2 (InfoNCE needs negatives in the batch)")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise TrainError(f"--lr must be > 0 and --weight-decay >= 0, got {self.lr} and {self.weight_decay}")
+        try:  # the model's own checks, on dummy dims
+            self.model_config(None)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+
+    def model_config(self, spec) -> ModelConfig:
+        """The ModelConfig of this run for a cache with CacheSpec `spec` (None: check only): the model's
+        settings among these options, the dimensions from the cache."""
+        dims = {}
+        if spec is not None:
+            dims = dict(dim=spec.dim, audio_dim=spec.audio_dim, num_frames=spec.num_frames,
+                        num_patches=spec.num_patches, max_words=spec.max_words,
+                        audio_segments=spec.audio_segments or ModelConfig.audio_segments)
+        return ModelConfig(**{name: getattr(self, name) for name in _MODEL_SETTINGS}, **dims)
+
+    def jsonable(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+_MODEL_SETTINGS = [f.name for f in dataclasses.fields(TrainOptions)
+                   if f.name in {m.name for m in dataclasses.fields(ModelConfig)}]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a run computes; not hyper-parameters (a resume may change them)."""
+
+    device: str = setting("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps.")
+    precision: str = setting("auto", "auto: bf16 autocast on CUDA (fp16 + GradScaler without bf16), fp32 "
+                             "elsewhere.", choices=("auto", "fp32", "bf16", "fp16"))
+    data: str = setting("auto", "auto: features in memory when they take under half of the free RAM, else "
+                        "read per batch.", choices=("auto", "memory", "stream"))

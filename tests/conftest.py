@@ -8,9 +8,10 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from varcmp.media.audio import AUDIO_RATE  # noqa: E402
-from varcmp.media.files import write_video
+from varcmp.media.files import write_video  # noqa: E402
 
 SR = AUDIO_RATE
 
@@ -34,6 +35,18 @@ def write_audio_only(path: Path, seconds: float = 2.0) -> None:
 
     with av.open(str(path), "w") as c:
         mux_audio(c, audio_stream(c, SR), tone(seconds, 330), SR)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): the
+    training heads are tiny, so one thread is many times faster than two on a shared machine, and
+    the float sums are those of torchrun's workers and of the tests' subprocesses (which set
+    OMP_NUM_THREADS=1), bit for bit. Training itself leaves torch's default alone."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

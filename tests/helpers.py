@@ -1,5 +1,7 @@
-"""A small cache with planted structure, written through the real cache writer, for
-tests of training, evaluation and search (small dims so that they run in seconds).
+"""What the tests share besides fixtures (conftest.py): a small cache with planted structure,
+written through the real cache writer, for tests of training, evaluation and search (small dims so
+that they run in seconds); the one-line error checks of a command's result; varcmp-train run
+in-process; the weights of a checkpoint.
 
 Video i has a concept vector c_i. It appears only in a short span of frames
 (anomalous videos) and there only in a few patches; the caption's sentence and
@@ -13,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
+from click.testing import CliRunner
 
 from varcmp.cache_schema import CacheSpec, QueryEntry, VideoEntry, VideoFeatures
 from varcmp.cache.writer import CacheWriter
@@ -95,3 +99,33 @@ def one_line_error(r, *needles):
     assert "Traceback" not in r.output
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+def cli(*args, code: int = 0):
+    """varcmp-train with `args` (any objects, as strings), which must end with exit code `code`."""
+    res = CliRunner().invoke(_train_main(), [str(a) for a in args])
+    assert res.exit_code == code, (res.exit_code, res.output, res.exception)
+    return res
+
+
+def error_line(res, alone: bool = True) -> str:
+    """The error line of a failed run (a CliRunner result or a finished subprocess); alone: the only
+    thing on stderr."""
+    lines = res.stderr.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], res.stderr
+    assert not alone or len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr and "Traceback" not in getattr(res, "output", "")
+    return errors[0]
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _train_main():
+    import varcmp.train
+
+    return varcmp.train.main

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import write_planted_cache
-from train_helpers import cli, weights
+from helpers import cli, weights
 
 import varcmp.training.distributed as D
 import varcmp.train as T
@@ -34,12 +34,7 @@ SMALL = ["--heads", "2", "--ffn-dim", "64", "--topk-samples", "20", "--device", 
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun sets OMP_NUM_THREADS=1 in its workers: the same float sums
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

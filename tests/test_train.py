@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import write_planted_cache
-from train_helpers import cli, error_line, weights
+from helpers import cli, error_line, weights
 
 import varcmp.train as T
 import varcmp.training as TR
@@ -31,14 +31,7 @@ SMALL = dict(heads=2, ffn_dim=64, topk_samples=20)
 SMALL_ARGS = ["--heads", "2", "--ffn-dim", "64", "--topk-samples", "20", "-q"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These heads are tiny: one intra-op thread is many times faster than two on a shared,
-    busy machine (training itself leaves torch's default alone)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

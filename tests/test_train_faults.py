@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import write_planted_cache
-from train_helpers import cli, error_line, weights
+from helpers import cli, error_line, weights
 
 import varcmp.training.data as TD
 import varcmp.training.loop as TL
@@ -31,12 +31,7 @@ ARGS = ["--heads", "2", "--ffn-dim", "64", "--topk-samples", "20", "--lr", "1e-3
         "--epochs", "3", "--device", "cpu", "-q"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocesses below set the same: the same float sums, bit for bit
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -67,9 +67,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-import numpy as np
-from .errors import VarcmpError
 
+import numpy as np
+
+from .errors import VarcmpError
 
 SCHEMA_VERSION = 1
 

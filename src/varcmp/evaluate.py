@@ -14,20 +14,20 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
 import click
 import numpy as np
 import torch
 
 from .cli.common import OneLineErrors, OutputFile
+from .errors import UserError
 from .model import VarCMP
 from .model.queries import AUDIO, QUERY_KINDS, check_segments
-from .retrieval.scoring import (DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, default_chunk, encode_queries, encode_videos,
-                                score_matrix)
-from .errors import UserError
 from .retrieval.metrics import (METRICS, POST, POST_LABEL, SINKHORN_ITERS, format_metric, metric_label, parse_metrics,
                                 postprocess, query_to_video_ranks, summarize, video_to_query_ranks)
 from .retrieval.pairs import load_eval_data
-
+from .retrieval.scoring import (DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, default_chunk, encode_queries, encode_videos,
+                                score_matrix)
 
 DEFAULT_METRICS = ("r1", "r5", "r10", "mdr")
 ENCODE_BATCH = 16           # videos per encode_videos forward in the CLI (memory, not results)

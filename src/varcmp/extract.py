@@ -32,21 +32,21 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
 import click
 import numpy as np
 
-from .cache_schema import DONE, FAILED, SPLIT_KEY, TEXT_CHUNK, CacheError, CacheSpec, CacheWriteError, VideoFeatures
-from .cache.writer import CacheWriter, probe_target, remove_store
+from .cache.locks import Locks, process_running
 from .cache.reader import Completeness
 from .cache.store import fault_point, is_hdf5
+from .cache.writer import CacheWriter, probe_target, remove_store
+from .cache_schema import DONE, FAILED, SPLIT_KEY, TEXT_CHUNK, CacheError, CacheSpec, CacheWriteError, VideoFeatures
 from .cli.common import CommandError, Interrupted, OneLineErrors
 from .cli.markup import lit
 from .cli.progress import progress_bar
 from .media.audio import AUDIO_MIX, AUDIO_RATE
-from .cache.locks import Locks, process_running
 from .media.decoding import decoded, decoders
 from .media.plan import Plan, audio_source, looks_local, make_plan
-
 
 # --------------------------------------------------------------------------
 # Main side

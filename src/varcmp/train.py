@@ -75,11 +75,12 @@ from .cli.options import cli_options, settings_of
 from .cli.progress import progress_bar
 from .errors import VarcmpError, first_line
 from .model import VarCMP
+from .model.queries import query_kind
 from .training import TrainError
 from .training.data import plan_data
 from .training.distributed import DistInfo, barrier, distributed, env_int_or, is_dist_error, same_weights
-from .training.loop import (NO_BEST, data_line, direction_names, epoch_line, init_learner, load_data,
-                            make_step, pick_best, resolve_compute, train_epoch, validate_epoch)
+from .training.loop import (NO_BEST, data_line, epoch_line, init_learner, load_data, make_step, pick_best,
+                            resolve_compute, train_epoch, validate_epoch)
 from .training.options import Runtime, TrainOptions
 from .training.rundir import HISTORY_NAME, RunDir, open_run, saved_run
 from .training.state import STATE_NAME
@@ -196,7 +197,7 @@ def _validate_untrained(learner, data, query: str, console) -> dict:
     """Epoch 0 of the history: the untrained model's validation metrics (for reference; never the best)."""
     rec = {"epoch": 0}
     m = validate_epoch(learner, data.val, rec)
-    q, v = direction_names(query)
+    q, v = query_kind(query).metric_keys
     console.print(f"epoch 0 (untrained): val R@1 {q} {m['q2v']['r1']:.1f} {v} {m['v2q']['r1']:.1f}", highlight=False)
     return rec
 
@@ -207,7 +208,7 @@ def report(summary: RunSummary, console) -> None:
     """The final table (epoch, loss, validation R@1 both ways, best marker) and where things are."""
     from rich.table import Table
 
-    q, v = direction_names(summary.query)
+    q, v = query_kind(summary.query).metric_keys
     t = Table(title=lit(f"varcmp-train: {summary.out} (R@1 on the validation subset, %)"))
     for col in ("epoch", "loss", "bce", f"{q} R@1", f"{v} R@1", "mean", "time", "best"):
         t.add_column(col, justify="right", no_wrap=True)

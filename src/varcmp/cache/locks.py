@@ -6,8 +6,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..cache_schema import LOCK_NAME, RUN_LOCK_NAME, CacheError, CacheWriteError
-from .store import is_hdf5
 from ..cli.markup import lit
+from .store import is_hdf5
 
 
 class Locks:

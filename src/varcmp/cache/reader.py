@@ -7,12 +7,14 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
 import numpy as np
 
 from .. import __version__
-from .store import open_store
-from ..cache_schema import CacheError, CacheSpec, DONE, DamagedCacheError, FAILED, FINAL_KEY, IncompleteCacheWarning, ROOT_KEY, SCHEMA_VERSION, SPLIT_KEY, text_arrays, video_arrays
+from ..cache_schema import (DONE, FAILED, FINAL_KEY, ROOT_KEY, SCHEMA_VERSION, SPLIT_KEY, CacheError, CacheSpec,
+                            DamagedCacheError, IncompleteCacheWarning, text_arrays, video_arrays)
 from ..errors import first_line
+from .store import open_store
 
 
 @dataclass

@@ -8,10 +8,10 @@ import signal
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+
 import numpy as np
 
 from ..cache_schema import CacheError, CacheWriteError
-
 
 FAULT_ENV = "VARCMP_FAULT"  # test-only fault hook, see the docstring of `varcmp.cache_schema`
 

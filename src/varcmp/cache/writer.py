@@ -7,14 +7,15 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
+
 import numpy as np
 
 from .. import __version__
+from ..cache_schema import (DONE, FAILED, FINAL_KEY, LOCK_NAMES, PENDING, ROOT_KEY, SCHEMA_VERSION, SPLIT_KEY,
+                            CacheError, CacheSpec, QueryEntry, VideoEntry, VideoFeatures, text_arrays, video_arrays)
 from ..media.files import within
 from .reader import Completeness, check_version, completeness_of, same_encoders
-from .store import open_store, writing, fault_point, is_hdf5
-from ..cache_schema import CacheError, CacheSpec, DONE, FAILED, FINAL_KEY, LOCK_NAMES, PENDING, QueryEntry, ROOT_KEY, SCHEMA_VERSION, SPLIT_KEY, VideoEntry, VideoFeatures, text_arrays, video_arrays
-
+from .store import fault_point, is_hdf5, open_store, writing
 
 # --------------------------------------------------------------------------
 # Writer

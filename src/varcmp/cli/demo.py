@@ -6,11 +6,11 @@ import json
 import os
 import time
 from pathlib import Path
+
 import click
 
 from .common import CommandError, Interrupted, OneLineErrors
 from .progress import progress_bar
-
 
 # (row label, levels, anomaly weighting); None levels = zero-shot
 SETTINGS = [
@@ -21,7 +21,6 @@ SETTINGS = [
     ("all, no ABW", ("coarse", "fine", "finer"), False),  # ABW: anomaly-biased weighting
 ]
 METRICS = ("r1", "r10", "mdr")
-TASKS = {"text": ("t2v", "v2t"), "audio": ("a2v", "v2a")}
 
 
 def _run_name(levels, weighting) -> str:
@@ -74,8 +73,10 @@ def run_demo(out: Path, tasks: tuple[str, ...], videos: int, epochs: int, seed: 
 def print_tables(results: dict, console) -> None:
     from rich.table import Table
 
+    from ..model.queries import query_kind
+
     for task, rows in results["tasks"].items():
-        q2v, v2q = TASKS[task]
+        q2v, v2q = query_kind(task).metric_keys
         n = rows[0]["videos"]
         t = Table(title=f"{task} queries ({'UCFCrime-AR' if task == 'text' else 'XDViolence-AR'}-like): "
                         f"synthetic test split, {n} videos", caption="all three = coarse+fine+finer; "

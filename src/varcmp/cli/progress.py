@@ -12,7 +12,8 @@ def progress_bar(console=None, enabled: bool = True, *, transient: bool = True, 
     nothing but still takes tasks and prints through `.console`. `fields`: rich format strings of task fields shown after the count, e.g.
     `"loss {task.fields[loss]:.4f}"`; `transient`: the bar disappears when done."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                *(TextColumn(f) for f in fields), TimeElapsedColumn()]

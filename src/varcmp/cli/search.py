@@ -7,13 +7,12 @@ from pathlib import Path
 
 import click
 
-from .common import CommandError, OneLineErrors, OutputFile
-from ..retrieval.scoring import DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA
 from ..retrieval.index import DEFAULT_CANDIDATES, DEFAULT_POOL_SHARE, INDEX_DIR
 from ..retrieval.report import print_results, write_html, write_json
+from ..retrieval.scoring import DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA
 from ..retrieval.search import AUTO_TWO_STAGE, MODES, run_search
 from ..retrieval.spans import SPAN_THRESHOLD
-
+from .common import CommandError, OneLineErrors, OutputFile
 
 # --------------------------------------------------------------------------
 # The command

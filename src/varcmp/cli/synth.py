@@ -5,13 +5,14 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+
 import click
 
 from ..media.captions import AnnotationError
-from .common import CommandError, OneLineErrors
 from ..synth.media import make_media_cache
-from ..synth.world import ACTIONS, ACTIVITIES, SCENES, SUBJECTS, SynthParams, label_counts, split_sizes, make_synthetic_cache
-
+from ..synth.world import (ACTIONS, ACTIVITIES, SCENES, SUBJECTS, SynthParams, label_counts, make_synthetic_cache,
+                           split_sizes)
+from .common import CommandError, OneLineErrors
 
 # --------------------------------------------------------------------------
 # CLI

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 
-from .video import MediaError, open_media, ffmpeg_reason, sample_times
-
+from .video import MediaError, ffmpeg_reason, open_media, sample_times
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".wma")
 AUDIO_RATE = 48_000  # CLAP's sampling rate

@@ -27,8 +27,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .files import within
 from ..errors import VarcmpError
+from .files import within
 
 XD_CATEGORIES = {"A": "normal", "B1": "fighting", "B2": "shooting", "B4": "riot", "B5": "abuse",
                  "B6": "car accident", "G": "explosion"}

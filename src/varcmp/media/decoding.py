@@ -6,11 +6,11 @@ import concurrent.futures as cf
 import multiprocessing as mp
 import sys
 from contextlib import contextmanager
+
 import numpy as np
 
 from .audio import AUDIO_RATE, audio_windows, read_audio
 from .video import MediaError, read_frames
-
 
 # --------------------------------------------------------------------------
 # Worker side: decode + preprocess (no model weights here)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
 import numpy as np
 
 from .audio import AUDIO_RATE, audio_stream, mux_audio
-
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts", ".3gp")
 

@@ -6,11 +6,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .captions import label_from_path, read_captions, safe_relative
 from ..cache_schema import QueryEntry, VideoEntry
 from .audio import AUDIO_EXTENSIONS
+from .captions import label_from_path, read_captions, safe_relative
 from .files import find_videos, within
-
 
 # --------------------------------------------------------------------------
 # What to extract

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
+
 from ..errors import VarcmpError
 
 

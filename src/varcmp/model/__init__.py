@@ -3,10 +3,10 @@ frozen encoders: config (the settings), heads, similarity (per-part embeddings, 
 losses, varcmp (the model: encode videos, encode queries, score pairs, loss) and checkpoint (save and
 load without running code). Importing it pulls in nothing of training, search or the CLI."""
 
-from .config import LEVELS, ModelConfig, QUERIES, within
-from .similarity import QueryEmb, VideoEmb, masked_mean, masked_softmax, token_wise
-from .losses import info_nce, mil_bce, video_scores
+from .config import LEVELS, QUERIES, ModelConfig, within
 from .heads import AnomalyHead, AudioEncoder, PatchSelector, PerturbedTopK, TemporalEncoder, WeightHead, token_shift
+from .losses import info_nce, mil_bce, video_scores
+from .similarity import QueryEmb, VideoEmb, masked_mean, masked_softmax, token_wise
 from .varcmp import VarCMP
 
 __all__ = ["LEVELS", "QUERIES", "ModelConfig", "within", "QueryEmb", "VideoEmb", "masked_mean", "masked_softmax",

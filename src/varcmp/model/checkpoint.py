@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 import torch
 
 from .. import __version__
-from ..cache_schema import SCHEMA_VERSION
-from ..cache.reader import Cache, same_encoders
-from . import ModelConfig, VarCMP
 from ..atomic import atomic_write
+from ..cache.reader import Cache, same_encoders
+from ..cache_schema import SCHEMA_VERSION
 from ..errors import VarcmpError
-
+from . import ModelConfig, VarCMP
 
 META_KEY = "varcmp"
 

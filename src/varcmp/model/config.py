@@ -8,7 +8,6 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-
 LEVELS = ("coarse", "fine", "finer")
 QUERIES = ("text", "audio")
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ModelConfig
-from .similarity import _f32, masked_mean, masked_softmax
+from .similarity import at_least_f32, masked_mean, masked_softmax
 
 
 def token_shift(x: Tensor, fold: int) -> Tensor:
@@ -78,7 +78,7 @@ class AnomalyHead(nn.Module):
         self.fc = _zero_init(nn.Linear(cfg.dim, 1))
 
     def forward(self, f: Tensor) -> Tensor:
-        return torch.sigmoid(_f32(self.fc(self.ffn(f) + f).squeeze(-1)))
+        return torch.sigmoid(at_least_f32(self.fc(self.ffn(f) + f).squeeze(-1)))
 
 
 class PerturbedTopK(torch.autograd.Function):
@@ -130,7 +130,7 @@ class PatchSelector(nn.Module):
         norms = patches.norm(dim=-1).clamp_min(1e-12) * cls.norm(dim=-1).clamp_min(1e-12)[..., None]
         cos = torch.einsum("vnpc,vnc->vnp", patches, cls) / norms
         hidden = F.gelu(self.patch_in(patches) + self.frame_in(cls)[:, :, None, :])
-        return _f32(cos) + _f32(self.out(hidden).squeeze(-1))
+        return at_least_f32(cos) + at_least_f32(self.out(hidden).squeeze(-1))
 
     def forward(self, patches: Tensor, cls: Tensor) -> Tensor:
         """-> selected patches [V, N*M, C], frame-major (frame 0's M patches, then frame 1's...)."""

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .similarity import _f32
+from .similarity import at_least_f32
 
 
 def video_scores(A: Tensor, frame_mask: Tensor, num_frames: int | None = None) -> Tensor:
@@ -14,7 +14,7 @@ def video_scores(A: Tensor, frame_mask: Tensor, num_frames: int | None = None) -
     valid frames, k = N_v // 16 + 1 capped at the valid count (N_v: num_frames, default
     A.shape[-1]). A video with no valid frame scores 0. A: [V, N] -> [V]."""
     k = (A.shape[-1] if num_frames is None else num_frames) // 16 + 1
-    A = _f32(A).masked_fill(~frame_mask, float("-inf"))
+    A = at_least_f32(A).masked_fill(~frame_mask, float("-inf"))
     top = A.topk(min(k, A.shape[-1]), dim=-1).values                 # [V, k]
     kk = frame_mask.sum(-1).clamp(max=k)                               # [V]
     keep = torch.arange(top.shape[-1], device=A.device) < kk[:, None]
@@ -29,8 +29,8 @@ def mil_bce(A: Tensor, frame_mask: Tensor, labels: Tensor, num_frames: int | Non
     return -(y * torch.log(s).clamp_min(-100) + (1 - y) * torch.log1p(-s).clamp_min(-100)).mean()
 
 
-def _nce_parts(R: Tensor, logit_scale: float) -> tuple[Tensor, Tensor]:
-    logits = logit_scale * _f32(R)
+def nce_parts(R: Tensor, logit_scale: float) -> tuple[Tensor, Tensor]:
+    logits = logit_scale * at_least_f32(R)
     target = torch.arange(len(R), device=R.device)
     return F.cross_entropy(logits, target), F.cross_entropy(logits.T, target)  # eq. 10, eq. 11
 
@@ -38,5 +38,5 @@ def _nce_parts(R: Tensor, logit_scale: float) -> tuple[Tensor, Tensor]:
 def info_nce(R: Tensor, logit_scale: float) -> Tensor:
     """Symmetric InfoNCE over the [B, B] matrix R(v_i, q_j) of matching pairs on the
     diagonal: L_v2q (eq. 10, rows) + L_q2v (eq. 11, columns), summed as in eq. 12."""
-    v2q, q2v = _nce_parts(R, logit_scale)
+    v2q, q2v = nce_parts(R, logit_scale)
     return v2q + q2v

@@ -24,6 +24,11 @@ class QueryKind:
     directions: tuple[tuple[str, str], tuple[str, str]]  # metric key and label: query->video, video->query
     frame_term: str               # the fine level's per-frame similarity s_j, in words
 
+    @property
+    def metric_keys(self) -> tuple[str, str]:
+        """The two directions' metric keys: query->video, video->query (e.g. t2v, v2t)."""
+        return self.directions[0][0], self.directions[1][0]
+
 
 TEXT = QueryKind("text", ("word_feat", "word_mask", "sentence"), "encode_text", True, "clip", "has_text",
                  (("t2v", "text->video"), ("v2t", "video->text")), "cos(sentence, frame)")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
 
 # ----------------------------------------------------------------------------- embeddings
 
@@ -64,19 +64,20 @@ class QueryEmb(_Rows):
 
 # ----------------------------------------------------------------------------- helpers
 
-def _f32(x: Tensor) -> Tensor:
+def at_least_f32(x: Tensor) -> Tensor:
     """Half precision (cache or autocast) -> float32; float32/64 unchanged."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _l2(x: Tensor) -> Tensor:
+def l2_normalize(x: Tensor) -> Tensor:
+    """Unit length along the last axis."""
     return F.normalize(x, dim=-1)
 
 
 def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
     """Softmax over the last axis restricted to mask; exactly 0 on masked positions
     (an all-masked row gives all zeros, never NaN)."""
-    logits = _f32(logits)
+    logits = at_least_f32(logits)
     p = torch.softmax(logits.masked_fill(~mask, torch.finfo(logits.dtype).min), dim=-1)
     return torch.where(mask, p, 0.0)
 
@@ -96,9 +97,9 @@ def token_wise(x: Tensor, x_mask: Tensor, x_w: Tensor, t: Tensor, t_mask: Tensor
     a padded token gives -2 (below any cosine), multiplied by its weight 0."""
     V, J, C = x.shape
     Q, L, _ = t.shape
-    sim = (_l2(x).reshape(V * J, C) @ _l2(t).reshape(Q * L, C).T).view(V, J, Q, L)
+    sim = (l2_normalize(x).reshape(V * J, C) @ l2_normalize(t).reshape(Q * L, C).T).view(V, J, Q, L)
     sim = sim.masked_fill(~x_mask[:, :, None, None], float("-inf"))
     sim.masked_fill_(~t_mask[None, None], float("-inf"))
     q2v = sim.amax(1).clamp_min(-2.0)  # [V, Q, L]  best video token per query token
     v2q = sim.amax(3).clamp_min(-2.0)  # [V, J, Q]  best query token per video token
-    return 0.5 * ((_f32(q2v) * t_w[None]).sum(-1) + (_f32(v2q) * x_w[:, :, None]).sum(1))
+    return 0.5 * ((at_least_f32(q2v) * t_w[None]).sum(-1) + (at_least_f32(v2q) * x_w[:, :, None]).sum(1))

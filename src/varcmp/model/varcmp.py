@@ -21,10 +21,9 @@ from torch import Tensor
 
 from .config import LEVELS, ModelConfig
 from .heads import AnomalyHead, AudioEncoder, PatchSelector, TemporalEncoder, WeightHead
-from .losses import _nce_parts, mil_bce, video_scores
+from .losses import mil_bce, nce_parts, video_scores
 from .queries import TEXT, QueryKind, query_kind
-from .similarity import QueryEmb, VideoEmb, _f32, _l2, masked_softmax, token_wise
-
+from .similarity import QueryEmb, VideoEmb, at_least_f32, l2_normalize, masked_softmax, token_wise
 
 # ----------------------------------------------------------------------------- the model
 
@@ -155,10 +154,10 @@ class VarCMP(nn.Module):
             raise ValueError(f"levels must be a non-empty subset of {LEVELS}, got {levels}")
         out = {}
         if "coarse" in levels:
-            out["coarse"] = _f32(_l2(v.video) @ _l2(q.glob).T)
+            out["coarse"] = at_least_f32(l2_normalize(v.video) @ l2_normalize(q.glob).T)
         if "fine" in levels:
             if self.kind.fine_on_glob:
-                one = _f32(q.glob.new_ones(len(q), 1))
+                one = at_least_f32(q.glob.new_ones(len(q), 1))
                 out["fine"] = token_wise(v.frames, v.frame_mask, v.frame_weights,
                                          q.glob[:, None], one.bool(), one)
             else:
@@ -178,11 +177,11 @@ class VarCMP(nn.Module):
         over the valid segments (-2 where a query has none). Padded frames are -2. So, per pair,
         fine = 1/2 (max_j s_j + sum_j w_j s_j) for text, and the frame half of eq. 3 is
         1/2 sum_j w_j s_j for audio (tests/test_model.py checks both against `similarity`)."""
-        f = _l2(_f32(v.frames))                                                       # [V, N, C]
+        f = l2_normalize(at_least_f32(v.frames))                                                       # [V, N, C]
         if self.kind.fine_on_glob:
-            s = torch.einsum("vnc,vc->vn", f, _l2(_f32(q.glob)))
+            s = torch.einsum("vnc,vc->vn", f, l2_normalize(at_least_f32(q.glob)))
         else:
-            sim = torch.einsum("vnc,vlc->vnl", f, _l2(_f32(q.tokens)))
+            sim = torch.einsum("vnc,vlc->vnl", f, l2_normalize(at_least_f32(q.tokens)))
             s = sim.masked_fill(~q.token_mask[:, None, :], float("-inf")).amax(-1).clamp_min(-2.0)
         return s.masked_fill(~v.frame_mask, -2.0)
 
@@ -203,23 +202,23 @@ class VarCMP(nn.Module):
         u_v = ~e_v + 1/2 sum_j w_j ~f_j with the fine level's frame weights (after eq. 6); a level
         not in `levels` (default cfg.levels) is left out; with neither coarse nor fine, u_v = ~e_v."""
         kind = self.linear_levels(levels)
-        e = _l2(_f32(v.video))
+        e = l2_normalize(at_least_f32(v.video))
         if kind == "coarse":
             return e
-        half = 0.5 * (_f32(v.frame_weights)[..., None] * _l2(_f32(v.frames))).sum(1)  # weights 0 on padding
+        half = 0.5 * (at_least_f32(v.frame_weights)[..., None] * l2_normalize(at_least_f32(v.frames))).sum(1)  # weights 0 on padding
         return e + half if kind == "coarse+fine-mean" else half
 
     @staticmethod
     def query_vectors(q: QueryEmb) -> Tensor:
         """The query side of `video_vectors`: ~s (text) or ~m_a (audio), [Q, C] float32."""
-        return _l2(_f32(q.glob))
+        return l2_normalize(at_least_f32(q.glob))
 
     # --- training ----------------------------------------------------------------------------
     def loss(self, v: VideoEmb, q: QueryEmb, labels: Tensor | None = None) -> dict[str, Tensor]:
         """Eq. 12 on B matching pairs (video i <-> query i): L = L_bce + L_v2q + L_q2v, the
         InfoNCE on logit_scale * R_total. L_bce (MIL) is 0 when labels is None."""
         sims = self.similarity(v, q)
-        v2q, q2v = _nce_parts(sims["total"], self.cfg.logit_scale)
+        v2q, q2v = nce_parts(sims["total"], self.cfg.logit_scale)
         bce = (mil_bce(v.anomaly, v.frame_mask, labels, self.cfg.num_frames) if labels is not None
                else v2q.new_zeros(()))
         return {"loss": bce + v2q + q2v, "v2q": v2q, "q2v": q2v, "bce": bce,

@@ -28,16 +28,16 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 
-from ..cache.store import is_hdf5
 from ..atomic import atomic_write
+from ..cache.store import is_hdf5
+from ..cli import progress
 from ..cli.markup import lit
 from ..model import QueryEmb, VarCMP
 from .scoring import encode_videos
-from ..cli import progress
 from .videos import CacheVideos
-
 
 DEFAULT_CANDIDATES = 1000   # --candidates default: at least this many videos per query are reranked,
 DEFAULT_POOL_SHARE = 0.02   # and at least this share of the split

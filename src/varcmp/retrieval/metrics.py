@@ -6,7 +6,6 @@ import numpy as np
 
 from ..errors import UserError
 
-
 METRICS = ("r1", "r5", "r10", "r50", "mdr", "mnr")
 POST = ("dsl", "sinkhorn")
 SINKHORN_ITERS = 4          # alternating row/column normalisations (log domain)

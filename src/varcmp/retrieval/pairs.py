@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import numpy as np
 
-from ..cache_schema import CacheError
 from ..cache.reader import Split, VideoData
+from ..cache_schema import CacheError
 from ..model.queries import AUDIO, TEXT, query_kind
-
 
 # --------------------------------------------------------------------------
 # What is evaluated

@@ -7,11 +7,11 @@ import html
 import io
 import json
 from pathlib import Path
+
 import numpy as np
 
 from ..atomic import atomic_write
 from ..cli.markup import lit
-
 
 THUMBNAILS = 4              # frames shown per hit in the HTML report
 

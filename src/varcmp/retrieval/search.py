@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+
 import numpy as np
 import torch
 
-from ..errors import UserError
 from ..cli.markup import lit
+from ..cli.progress import progress_bar
+from ..errors import UserError
 from ..model import QueryEmb
 from ..model.queries import AUDIO, TEXT, check_segments
-from .scoring import Ranked, default_chunk, encode_queries, encode_videos, top_k
-from ..cli.progress import progress_bar
 from .index import IndexInfo, default_pool, index_candidates, load_or_build_index
+from .scoring import Ranked, default_chunk, encode_queries, encode_videos, top_k
 from .spans import SPAN_THRESHOLD, best_span, relevance
 from .videos import CacheVideos
-
 
 AUTO_TWO_STAGE = 5000       # --mode auto: two-stage for splits with more videos than this
 MODES = ("auto", "exhaustive", "two-stage")
@@ -100,8 +100,8 @@ class Searcher:
     def __init__(self, cache, checkpoint, splits=None, device: str = "auto", chunk: int | None = None,
                  mode: str = "auto", candidates: int | None = None, console=None, progress: bool = True):
         from ..cache.reader import open_cache
-        from ..model.checkpoint import check_compatible, load, read_meta, resolve
         from ..evaluate import pick_device
+        from ..model.checkpoint import check_compatible, load, read_meta, resolve
 
         if mode not in MODES:
             raise UserError(f"--mode {mode}: choose from {', '.join(MODES)}")

@@ -15,8 +15,8 @@ at the ends), which for the extraction's uniform sampling is exactly its segment
 from __future__ import annotations
 
 from dataclasses import dataclass
-import numpy as np
 
+import numpy as np
 
 SPAN_THRESHOLD = 0.5        # span = frames around the peak with relevance >= this x the peak's
 

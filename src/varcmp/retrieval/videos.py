@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+
 import numpy as np
 
 from ..cache.reader import VideoData
-
 
 # --------------------------------------------------------------------------
 # Videos by position (the done videos of one split; the benchmark has a generated source)

@@ -6,13 +6,13 @@ import csv
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
+
 import numpy as np
 
 from ..cli.common import Interrupted
+from ..cli.progress import progress_arg
 from ..media.audio import AUDIO_RATE
 from .world import AMP, SynthParams, VideoPlan, World, check_out
-from ..cli.progress import progress_arg
-
 
 # --------------------------------------------------------------------------
 # Real media from the same world

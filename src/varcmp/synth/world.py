@@ -97,15 +97,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable
+
 import numpy as np
 
+from ..cache.writer import CacheWriter, probe_target
+from ..cache_schema import TEXT_CHUNK, CacheError, CacheSpec, QueryEntry, VideoEntry, VideoFeatures
+from ..cli.progress import progress_arg
 from ..media.audio import window_spans
 from ..media.captions import label_from_path
 from ..media.video import sample_times
-from ..cache_schema import TEXT_CHUNK, CacheError, CacheSpec, QueryEntry, VideoEntry, VideoFeatures
-from ..cache.writer import CacheWriter, probe_target
-from ..cli.progress import progress_arg
-
 
 # --------------------------------------------------------------------------
 # Vocabulary of the world

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
+from ..cache.reader import Split
 from ..cache_schema import DONE, CacheError
-from ..cache.reader import Split, check_finite, read_checked
-from ..retrieval.pairs import EvalData
 from ..model import ModelConfig
+from ..retrieval.pairs import EvalData
 from . import TrainError
 
 
@@ -185,11 +186,6 @@ class Rows:
         return {k: torch.from_numpy(a) for k, a in self._read(rows).items()}
 
 
-def describe_video(split: Split, paths: np.ndarray):
-    """describe(row) for video rows: the video's path, its row and split, the cache."""
-    return split.describe_video
-
-
 def describe_caption(split: Split, plan: "Plan"):
     """describe(row) for caption rows: the caption's row and its video's path."""
     def describe(r):
@@ -223,26 +219,16 @@ def bytes_needed(split: Split, plan: Plan, cfg: ModelConfig) -> int:
 
 
 def load_validation(split: Split, plan: Plan, cfg: ModelConfig) -> EvalData | None:
-    """The validation subset as evaluate's EvalData (in memory), checked like the training data
-    (a corrupt chunk or a NaN is a one-line DamagedCacheError naming the video)."""
+    """The validation subset as evaluate's EvalData (in memory), read checked like the training data
+    (a corrupt chunk or a NaN is a one-line DamagedCacheError naming the video or caption)."""
     if len(plan.val_rows) == 0:
         return None
-    vdesc = describe_video(split, plan.paths)
-    try:
-        videos = split.load_videos(index=plan.val_rows, patches="finer" in cfg.levels, audio=cfg.query == "audio")
-    except Exception:  # noqa: BLE001 - name the damaged video if there is one, else the original error
-        for key in video_keys(cfg) + ["videos/frame_time"] + (["videos/audio_time"] if cfg.query == "audio" else []):
-            read_checked(split.array(key), plan.val_rows, key, vdesc)
-        raise
-    for key, a in (("videos/frame_feat", videos.frame_feat), ("videos/patch_feat", videos.patch_feat),
-                   ("videos/audio_feat", videos.audio_feat)):
-        if a is not None:
-            check_finite(a, plan.val_rows, key, vdesc)
+    videos = split.load_videos(index=plan.val_rows, patches="finer" in cfg.levels, audio=cfg.query == "audio")
     qrows, qvid = plan.val_queries()
     qv = np.searchsorted(plan.val_rows, qvid).astype(np.int64)
     if cfg.query == "text":
         cdesc = describe_caption(split, plan)
-        feats = {k.split("/")[-1]: read_checked(split.array(k), qrows, k, cdesc) for k in TEXT_KEYS}
+        feats = split.read(TEXT_KEYS, qrows, cdesc)
         texts = [str(t) for t in split.cache.store.read_str(f"{split.name}/text/text", qrows)]
     else:
         feats = {"seg_feat": videos.audio_feat, "seg_mask": videos.audio_mask}

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from ..encoders.frozen import weights_hash
 from ..errors import VarcmpError, first_line
 from . import TrainError

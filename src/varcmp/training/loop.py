@@ -16,14 +16,14 @@ import torch
 from ..cli.markup import lit
 from ..encoders.frozen import resolve_device
 from ..model import VarCMP
+from ..model.queries import query_kind
 from ..retrieval.pairs import EvalData
 from . import NonFiniteLoss, TrainError
-from .data import (Plan, Rows, TEXT_KEYS, available_memory, bytes_needed, describe_caption, describe_video,
-                   epoch_batches, load_validation, video_keys)
+from .data import (TEXT_KEYS, Plan, Rows, available_memory, bytes_needed, describe_caption, epoch_batches,
+                   load_validation, video_keys)
 from .distributed import DistInfo, local_rows, rank_seed, same_start, wrap_ddp
 from .state import rng_state, set_rng_state
 from .step import TrainStep, autocast, resolve_precision, val_score, validate
-
 
 PARTS = ("loss", "v2q", "q2v", "bce", "sim_total")  # loss parts averaged per epoch
 
@@ -91,7 +91,7 @@ def load_data(split, plan: Plan, cfg, mode: str, device: torch.device, dist: Dis
     if memory and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         data_device = device if need < 0.5 * free else data_device
-    videos = Rows(split, video_keys(cfg), plan.train_rows, memory, data_device, describe_video(split, plan.paths))
+    videos = Rows(split, video_keys(cfg), plan.train_rows, memory, data_device, split.describe_video)
     queries = (Rows(split, TEXT_KEYS, plan.train_queries, memory, data_device, describe_caption(split, plan))
                if cfg.query == "text" else None)
     val = load_validation(split, plan, cfg) if validation else None  # validation runs in process 0 only
@@ -237,15 +237,10 @@ def pick_best(best: dict, epoch: int, metrics: dict | None) -> tuple[bool, dict]
     return True, {"epoch": epoch, "score": score if metrics is not None else -math.inf}
 
 
-def direction_names(query: str) -> tuple[str, str]:
-    """The names of the two retrieval directions: query->video, video->query."""
-    return ("t2v", "v2t") if query == "text" else ("a2v", "v2a")
-
-
 def epoch_line(rec: dict, epochs: int, query: str, metrics: dict | None, best: bool) -> str:
     """The line printed after an epoch: its loss, its validation R@1 both ways, whether it is the best."""
     line = f"epoch {rec['epoch']}/{epochs}: loss {rec['loss']:.4f} (bce {rec['bce']:.4f})"
     if metrics is not None:
-        q, v = direction_names(query)
+        q, v = query_kind(query).metric_keys
         line += f"  val R@1 {q} {metrics['q2v']['r1']:.1f} {v} {metrics['v2q']['r1']:.1f}"
     return line + ("  [green]best[/green]" if best and metrics is not None else "")

@@ -19,7 +19,6 @@ from ..model.checkpoint import CheckpointError, cache_fingerprint, check_compati
 from . import OutputError, TrainError
 from .state import STATE_FORMAT, STATE_NAME, holds_epoch, load_state, save_state
 
-
 HISTORY_NAME = "history.json"
 RUN_FILES = ("best.safetensors", "best.json", "last.safetensors", "last.json", STATE_NAME, HISTORY_NAME)
 RESUMABLE = ("epochs",)  # the only hyper-parameter that --resume may change

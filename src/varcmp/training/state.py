@@ -6,12 +6,12 @@ import json
 import random
 import warnings
 from pathlib import Path
+
 import numpy as np
 import torch
 
 from ..model.checkpoint import read_meta
 from . import TrainError
-
 
 STATE_NAME = "last.state.pt"
 STATE_FORMAT = "varcmp-train-state/1"

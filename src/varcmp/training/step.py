@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+
 import torch
 
-from .distributed import DistInfo, gather_rows
-from ..retrieval.pairs import EvalData
-from ..retrieval.metrics import retrieval_metrics
-from ..retrieval.scoring import encode_queries, encode_videos, score_matrix
 from ..model import VarCMP
+from ..retrieval.metrics import retrieval_metrics
+from ..retrieval.pairs import EvalData
+from ..retrieval.scoring import encode_queries, encode_videos, score_matrix
 from . import TrainError
+from .distributed import DistInfo, gather_rows
 
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:

@@ -18,7 +18,7 @@ from varcmp.cache.writer import CacheWriter
 from varcmp.cache_schema import VideoEntry, VideoFeatures
 from varcmp.cache.reader import open_cache
 from varcmp.evaluate import DEFAULT_METRICS, main, zero_shot_model
-from varcmp.retrieval.metrics import METRICS, format_metric, metric_label, postprocess, query_to_video_ranks, retrieval_metrics, summarize, video_to_query_ranks
+from varcmp.retrieval.metrics import METRICS, bootstrap_intervals, paired_difference, format_metric, metric_label, postprocess, query_to_video_ranks, retrieval_metrics, summarize, video_to_query_ranks
 from varcmp.retrieval.pairs import load_eval_data
 from varcmp.model import QUERIES, ModelConfig, VarCMP
 from varcmp.model.queries import AUDIO, QUERY_KINDS, TEXT, query_kind
@@ -453,3 +453,93 @@ def test_damaged_features_are_named_not_scored(cache, ckpt, tmp_path):
     chunk = bad / "test" / "videos" / "patch_feat" / "c" / str(row) / "0" / "0" / "0"
     chunk.write_bytes(np.random.default_rng(0).integers(0, 256, chunk.stat().st_size, dtype=np.uint8).tobytes())
     one_line_error(run(bad, "--checkpoint", ckpt, "--split", "test"), f"video {path} ", "cannot be read")
+
+
+# ----------------------------------------------------------------------------- bootstrap intervals
+
+def _binomial_quantile(n: int, p: float, q: float) -> int:
+    """The smallest k with P(Binomial(n, p) <= k) >= q, summed by hand."""
+    from math import comb
+
+    total = 0.0
+    for k in range(n + 1):
+        total += comb(n, k) * p ** k * (1 - p) ** (n - k)
+        if total >= q:
+            return k
+    return n
+
+
+@pytest.mark.parametrize("n, hits", [(40, 12), (80, 45), (200, 20)])
+def test_bootstrap_interval_of_recall_is_the_binomial_one(n, hits):
+    # resampling n queries of which `hits` have rank 1: R@1 of a resample is 100 * Binomial(n, hits/n) / n,
+    # so the percentile interval lies within a step (100/n) of that distribution's quantiles
+    ranks = np.array([1] * hits + [7] * (n - hits))
+    lo, hi = bootstrap_intervals(ranks, ("r1",), resamples=4000, seed=3)["r1"]
+    step = 100.0 / n
+    assert abs(lo - step * _binomial_quantile(n, hits / n, 0.025)) <= step + 1e-9
+    assert abs(hi - step * _binomial_quantile(n, hits / n, 0.975)) <= step + 1e-9
+
+
+def test_bootstrap_intervals_cover_the_true_value():
+    # 300 test sets of 100 queries drawn from a known rank distribution: the 95 % intervals of R@1, R@5
+    # and the mean rank hold the population value in about 95 % of them (seeded: the same every run)
+    rng = np.random.default_rng(11)
+    p = np.array([0.3, 0.15, 0.1, 0.05, 0.05] + [0.35 / 15] * 15)  # P(rank = 1..20)
+    truth = {"r1": 30.0, "r5": 65.0, "mnr": float((np.arange(1, 21) * p).sum())}
+    covered = {m: 0 for m in truth}
+    for i in range(300):
+        ranks = rng.choice(np.arange(1, 21), size=100, p=p)
+        iv = bootstrap_intervals(ranks, tuple(truth), resamples=400, seed=i)
+        for m, (lo, hi) in iv.items():
+            covered[m] += lo <= truth[m] <= hi
+    for m, c in covered.items():
+        assert 0.89 <= c / 300 <= 0.99, (m, c)
+
+
+def test_bootstrap_is_seeded_and_degenerate_cases_are_exact():
+    ranks = np.random.default_rng(0).integers(1, 30, 150)
+    assert bootstrap_intervals(ranks, ALL, seed=5) == bootstrap_intervals(ranks, ALL, seed=5)
+    assert bootstrap_intervals(ranks, ("r5",), seed=5) != bootstrap_intervals(ranks, ("r5",), seed=6)
+    assert bootstrap_intervals(np.ones(30), ("r1", "mdr", "mnr")) == {"r1": [100.0, 100.0], "mdr": [1.0, 1.0],
+                                                                      "mnr": [1.0, 1.0]}
+    assert all(np.isnan(v).all() for v in bootstrap_intervals(np.zeros(0), ("r1",)).values())
+
+
+def test_paired_difference():
+    ranks = np.random.default_rng(1).integers(1, 30, 120)
+    same = paired_difference(ranks, ranks, ALL)
+    assert all(d == {"difference": 0.0, "interval": [0.0, 0.0]} for d in same.values())  # a model against itself
+    better = np.maximum(ranks - 3, 1)  # every query ranked 3 places higher (or first)
+    d = paired_difference(better, ranks, ("r1", "mnr"))
+    assert d["r1"]["difference"] == pytest.approx(summarize(better, ("r1",))["r1"] - summarize(ranks, ("r1",))["r1"])
+    assert d["r1"]["interval"][0] > 0 and d["mnr"]["interval"][1] < 0
+    # pairing matters: every resample of a constant shift differs by exactly that shift
+    shift = paired_difference(ranks + 2, ranks, ("mnr",))["mnr"]
+    assert shift["difference"] == pytest.approx(2.0) and shift["interval"] == pytest.approx([2.0, 2.0])
+    with pytest.raises(ValueError, match="same units"):
+        paired_difference(ranks, ranks[:-1])
+
+
+def test_cli_intervals_and_comparison(cache, ckpt, tmp_path):
+    out = tmp_path / "b.json"
+    r = run(cache, "--checkpoint", ckpt, "--metrics", "r1,r5,mdr", "--json", out, "--compare", ckpt, "--seed", 4)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["bootstrap"] == {"resamples": 1000, "seed": 4, "level": 0.95,
+                                "units": "text queries (t2v), videos (v2t)"}
+    data = load_eval_data(open_cache(cache).split("test"), "text")
+    model, _ = checkpoint.load(ckpt)
+    sim = score_matrix(model, encode_videos(model, data.videos, "cpu"), encode_queries(model, data.query_feats, "cpu"))
+    q2v = query_to_video_ranks(sim["total"], data.query_video)
+    assert res["metrics"]["t2v"]["interval"] == bootstrap_intervals(q2v, ("r1", "r5", "mdr"), 1000, 4)
+    for key in ("t2v", "v2t"):
+        m = res["metrics"][key]
+        assert all(m["interval"][k][0] <= m[k] <= m["interval"][k][1] for k in ("r1", "r5", "mdr"))
+        assert all(res["compare"]["metrics"][key][k] == {"difference": 0.0, "interval": [0.0, 0.0], "holds": False}
+                   for k in ("r1", "r5", "mdr"))
+    assert "95% bootstrap intervals" in r.output and "paired-bootstrap" in r.output
+    plain = run(cache, "--checkpoint", ckpt, "--bootstrap", 0, "--json", out)
+    assert plain.exit_code == 0 and "bootstrap intervals" not in plain.output
+    assert "interval" not in json.loads(out.read_text())["metrics"]["t2v"]
+    one_line_error(run(cache, "--checkpoint", ckpt, "--bootstrap", -1), "--bootstrap")
+    one_line_error(run(cache, "--checkpoint", ckpt, "--bootstrap", 0, "--compare", ckpt), "--compare")

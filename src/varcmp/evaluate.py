@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -23,8 +24,9 @@ from .cli.common import OneLineErrors, OutputFile
 from .errors import UserError
 from .model import VarCMP
 from .model.queries import AUDIO, QUERY_KINDS, check_segments
-from .retrieval.metrics import (METRICS, POST, POST_LABEL, SINKHORN_ITERS, format_metric, metric_label, parse_metrics,
-                                postprocess, query_to_video_ranks, summarize, video_to_query_ranks)
+from .retrieval.metrics import (LEVEL, METRICS, POST, POST_LABEL, RESAMPLES, SINKHORN_ITERS, bootstrap_intervals,
+                                format_metric, metric_label, paired_difference, parse_metrics, postprocess,
+                                query_to_video_ranks, summarize, video_to_query_ranks)
 from .retrieval.pairs import load_eval_data
 from .retrieval.scoring import (DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, default_chunk, encode_queries, encode_videos,
                                 score_matrix)
@@ -80,49 +82,102 @@ def _levels(text, default) -> tuple[str, ...]:
 
 def evaluate_split(cache, checkpoint=None, split: str = "test", query: str | None = None, metrics=DEFAULT_METRICS,
                    zero_shot: bool = False, levels=None, anomaly_weighting: bool | None = None,
-                   chunk: int | None = None, device: str = "auto", post: str | None = None) -> dict:
-    """Everything `varcmp-eval` reports, as a JSON-ready dict. Raises UserError, CacheError or
-    CheckpointError (one-line messages) for what cannot be evaluated."""
+                   chunk: int | None = None, device: str = "auto", post: str | None = None,
+                   bootstrap: int = RESAMPLES, seed: int = 0, compare=None) -> dict:
+    """Everything `varcmp-eval` reports, as a JSON-ready dict: each metric with its 95 % bootstrap
+    interval over `bootstrap` resamples (seeded by `seed`; 0: none) and, with `compare` (a second
+    checkpoint), each metric's difference to it on the same queries with its paired-bootstrap
+    interval. Raises UserError, CacheError or CheckpointError (one-line messages) for what cannot
+    be evaluated."""
     from .cache.reader import open_cache
 
     c = open_cache(cache)
     try:
         return _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, anomaly_weighting,
-                               chunk, device, post)
+                               chunk, device, post, bootstrap, seed, compare)
     finally:
         c.close()
 
 
 def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, anomaly_weighting, chunk, device,
-                    post) -> dict:
-    """evaluate_split on an open cache: check the request, load the model and the split's pairs,
-    score every pair, rank both directions."""
+                    post, bootstrap=RESAMPLES, seed=0, compare=None) -> dict:
+    """evaluate_split on an open cache: check the request, rank both directions, summarise (and
+    compare)."""
     metrics = parse_metrics(metrics)
     _check_request(checkpoint, zero_shot, query, post, chunk)
+    if bootstrap < 0:
+        raise UserError(f"--bootstrap {bootstrap}: must be >= 0 (0: no intervals)")
+    if compare is not None and not bootstrap:
+        raise UserError("--compare needs the bootstrap: drop --bootstrap 0")
     dev = pick_device(device)
     chunk = chunk or default_chunk(dev)
     sp = c.split(split)
+    run = _ranked(c, sp, checkpoint, query, levels, anomaly_weighting, post, dev, chunk)
+    kind = run.model.kind
+    result = {**_settings(c, split, kind.name, run.ckpt, zero_shot, run.levels, run.weighting, post),
+              "metrics": {key: {"direction": label, "ranked": int(len(r)), **summarize(r, metrics)}
+                          for (key, label), r in zip(kind.directions, run.ranks)},
+              "metric_names": list(metrics),
+              "bootstrap": {"resamples": bootstrap, "seed": seed, "level": LEVEL,
+                            "units": f"{kind.name} queries ({kind.metric_keys[0]}), videos ({kind.metric_keys[1]})"},
+              "counts": _counts(run.data, run.v),
+              "dropped": list(run.data.dropped),
+              "chunk": chunk,
+              "device": str(dev)}
+    if bootstrap:
+        for res, r in zip(result["metrics"].values(), run.ranks):
+            res["interval"] = bootstrap_intervals(r, metrics, bootstrap, seed)
+    if compare is not None:
+        result["compare"] = _compare(c, sp, compare, run, levels, anomaly_weighting, post, dev, chunk, metrics,
+                                     bootstrap, seed)
+    return result
+
+
+@dataclass
+class _Ranked:
+    model: VarCMP
+    ckpt: object
+    levels: tuple
+    weighting: bool
+    data: object
+    v: object
+    ranks: tuple  # query->video per query, video->query per video with queries
+
+
+def _ranked(c, sp, checkpoint, query, levels, anomaly_weighting, post, dev, chunk) -> _Ranked:
+    """Load the model and the split's pairs, score every pair, rank both directions."""
     model, ckpt = _model(c, sp, checkpoint, query, dev)
     kind = model.kind
     levels = _levels(levels, model.cfg.levels)  # ablations: same weights, other levels or weighting
     weighting = model.cfg.anomaly_weighting if anomaly_weighting is None else bool(anomaly_weighting)
     check_segments(model.cfg, c, ckpt)
-
     data = load_eval_data(sp, kind.name, patches="finer" in levels)
     if len(data.query_video) == 0:
-        raise UserError(f"{c.path}: split '{split}' has no {kind.name} query whose video was extracted"
+        raise UserError(f"{c.path}: split '{sp.name}' has no {kind.name} query whose video was extracted"
                         + (f" ({len(data.dropped)} dropped)" if data.dropped else ""))
     v, sims = _score(model, data, dev, levels, weighting, chunk)
     m_q2v, m_v2q = postprocess(sims["total"], post, model.cfg.logit_scale)
     ranks = (query_to_video_ranks(m_q2v, data.query_video), video_to_query_ranks(m_v2q, data.query_video)[0])
-    return {**_settings(c, split, kind.name, ckpt, zero_shot, levels, weighting, post),
-            "metrics": {key: {"direction": label, "ranked": int(len(r)), **summarize(r, metrics)}
-                        for (key, label), r in zip(kind.directions, ranks)},
-            "metric_names": list(metrics),
-            "counts": _counts(data, v),
-            "dropped": list(data.dropped),
-            "chunk": chunk,
-            "device": str(dev)}
+    return _Ranked(model, ckpt, levels, weighting, data, v, ranks)
+
+
+def _compare(c, sp, checkpoint, run: _Ranked, levels, anomaly_weighting, post, dev, chunk, metrics, bootstrap,
+             seed) -> dict:
+    """The checkpoint evaluated first minus `checkpoint` (same split, queries, overrides), per
+    metric, with paired-bootstrap intervals: the same queries (videos) are drawn for both."""
+    other = _ranked(c, sp, checkpoint, run.model.cfg.query, levels, anomaly_weighting, post, dev, chunk)
+    out = {"checkpoint": str(other.ckpt), "levels": list(other.levels), "anomaly_weighting": other.weighting,
+           "metrics": {}}
+    for (key, label), a, b in zip(run.model.kind.directions, run.ranks, other.ranks):
+        diff = paired_difference(a, b, metrics, bootstrap, seed)
+        out["metrics"][key] = {"direction": label, **{m: {**d, "holds": _excludes_zero(d)}
+                                                      for m, d in diff.items()}}
+    return out
+
+
+def _excludes_zero(d: dict) -> bool:
+    lo, hi = d["interval"]
+    return bool(lo > 0 or hi < 0)
 
 
 def _check_request(checkpoint, zero_shot, query, post, chunk) -> None:
@@ -218,6 +273,50 @@ def print_report(r: dict, console) -> None:
     for res in r["metrics"].values():
         table.add_row(res["direction"], str(res["ranked"]), *(format_metric(m, res[m]) for m in r["metric_names"]))
     console.print(table)
+    if r["bootstrap"]["resamples"]:
+        print_intervals(r, console)
+    if "compare" in r:
+        print_comparison(r, console)
+
+
+def print_intervals(r: dict, console) -> None:
+    """Each metric with its bootstrap interval, a row per metric (so that it fits whatever the metrics)."""
+    from rich.table import Table
+
+    b = r["bootstrap"]
+    table = Table(title=f"{b['level']:.0%} bootstrap intervals ({b['resamples']} resamples of the {b['units']}, "
+                        f"seed {b['seed']})", show_edge=True, header_style="bold")
+    table.add_column("metric")
+    for res in r["metrics"].values():
+        table.add_column(res["direction"], justify="right", no_wrap=True)
+    for m in r["metric_names"]:
+        table.add_row(metric_label(m), *(f"{format_metric(m, res[m])}  [{format_metric(m, res['interval'][m][0])}, "
+                                         f"{format_metric(m, res['interval'][m][1])}]" for res in r["metrics"].values()))
+    console.print(table, markup=False)
+
+
+def print_comparison(r: dict, console) -> None:
+    """The paired comparison, a row per metric: the evaluated checkpoint's value minus the other's,
+    its paired-bootstrap interval, and `*` where the interval excludes 0 (the difference holds)."""
+    from rich.table import Table
+
+    from .cli.markup import lit
+
+    cmp, b = r["compare"], r["bootstrap"]
+    table = Table(title=lit(f"difference to {cmp['checkpoint']} (levels {'+'.join(cmp['levels'])}), same queries: "
+                            f"{b['level']:.0%} paired-bootstrap interval, * where it excludes 0"),
+                  show_edge=True, header_style="bold")
+    table.add_column("metric")
+    for res in cmp["metrics"].values():
+        table.add_column(res["direction"], justify="right", no_wrap=True)
+    for m in r["metric_names"]:
+        table.add_row(metric_label(m), *(_delta(res[m]) for res in cmp["metrics"].values()))
+    console.print(table, markup=False)
+
+
+def _delta(d: dict) -> str:
+    lo, hi = d["interval"]
+    return f"{d['difference']:+.1f}  [{lo:+.1f}, {hi:+.1f}]{' *' if d['holds'] else '  '}"
 
 
 def _main(**kw):
@@ -263,6 +362,12 @@ def _main(**kw):
                    "CUDA]. Peak memory of a block ~ 3 * chunk^2 * L * N * M * 4 bytes (L query tokens, N frames, "
                    "M patches/frame): 48 MiB at 32, 768 MiB at 128 with 32 x 32 x 4. Results do not depend on it.")
 @click.option("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps.")
+@click.option("--bootstrap", type=int, default=RESAMPLES,
+              help="Resamples of the queries (videos, for video->query) for each metric's 95 % interval; 0: none.")
+@click.option("--seed", type=int, default=0, help="Seed of the bootstrap resamples (the same seed, the same intervals).")
+@click.option("--compare", type=click.Path(path_type=Path), default=None, metavar="CHECKPOINT",
+              help="A second run directory or checkpoint: print each metric's difference (first minus this one) on "
+                   "the same queries, with its paired-bootstrap interval.")
 @click.option("--post", type=click.Choice(list(POST)), default=None,
               help="Opt-in post-processing, labelled in the output: dsl = dual softmax (CAMoE): sim * "
                    "softmax(logit_scale * sim) over the other axis; sinkhorn = "

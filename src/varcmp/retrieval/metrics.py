@@ -1,4 +1,6 @@
-"""Ranks and retrieval metrics (R@K, MdR, MnR) in both directions, ties counted against the model, and the opt-in post-processing (DSL, Sinkhorn)."""
+"""Ranks and retrieval metrics (R@K, MdR, MnR) in both directions, ties counted against the model;
+their bootstrap intervals (one result, or the paired difference of two); and the opt-in
+post-processing (DSL, Sinkhorn)."""
 
 from __future__ import annotations
 
@@ -77,6 +79,77 @@ def retrieval_metrics(sim: np.ndarray, query_video: np.ndarray, metrics=METRICS)
     """Both directions: 'q2v' (text/audio -> video) and 'v2q' (video -> text/audio)."""
     v2q, _ = video_to_query_ranks(sim, query_video)
     return {"q2v": summarize(query_to_video_ranks(sim, query_video), metrics), "v2q": summarize(v2q, metrics)}
+
+
+# --------------------------------------------------------------------------
+# How sure: percentile bootstrap over the ranked units (queries for query->video, videos for
+# video->query), seeded, so the same command gives the same interval
+
+
+RESAMPLES = 1000
+LEVEL = 0.95
+
+
+def _metric_rows(ranks: np.ndarray, m: str) -> np.ndarray:
+    """Metric `m` of every row of a [B, n] matrix of ranks (as `summarize` computes it for one row)."""
+    if m.startswith("r") and m[1:].isdigit():
+        return 100.0 * (ranks <= int(m[1:])).mean(1)
+    if m == "mdr":
+        return np.median(ranks, axis=1)
+    if m == "mnr":
+        return ranks.mean(1)
+    raise ValueError(f"unknown metric {m!r}; choose from {', '.join(METRICS)}")
+
+
+def _resampled(n: int, resamples: int, seed: int):
+    """Blocks of [rows, n] indices drawn with replacement, `resamples` rows in all, a few million
+    indices a block (so a large split needs no [resamples, n] matrix); the same arguments give the
+    same draws."""
+    rng = np.random.default_rng(seed)
+    rows = max(1, (1 << 22) // max(n, 1))
+    for start in range(0, resamples, rows):
+        yield rng.integers(0, n, size=(min(rows, resamples - start), n))
+
+
+def _percentiles(values: np.ndarray, level: float) -> list[float]:
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
+def _nan_interval() -> list[float]:
+    return [float("nan"), float("nan")]
+
+
+def bootstrap_intervals(ranks: np.ndarray, metrics=METRICS, resamples: int = RESAMPLES, seed: int = 0,
+                        level: float = LEVEL) -> dict[str, list[float]]:
+    """The `level` percentile-bootstrap interval [lo, hi] of each metric of `ranks` (one rank per
+    unit): the metric of `resamples` resamples of the units, drawn with replacement."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    if len(ranks) == 0:
+        return {m: _nan_interval() for m in metrics}
+    values = {m: [] for m in metrics}
+    for idx in _resampled(len(ranks), resamples, seed):
+        for m in metrics:
+            values[m].append(_metric_rows(ranks[idx], m))
+    return {m: _percentiles(np.concatenate(v), level) for m, v in values.items()}
+
+
+def paired_difference(ranks_a: np.ndarray, ranks_b: np.ndarray, metrics=METRICS, resamples: int = RESAMPLES,
+                      seed: int = 0, level: float = LEVEL) -> dict[str, dict]:
+    """Metric of A minus metric of B on the same units (ranks_a[i] and ranks_b[i] rank the same
+    query or video), with its paired-bootstrap interval: each resample draws the same units for
+    both. {metric: {"difference": d, "interval": [lo, hi]}}."""
+    a, b = np.asarray(ranks_a, dtype=np.float64), np.asarray(ranks_b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired ranks must rank the same units, got {a.shape} and {b.shape}")
+    if len(a) == 0:
+        return {m: {"difference": float("nan"), "interval": _nan_interval()} for m in metrics}
+    values = {m: [] for m in metrics}
+    for idx in _resampled(len(a), resamples, seed):
+        for m in metrics:
+            values[m].append(_metric_rows(a[idx], m) - _metric_rows(b[idx], m))
+    return {m: {"difference": float(_metric_rows(a[None], m)[0] - _metric_rows(b[None], m)[0]),
+                "interval": _percentiles(np.concatenate(v), level)} for m, v in values.items()}
 
 
 # --------------------------------------------------------------------------

@@ -341,8 +341,8 @@ def ref_softmax(vals):
     return [e / sum(ex) for e in ex]
 
 
-def ref_video_score(A, valid, num_frames):
-    k = min(num_frames // 16 + 1, len(valid))
+def ref_video_score(A, valid):
+    k = len(valid) // 16 + 1  # VadCLIP's rule, on the video's valid frames
     top = sorted((A[j] for j in valid), reverse=True)[:k]
     return sum(top) / k
 
@@ -397,7 +397,7 @@ def test_anomaly_classifier_and_predicted_label():
             h = head.ffn[2].weight @ F.gelu(head.ffn[0].weight @ f + head.ffn[0].bias) + head.ffn[2].bias
             z = (head.fc.weight[0] @ (h + f) + head.fc.bias[0]).item()
             assert v.anomaly[vi, j].item() == pytest.approx(1 / (1 + math.exp(-z)), abs=1e-12)
-    pred = [ref_video_score(v.anomaly[vi].tolist(), valid, 8) > 0.5 for vi, valid in enumerate(FRAMES)]
+    pred = [ref_video_score(v.anomaly[vi].tolist(), valid) > 0.5 for vi, valid in enumerate(FRAMES)]
     assert pred[0] and not pred[1]
     assert v.anomalous.tolist() == pred
     check_weights(model, v, pred)
@@ -408,20 +408,27 @@ def test_anomaly_classifier_and_predicted_label():
 def test_video_scores_and_mil_bce_by_hand():
     A = torch.tensor([[0.9, 0.1, 0.8, 0.3, 0.7, 0.2, 0.6, 0.4, 0.5, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.95],
                       [0.2, 0.4, 0.99, 0.3, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1],
+                      [0.6, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
                       [0.6, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
-    mask = torch.zeros(3, 17, dtype=torch.bool)
-    mask[0, :16] = True          # 0.95 at index 16 is padding
-    mask[1, [0, 1, 3]] = True    # 0.99 is padding
-    mask[2, :2] = True           # 2 valid frames < k
-    # N_v = 17 -> k = 17 // 16 + 1 = 2
-    want = [(0.9 + 0.8) / 2, (0.4 + 0.3) / 2, (0.6 + 0.3) / 2]
+    mask = torch.zeros(4, 17, dtype=torch.bool)
+    mask[0, :16] = True          # 0.95 at index 16 is padding; 16 valid frames: k = 16 // 16 + 1 = 2
+    mask[1, [0, 1, 3]] = True    # 0.99 is padding; 3 valid frames: k = 1
+    mask[2, :2] = True           # 2 valid frames: k = 1
+    mask[3, :] = True            # 17 valid frames: k = 2
+    want = [(0.9 + 0.8) / 2, 0.4, 0.6, (0.6 + 0.3) / 2]
     assert video_scores(A, mask).tolist() == pytest.approx(want, abs=1e-6)
-    # N_v = 32 -> k = 3, capped at 2 valid frames for the last video
-    want3 = [(0.9 + 0.8 + 0.7) / 3, (0.4 + 0.3 + 0.2) / 3, (0.6 + 0.3) / 2]
-    assert video_scores(A, mask, num_frames=32).tolist() == pytest.approx(want3, abs=1e-6)
+    # a short video among full ones: k follows its own valid frames, not the padded N_v
+    B = torch.linspace(0.0, 1.0, 40).repeat(3, 1)
+    m = torch.zeros(3, 40, dtype=torch.bool)
+    m[0, :] = True               # 40 valid: k = 3, the three highest
+    m[1, :8] = True              # 8 valid (a short video): k = 1, its highest valid score
+    assert video_scores(B, m).tolist() == pytest.approx(
+        [(B[0, 39] + B[0, 38] + B[0, 37]).item() / 3, B[1, 7].item(), 0.0], abs=1e-6)  # no valid frame: 0
+    A, mask = A[:3], mask[:3]
+    want3 = want[:3]
     labels = torch.tensor([1, 0, 1])
     bce = -(math.log(want3[0]) + math.log(1 - want3[1]) + math.log(want3[2])) / 3
-    assert mil_bce(A, mask, labels, num_frames=32).item() == pytest.approx(bce, abs=1e-6)
+    assert mil_bce(A, mask, labels).item() == pytest.approx(bce, abs=1e-6)
 
 
 def test_info_nce_by_hand():
@@ -437,7 +444,7 @@ def test_info_nce_by_hand():
     v, q = v.take(torch.arange(3)), q.take(torch.arange(3))
     out = model.loss(v, q, torch.tensor([1, 0, 1]))
     R = model.similarity(v, q)["total"].detach()
-    bce = mil_bce(v.anomaly, v.frame_mask, torch.tensor([1, 0, 1]), 8)
+    bce = mil_bce(v.anomaly, v.frame_mask, torch.tensor([1, 0, 1]))
     assert out["loss"].item() == pytest.approx(info_nce(R, 100.0).item() + bce.item(), abs=1e-9)
     assert out["loss"].item() == pytest.approx((out["v2q"] + out["q2v"] + out["bce"]).item(), abs=1e-12)
 

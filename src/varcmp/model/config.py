@@ -42,7 +42,7 @@ class ModelConfig:
                          "(XDViolence-AR).", choices=QUERIES)
     dim: int = within(512, 1, 16384)               # C, the CLIP joint space
     audio_dim: int = within(512, 1, 16384)         # CLAP embedding size
-    num_frames: int = within(32, 1, 4096)          # N_v (also fixes k = N_v // 16 + 1 of the MIL score)
+    num_frames: int = within(32, 1, 4096)          # N_v, frames a video is sampled at
     num_patches: int = within(49, 1, 4096)
     max_words: int = within(32, 1, 4096)
     audio_segments: int = within(32, 1, 4096)      # N_a

@@ -9,22 +9,22 @@ from torch import Tensor
 from .similarity import at_least_f32
 
 
-def video_scores(A: Tensor, frame_mask: Tensor, num_frames: int | None = None) -> Tensor:
-    """Video-level anomaly score (MIL, VadCLIP style): mean of the top-k frame scores A over
-    valid frames, k = N_v // 16 + 1 capped at the valid count (N_v: num_frames, default
-    A.shape[-1]). A video with no valid frame scores 0. A: [V, N] -> [V]."""
-    k = (A.shape[-1] if num_frames is None else num_frames) // 16 + 1
+def video_scores(A: Tensor, frame_mask: Tensor) -> Tensor:
+    """Video-level anomaly score (MIL, VadCLIP's rule): the mean of the top-k frame scores A over
+    the video's valid frames, k = valid // 16 + 1 for each video (a short video is not scored as
+    if it had the padded length). A video with no valid frame scores 0. A: [V, N] -> [V]."""
+    valid = frame_mask.sum(-1)                                         # [V]
+    k = torch.where(valid > 0, valid // 16 + 1, 0)                     # <= valid
     A = at_least_f32(A).masked_fill(~frame_mask, float("-inf"))
-    top = A.topk(min(k, A.shape[-1]), dim=-1).values                 # [V, k]
-    kk = frame_mask.sum(-1).clamp(max=k)                               # [V]
-    keep = torch.arange(top.shape[-1], device=A.device) < kk[:, None]
-    return torch.where(keep, top, 0.0).sum(-1) / kk.clamp_min(1).to(top.dtype)
+    top = A.topk(int(k.max().clamp_min(1)), dim=-1).values            # [V, max k]
+    keep = torch.arange(top.shape[-1], device=A.device) < k[:, None]
+    return torch.where(keep, top, 0.0).sum(-1) / k.clamp_min(1).to(top.dtype)
 
 
-def mil_bce(A: Tensor, frame_mask: Tensor, labels: Tensor, num_frames: int | None = None) -> Tensor:
+def mil_bce(A: Tensor, frame_mask: Tensor, labels: Tensor) -> Tensor:
     """L_bce of eq. 12: binary cross-entropy of video_scores against the video labels (0/1).
     Written out (log clamped at -100 like F.binary_cross_entropy) so it is autocast-safe."""
-    s = video_scores(A, frame_mask, num_frames)
+    s = video_scores(A, frame_mask)
     y = labels.to(device=s.device, dtype=s.dtype)
     return -(y * torch.log(s).clamp_min(-100) + (1 - y) * torch.log1p(-s).clamp_min(-100)).mean()
 

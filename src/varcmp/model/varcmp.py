@@ -83,7 +83,7 @@ class VarCMP(nn.Module):
         video = self.temporal(f, mask)
         frame_w = self.frame_weight(f, mask)
         A = self.anomaly_head(f)                                                     # eq. 5
-        score = video_scores(A, mask, cfg.num_frames)
+        score = video_scores(A, mask)
         anomalous = score > 0.5 if labels is None else torch.as_tensor(labels, device=score.device).reshape(V) > 0.5
 
         patches = patch_w = patch_mask = None
@@ -219,7 +219,7 @@ class VarCMP(nn.Module):
         InfoNCE on logit_scale * R_total. L_bce (MIL) is 0 when labels is None."""
         sims = self.similarity(v, q)
         v2q, q2v = nce_parts(sims["total"], self.cfg.logit_scale)
-        bce = (mil_bce(v.anomaly, v.frame_mask, labels, self.cfg.num_frames) if labels is not None
+        bce = (mil_bce(v.anomaly, v.frame_mask, labels) if labels is not None
                else v2q.new_zeros(()))
         return {"loss": bce + v2q + q2v, "v2q": v2q, "q2v": q2v, "bce": bce,
                 **{f"sim_{k}": s.detach().diagonal().mean() for k, s in sims.items()}}

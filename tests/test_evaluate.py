@@ -18,7 +18,7 @@ from varcmp.cache.writer import CacheWriter
 from varcmp.cache_schema import VideoEntry, VideoFeatures
 from varcmp.cache.reader import open_cache
 from varcmp.evaluate import DEFAULT_METRICS, main, zero_shot_model
-from varcmp.retrieval.metrics import METRICS, bootstrap_intervals, paired_difference, format_metric, metric_label, postprocess, query_to_video_ranks, retrieval_metrics, summarize, video_to_query_ranks
+from varcmp.retrieval.metrics import METRICS, bootstrap_intervals, paired_difference, roc_auc, format_metric, metric_label, postprocess, query_to_video_ranks, retrieval_metrics, summarize, video_to_query_ranks
 from varcmp.retrieval.pairs import load_eval_data
 from varcmp.model import QUERIES, ModelConfig, VarCMP
 from varcmp.model.queries import AUDIO, QUERY_KINDS, TEXT, query_kind
@@ -543,3 +543,34 @@ def test_cli_intervals_and_comparison(cache, ckpt, tmp_path):
     assert "interval" not in json.loads(out.read_text())["metrics"]["t2v"]
     one_line_error(run(cache, "--checkpoint", ckpt, "--bootstrap", -1), "--bootstrap")
     one_line_error(run(cache, "--checkpoint", ckpt, "--bootstrap", 0, "--compare", ckpt), "--compare")
+
+
+# ----------------------------------------------------------------------------- the anomaly head's AUC
+
+@pytest.mark.parametrize("seed", range(4))
+def test_roc_auc_is_the_pairwise_probability(seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 6, 40) / 5.0  # many ties
+    labels = rng.random(40) < 0.4
+    pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p in scores[labels] for n in scores[~labels]]
+    assert roc_auc(scores, labels) == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)
+
+
+def test_roc_auc_by_hand_and_one_class():
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert roc_auc([0.5, 0.5], [0, 1]) == 0.5
+    assert roc_auc([0.2, 0.9], [1, 1]) is None and roc_auc([], []) is None
+
+
+def test_cli_reports_the_video_level_auc(cache, ckpt, tmp_path):
+    out = tmp_path / "a.json"
+    r = run(cache, "--checkpoint", ckpt, "--bootstrap", 0, "--json", out)
+    assert r.exit_code == 0, r.output
+    a = json.loads(out.read_text())["anomaly"]
+    data = load_eval_data(open_cache(cache).split("test"), "text")
+    model, _ = checkpoint.load(ckpt)
+    v = encode_videos(model, data.videos, "cpu")
+    labels = np.asarray(data.videos.labels)
+    assert a == {"video_auc": pytest.approx(roc_auc(v.video_score.numpy(), labels)), "anomalous": int(labels.sum()),
+                 "normal": int((labels == 0).sum()), "predicted_anomalous": int(v.anomalous.sum())}
+    assert 0 < a["normal"] and 0 < a["anomalous"] and f"video-level AUC {a['video_auc']:.3f}" in r.output

@@ -26,7 +26,7 @@ from .model import VarCMP
 from .model.queries import AUDIO, QUERY_KINDS, check_segments
 from .retrieval.metrics import (LEVEL, METRICS, POST, POST_LABEL, RESAMPLES, SINKHORN_ITERS, bootstrap_intervals,
                                 format_metric, metric_label, paired_difference, parse_metrics, postprocess,
-                                query_to_video_ranks, summarize, video_to_query_ranks)
+                                query_to_video_ranks, roc_auc, summarize, video_to_query_ranks)
 from .retrieval.pairs import load_eval_data
 from .retrieval.scoring import (DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, default_chunk, encode_queries, encode_videos,
                                 score_matrix)
@@ -121,6 +121,7 @@ def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, ano
               "bootstrap": {"resamples": bootstrap, "seed": seed, "level": LEVEL,
                             "units": f"{kind.name} queries ({kind.metric_keys[0]}), videos ({kind.metric_keys[1]})"},
               "counts": _counts(run.data, run.v),
+              "anomaly": _anomaly(run.data, run.v),
               "dropped": list(run.data.dropped),
               "chunk": chunk,
               "device": str(dev)}
@@ -242,6 +243,14 @@ def _counts(data, v) -> dict:
             "predicted_anomalous": int(v.anomalous.sum())}
 
 
+def _anomaly(data, v) -> dict:
+    """How the anomaly head separates the split's videos by their labels (video-level ROC AUC of
+    the MIL video score; None when the split holds one class only)."""
+    labels = np.asarray(data.videos.labels) > 0
+    return {"video_auc": roc_auc(v.video_score.float().cpu().numpy(), labels), "anomalous": int(labels.sum()),
+            "normal": int((~labels).sum()), "predicted_anomalous": int(v.anomalous.sum())}
+
+
 def print_report(r: dict, console) -> None:
     from rich.table import Table
 
@@ -255,6 +264,10 @@ def print_report(r: dict, console) -> None:
     if r["zero_shot"] and r["query"] == AUDIO.name:
         say("note: zero-shot audio uses an untrained audio encoder (CLAP is not aligned with CLIP): "
             "expect chance level")
+    a = r["anomaly"]
+    if a["video_auc"] is not None:
+        say(f"anomaly head: video-level AUC {a['video_auc']:.3f} on {a['anomalous']} anomalous and {a['normal']} normal "
+            f"videos (labels from the paths); {a['predicted_anomalous']} predicted anomalous")
     if n["videos_without_query"]:
         say(f"{n['videos_without_query']} videos have no {r['query']} query: kept in the gallery as distractors")
     if n["videos_with_several_queries"]:

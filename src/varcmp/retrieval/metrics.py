@@ -81,6 +81,23 @@ def retrieval_metrics(sim: np.ndarray, query_video: np.ndarray, metrics=METRICS)
     return {"q2v": summarize(query_to_video_ranks(sim, query_video), metrics), "v2q": summarize(v2q, metrics)}
 
 
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Area under the ROC curve of `scores` for binary `labels` (1 positive): the probability that
+    a positive scores above a negative, ties counting one half (Mann-Whitney U from average ranks).
+    None when one of the classes is absent."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels) > 0
+    pos, neg = int(labels.sum()), int((~labels).sum())
+    if pos == 0 or neg == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    ranks = (sums / counts)[inverse]  # tied scores share their average rank
+    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
 # --------------------------------------------------------------------------
 # How sure: percentile bootstrap over the ranked units (queries for query->video, videos for
 # video->query), seeded, so the same command gives the same interval

@@ -112,6 +112,32 @@ def test_training_lowers_the_loss_and_raises_validation_r1(planted, tmp_path):
     assert again == h[s.best_epoch]["val"]
     hist = json.loads((tmp_path / "run" / "history.json").read_text())
     assert hist["best_epoch"] == s.best_epoch and len(hist["epochs"]) == 6
+    assert png_size(tmp_path / "run" / "curves.png") == (1000, 360)
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_curves_draw_the_history():
+    import matplotlib.pyplot as plt
+
+    from varcmp.training.curves import curves_figure
+
+    val = lambda a, b: {"q2v": {"r1": a}, "v2q": {"r1": b}}  # noqa: E731
+    history = [{"epoch": 0, "val": val(10.0, 12.0)},
+               {"epoch": 1, "loss": 3.0, "v2q": 1.0, "q2v": 1.5, "bce": 0.5, "val": val(20.0, 25.0)},
+               {"epoch": 2, "loss": 2.0, "v2q": 0.75, "q2v": 0.75, "bce": 0.5, "val": val(30.0, 28.0)}]
+    fig = curves_figure(history, ("t2v", "v2t"), 2)
+    loss_ax, val_ax = fig.axes
+    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ax in fig.axes for ln in ax.lines}
+    assert lines["total"] == ([1, 2], [3.0, 2.0])
+    assert lines["retrieval (InfoNCE)"] == ([1, 2], [2.5, 1.5]) and lines["anomaly (MIL BCE)"] == ([1, 2], [0.5, 0.5])
+    assert lines["t2v R@1"] == ([0, 1, 2], [10.0, 20.0, 30.0]) and lines["v2t R@1"] == ([0, 1, 2], [12.0, 25.0, 28.0])
+    assert "best (epoch 2)" in lines
+    plt.close(fig)
 
 
 def test_text_training_lowers_the_loss_and_runs_are_repeatable(planted, tmp_path):
@@ -222,6 +248,7 @@ def test_without_validation_best_is_last(planted, tmp_path):
     assert [r["epoch"] for r in s.history] == [1, 2] and s.best_epoch == 2
     assert checkpoint.read_meta(tmp_path / "run" / "best.safetensors")["epoch"] == 2
     assert json.loads((tmp_path / "run" / "history.json").read_text())["validation_videos"] == []
+    assert png_size(tmp_path / "run" / "curves.png") == (1000, 360)  # the loss alone, and a note
 
 
 def test_existing_run_needs_resume_or_overwrite(planted, tmp_path):

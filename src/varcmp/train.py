@@ -35,8 +35,9 @@ Decisions (the paper gives the loss, AdamW, lr 1e-4, batch 8, 15 epochs, M = 4; 
 - Run directory: best.safetensors / last.safetensors (+ .json copies of their metadata), written
   atomically by `checkpoint.save`; last.state.pt (weights, optimiser, GradScaler, RNG states,
   history; plain tensors and Python values only, read back with torch.load(weights_only=True),
-  so loading never executes code); history.json. A non-finite loss stops the run at once: nothing
-  of that epoch is written.
+  so loading never executes code); history.json, and curves.png (the loss and the validation R@1
+  by epoch, drawn from it). A non-finite loss stops the run at once: nothing of that epoch is
+  written.
 - Faults. Every file is written to a temp file, fsynced and renamed (`checkpoint.atomic_write`):
   a `kill -9`, a crash or a full disk leaves the old file or the new one, never a partial one.
   Each epoch writes last.state.pt FIRST: it commits the epoch; best/last/history follow, and
@@ -245,7 +246,8 @@ def main(cache, out, resume, overwrite, quiet, **settings):
     Defaults are the paper's (AdamW, lr 1e-4, batch 8, 15 epochs, M = 4, logit scale 100).
     The best epoch is chosen on a validation subset held out of the training split (never
     the test split) by the mean of the two R@1; OUT receives best.safetensors,
-    last.safetensors, last.state.pt (for --resume) and history.json.
+    last.safetensors, last.state.pt (for --resume), history.json and curves.png (the learning
+    curves).
 
     \b
     Examples:

@@ -16,7 +16,9 @@ from ..atomic import atomic_write, stale_temp_files
 from ..cli.markup import lit
 from ..errors import first_line
 from ..model.checkpoint import CheckpointError, cache_fingerprint, check_compatible, save
+from ..model.queries import query_kind
 from . import OutputError, TrainError
+from .curves import CURVES_NAME, draw_curves
 from .state import STATE_FORMAT, STATE_NAME, holds_epoch, load_state, save_state
 
 HISTORY_NAME = "history.json"
@@ -158,6 +160,9 @@ class RunDir:
         text = json.dumps(doc, indent=1, default=float)
         path = self.out / HISTORY_NAME
         self.write(path, lambda: atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n")), epoch, True)
+        curves = self.out / CURVES_NAME
+        keys = query_kind(self.opts.query).metric_keys
+        self.write(curves, lambda: draw_curves(history, curves, keys, best["epoch"]), epoch, True)
 
     @staticmethod
     def write(path: Path, fn, epoch: int, committed: bool) -> None:

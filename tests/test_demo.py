@@ -25,6 +25,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
         for r in rows:
             for d in r["metrics"].values():
                 assert 0 <= d["r1"] <= d["r10"] <= 100 and d["mdr"] >= 1
+                assert d["interval"]["r1"][0] <= d["r1"] <= d["interval"]["r1"][1]  # shown in the table and chart
         assert rows[0]["checkpoint"] is None and all(Path(r["checkpoint"]).is_file() for r in rows[1:])
     for label, *_ in SETTINGS:  # every row of both tables is printed
         assert len(re.findall(rf"│ {re.escape(label)} +│", res.output)) == 2, label

@@ -58,7 +58,7 @@ comma-separated; `POINT:N@R` only where the environment's `RANK` is R, 0 if unse
 kills itself with SIGKILL the N-th time it reaches POINT. Points: `mid-data`
 (a video's frame arrays written, its patch tokens not yet), `after-data` (all of a
 video's data written, its done flag not yet), `finalize` (a split's final record
-written, the consolidated metadata not yet) and, in `varcmp.extract`, `forward`
+written, the consolidated metadata not yet) and, in `varcmp.extraction.encode`, `forward`
 (a video's first CLIP forward done, nothing of it written yet). It exists so that
 tests can kill a run at an exact point (tests/test_extract_faults.py); never set it
 otherwise."""

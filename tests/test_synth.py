@@ -300,3 +300,63 @@ def test_media_renders_real_files_and_extracts_with_tiny_encoders(tmp_path, tiny
     m = run.model
     sims = score_matrix(m, encode_videos(m, d.videos, "cpu"), encode_queries(m, d.query_feats, "cpu"))
     assert sims["total"].shape == (2, 2) and np.isfinite(sims["total"]).all()
+
+
+def test_evidence_patches_are_the_described_events_patches():
+    """The mask marks 2 x object_patches patches in exactly the frames the described event is on
+    (its span for an anomaly, every frame for a normal video), and those patches carry the
+    caption's subject or action: their cosine with that concept's visual vector is high, and few
+    others' is (bystanders and the background event may show the same subject)."""
+    w = World(SynthParams(videos=20, seed=3, **SMALL))
+    k = w.params.object_patches
+    others = []
+    for i, plan in enumerate(w.videos):
+        ev = w.evidence_patches(i)
+        on = np.zeros(w.params.frames, bool)
+        on[plan.described.start:plan.described.stop] = True
+        assert ev.shape == (8, 16) and (ev.sum(1) == np.where(on, 2 * k, 0)).all()
+        p = w.video_features(i).patch_feat
+        concept = np.maximum(p @ w.visual["subject"][plan.described.subject], p @ w.visual["verb"][plan.described.verb])
+        assert concept[ev].min() > 0.3, i
+        others.append((concept[~ev] > 0.3).mean())
+    assert np.mean(others) < 0.05, others
+    assert {p.label for p in w.videos} == {0, 1}
+
+
+def test_selector_hits_by_hand(small_cache):
+    """selector_hits counts, over the frames that show the described event, the evidence patches
+    among the M patches the selector keeps, out of min(M, evidence patches): checked against the
+    same count done here in numpy for an untrained selector (the M patches closest to [CLS])."""
+    from varcmp.synth.probe import selector_hits, world_of
+    from varcmp.model import VarCMP
+    from varcmp.model.config import ModelConfig
+
+    c = open_cache(small_cache)
+    m = VarCMP(ModelConfig(dim=128, num_frames=8, num_patches=16, max_words=16, audio_segments=8, top_patches=3,
+                           heads=2, ffn_dim=64))
+    got = selector_hits(m, c, "test", batch=7)
+    w, sp = world_of(c), c.split("test")
+    hits = {0: [0, 0], 1: [0, 0]}
+    for row, i in enumerate(w.split_indices("test")):
+        f = np.asarray(sp.array("videos/frame_feat")[row], np.float64)
+        p = np.asarray(sp.array("videos/patch_feat")[row], np.float64)
+        cos = np.einsum("npc,nc->np", p, f) / np.linalg.norm(p, axis=-1) / np.linalg.norm(f, axis=-1)[:, None]
+        ev = w.evidence_patches(i)
+        for n in np.flatnonzero(ev.any(1)):
+            kept = np.argsort(-cos[n], kind="stable")[:3]
+            hits[w.videos[i].label][0] += ev[n, kept].sum()
+            hits[w.videos[i].label][1] += min(3, ev[n].sum())
+    assert got["normal"] == pytest.approx(hits[0][0] / hits[0][1])
+    assert got["anomalous"] == pytest.approx(hits[1][0] / hits[1][1])
+    assert got["hit_rate"] == pytest.approx((hits[0][0] + hits[1][0]) / (hits[0][1] + hits[1][1]))
+    assert got["chance"] == 3 / 16
+    with pytest.raises(ValueError, match="not a varcmp-synth cache"):
+        world_of(open_cache(write_tiny_extracted(small_cache.parent)))
+
+
+def write_tiny_extracted(folder):
+    """A cache that no World drew (the planted cache of the training tests)."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from helpers import write_planted_cache
+    return write_planted_cache(folder / "planted.zarr", splits={"test": 4}, seed=0)

@@ -120,6 +120,7 @@ class PatchSelector(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.k, self.sigma, self.samples = cfg.top_patches, cfg.topk_sigma, cfg.topk_samples
+        self.relative = cfg.topk_relative
         self.patch_in = nn.Linear(cfg.dim, cfg.selector_dim)
         self.frame_in = nn.Linear(cfg.dim, cfg.selector_dim, bias=False)
         self.out = _zero_init(nn.Linear(cfg.selector_dim, 1))
@@ -137,13 +138,22 @@ class PatchSelector(nn.Module):
         V, N, P, C = patches.shape
         s = self.scores(patches, cls)
         if self.training:
+            if self.relative:  # the noise in units of each frame's spread of scores
+                s = (s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True).clamp_min(1e-6)
             ind = PerturbedTopK.apply(s.reshape(V * N, P), self.k, self.samples, self.sigma)  # [VN, M, P]
             sel = ind.to(patches.dtype) @ patches.reshape(V * N, P, C)
         else:
-            # a stable descending sort keeps equal scores in index order: ties -> lower index
-            idx = s.sort(dim=-1, descending=True, stable=True).indices[..., : self.k].sort(dim=-1).values
+            idx = self._top(s)
             sel = patches.gather(2, idx[..., None].expand(V, N, self.k, C))
         return sel.reshape(V, N * self.k, C)
+
+    def keep(self, patches: Tensor, cls: Tensor) -> Tensor:
+        """The indices [V, N, M] of the patches the inference path keeps, ascending per frame."""
+        return self._top(self.scores(patches, cls))
+
+    def _top(self, s: Tensor) -> Tensor:
+        # a stable descending sort keeps equal scores in index order: ties -> lower index
+        return s.sort(dim=-1, descending=True, stable=True).indices[..., : self.k].sort(dim=-1).values
 
 
 class AudioEncoder(nn.Module):

@@ -500,7 +500,7 @@ class World:
         rng = np.random.default_rng([p.seed, 1, i, 1])  # drawn from in this order: camera, frames, patches, audio
         camera = _unit(rng.standard_normal(p.dim)).astype(np.float32)
         frames = self._frame_features(plan, camera, rng)
-        patches = self._patch_features(plan, camera, rng)
+        patches, _ = self._patch_features(plan, camera, rng)
         a0, a1, _ = window_spans(plan.duration, p.audio_segments)  # the windows varcmp-extract cuts
         audio = self._audio_features(plan, a0, a1, rng)
         span = plan.span
@@ -527,9 +527,20 @@ class World:
         frames += _gauss(rng, (N, C), AMP["frame_noise"] * p.noise, C)
         return frames
 
-    def _patch_features(self, plan: VideoPlan, camera: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def evidence_patches(self, i: int) -> np.ndarray:
+        """[N, P] bool: the patches of video `i` that show its caption's subject or action (the
+        described event's, in the frames where it happens): what a patch selector should keep."""
+        p = self.params
+        rng = np.random.default_rng([p.seed, 1, i, 1])  # video_features' draws, replayed up to the patches
+        camera = _unit(rng.standard_normal(p.dim)).astype(np.float32)
+        self._frame_features(self.videos[i], camera, rng)
+        return self._patch_features(self.videos[i], camera, rng)[1]
+
+    def _patch_features(self, plan: VideoPlan, camera: np.ndarray,
+                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """[N, P, C] patches (not normalised): a static background, and each event (its subject and
-        its verb) and each bystander on a few patches that move from frame to frame."""
+        its verb) and each bystander on a few patches that move from frame to frame; and the [N, P]
+        mask of the described event's patches."""
         p, vis = self.params, self.visual
         N, P, C, k = p.frames, p.patches, p.dim, p.object_patches
         scene_v = vis["scene"][plan.scene]
@@ -540,6 +551,7 @@ class World:
         patches = np.empty((N, P, C), np.float32)
         patches[:] = background
         patches += _gauss(rng, (N, P, C), AMP["patch_noise"] * p.noise, C)
+        evidence = np.zeros((N, P), bool)
         where = np.argsort(rng.random((N, P)), axis=1)[:, : k * (2 * len(plan.events) + len(plan.bystanders))]
         for e, ev in enumerate(plan.events):
             frames_e = np.arange(ev.start, ev.stop)
@@ -548,12 +560,14 @@ class World:
                 obj = off + AMP["object"] * vec + AMP["object_scene"] * scene_v
                 noise = _gauss(rng, (len(frames_e), k, C), AMP["patch_noise"] * p.noise, C)
                 patches[frames_e[:, None], cols] = obj + noise
+                if ev is plan.described:
+                    evidence[frames_e[:, None], cols] = True
         first = 2 * k * len(plan.events)
         for m, b in enumerate(plan.bystanders):
             cols = where[:, first + m * k:first + (m + 1) * k]
             obj = off + AMP["object"] * vis["subject"][b] + AMP["object_scene"] * scene_v
             patches[np.arange(N)[:, None], cols] = obj + _gauss(rng, (N, k, C), AMP["patch_noise"] * p.noise, C)
-        return patches
+        return patches, evidence
 
     def _audio_features(self, plan: VideoPlan, a0: np.ndarray, a1: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """[Na, C] audio segments (not normalised) of the windows [a0, a1) s: ambience and a camera

@@ -541,6 +541,37 @@ def test_perturbed_topk_matches_gaussian_closed_form():
     assert out[0, 0, 2].item() == 0 and out[0, 1, 0].item() == 0
 
 
+def test_relative_selection_noise_ignores_the_scale_of_the_scores():
+    """topk_relative: the perturbed top-k runs on each frame's scores standardised over its patches,
+    so a * s + b (a > 0) selects exactly as s under the same noise; without it the scale matters.
+    Inference (hard top-k) is the same either way."""
+    frames, _, patches = video_data()
+    out = {}
+    for relative in (True, False):
+        sel = make_model(seed=8, topk_relative=relative, topk_sigma=0.5).patch_selector.train()
+        base = sel.scores(patches, frames).detach()
+        for a, b in ((1.0, 0.0), (7.0, -3.0)):
+            sel.scores = lambda p, c, a=a, b=b: a * base + b
+            torch.manual_seed(5)
+            out[relative, a] = sel(patches, frames)
+        del sel.scores
+        sel.eval()
+        hard = sel(patches, frames)
+        assert torch.equal(hard, make_model(seed=8).patch_selector.eval()(patches, frames))
+    torch.testing.assert_close(out[True, 1.0], out[True, 7.0], **TOL)
+    assert not torch.allclose(out[False, 1.0], out[False, 7.0])
+    # by hand: the standardised scores are what the noise is added to
+    s = make_model(seed=8).patch_selector.scores(patches, frames).detach().reshape(-1, P)
+    z = (s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True)
+    sel = make_model(seed=8, topk_relative=True, topk_sigma=0.5).patch_selector.train()
+    torch.manual_seed(5)
+    got = sel(patches, frames)
+    torch.manual_seed(5)
+    ind = PerturbedTopK.apply(z, M, sel.samples, 0.5)
+    want = (ind.to(patches.dtype) @ patches.reshape(-1, P, C)).reshape(got.shape)
+    torch.testing.assert_close(got, want, **TOL)
+
+
 def test_few_adamw_steps_lower_the_loss():
     torch.manual_seed(0)
     model = VarCMP(cfg(query="audio", topk_samples=20)).train()

@@ -58,6 +58,8 @@ class ModelConfig:
     tau: float = within(0.1, 0.0, 1e4, "(]",
                         help="Temperature of the anomaly-biased softmax (eq. 7; the paper gives no value).")
     topk_sigma: float = within(0.05, 0.0, 1e4, "(]", help="Noise of the perturbed top-k (training).")
+    topk_relative: bool = setting(False, "Perturbed top-k noise relative to each frame's spread of selector "
+                                  "scores (scores standardised per frame before the noise; training only).")
     topk_samples: int = within(100, 1, 100000, help="Samples of the perturbed top-k (training).")
     logit_scale: float = within(100.0, 0.0, 1e4, "(]", help="Scale of R in the InfoNCE (CLIP's 100).")
 

@@ -26,8 +26,15 @@ class TrainOptions:
     batch_size: int = setting(8, "Pairs per step: B of the InfoNCE, the GLOBAL batch. Under torchrun with N "
                               "processes each encodes B/N pairs (B must be divisible by N) and the InfoNCE is "
                               "over all B, as in one process.")
-    lr: float = setting(1e-4, "AdamW learning rate (constant).")
+    lr: float = setting(1e-4, "AdamW peak learning rate.")
     weight_decay: float = setting(0.01, "AdamW weight decay.")
+    schedule: str = setting("constant", "Learning rate over the run: constant, or cosine (linear warm-up over the "
+                            "first --warmup of the steps, then a cosine decay to 0 at --epochs).",
+                            choices=("constant", "cosine"))
+    warmup: float = setting(0.1, "Share of the steps the cosine schedule warms up over.")
+    frame_drop: float = setting(0.0, "Share of the frames hidden from each training video (augmentation).")
+    word_drop: float = setting(0.0, "Share of the words (or audio segments) hidden from each training query "
+                               "(augmentation).")
     tau: float = model_setting("tau")
     top_patches: int = model_setting("top_patches")
     logit_scale: float = model_setting("logit_scale")
@@ -37,6 +44,7 @@ class TrainOptions:
     shift_fraction: float = model_setting("shift_fraction")
     topk_sigma: float = model_setting("topk_sigma")
     topk_samples: int = model_setting("topk_samples")
+    topk_relative: bool = model_setting("topk_relative")
     seed: int = setting(0, "Seeds the weights, the batch order and the validation draw.")
 
     def __post_init__(self):
@@ -53,6 +61,11 @@ class TrainOptions:
             raise TrainError("--batch-size must be at least 2 (InfoNCE needs negatives in the batch)")
         if not self.lr > 0 or self.weight_decay < 0:
             raise TrainError(f"--lr must be > 0 and --weight-decay >= 0, got {self.lr} and {self.weight_decay}")
+        for name in ("warmup", "frame_drop", "word_drop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise TrainError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.schedule not in ("constant", "cosine"):
+            raise TrainError(f"--schedule must be constant or cosine, got {self.schedule!r}")
         try:  # the model's own checks, on dummy dims
             self.model_config(None)
         except ValueError as e:
@@ -70,6 +83,14 @@ class TrainOptions:
 
     def jsonable(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
+
+
+# The paper's recipe (AdamW, lr 1e-4, batch 8, 15 epochs; weight decay and schedule as the paper gives none: torch's
+# default decay and a constant rate; TS2-Net's perturbed top-k; no augmentation): `--recipe paper` sets these
+# wherever the command line does not; the defaults above are varcmp's own recipe.
+RECIPES = {"varcmp": {},
+           "paper": dict(lr=1e-4, batch_size=8, epochs=15, weight_decay=0.01, schedule="constant", frame_drop=0.0,
+                         word_drop=0.0, topk_relative=False, topk_sigma=0.05)}
 
 
 _MODEL_SETTINGS = [f.name for f in dataclasses.fields(TrainOptions)

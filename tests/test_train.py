@@ -418,3 +418,78 @@ def test_read_rows_any_order(planted):
     rows = np.array([5, 1, 5, 0])
     np.testing.assert_array_equal(read_rows(arr, rows), np.asarray(arr[:])[rows])
     assert TD.available_memory() > 2**20  # Linux: MemAvailable of /proc/meminfo
+
+
+# ----------------------------------------------------------------------------- schedule and augmentation
+
+def test_learning_rate_schedule_by_hand():
+    """constant: --lr throughout; cosine: a linear warm-up over the first --warmup of the steps, then
+    lr/2 (1 + cos(pi t')) with t' the share of the decay done; 0 at the end of --epochs."""
+    const = T.TrainOptions(lr=2e-3, epochs=10)
+    assert [TL.learning_rate(const, d) for d in (0, 3.7, 9.99)] == [2e-3] * 3
+    cos = T.TrainOptions(lr=2e-3, epochs=10, schedule="cosine", warmup=0.2)
+    assert 0 < TL.learning_rate(cos, 0) < 1e-5
+    assert TL.learning_rate(cos, 1) == pytest.approx(1e-3, rel=1e-3)         # half-way up the warm-up
+    assert TL.learning_rate(cos, 2) == pytest.approx(2e-3)                    # the peak
+    assert TL.learning_rate(cos, 6) == pytest.approx(1e-3)                    # half-way down
+    assert TL.learning_rate(cos, 8) == pytest.approx(1e-3 * (1 + np.cos(np.pi * 0.75)))
+    assert TL.learning_rate(cos, 10) == pytest.approx(0, abs=1e-12)
+
+
+def test_token_drop_hides_valid_positions_only_and_never_a_whole_row():
+    torch.manual_seed(0)
+    mask = torch.ones(400, 32, dtype=torch.bool)
+    mask[:, 20:] = False
+    mask[0, 1:] = False                                   # one valid position: kept whatever the draw
+    assert TP.drop(mask, 0.0) is mask
+    out = TP.drop(mask, 0.3)
+    assert not (out & ~mask).any() and out.any(-1).all() and out[0, 0]
+    assert out[1:].sum().item() / mask[1:].sum().item() == pytest.approx(0.7, abs=0.02)
+    assert TP.drop(mask, 0.999).sum(-1).min().item() >= 1
+
+
+def test_schedule_and_drop_options_checked_in_one_line():
+    for bad in (dict(warmup=1.0), dict(frame_drop=-0.1), dict(word_drop=1.5), dict(schedule="linear")):
+        with pytest.raises(TR.TrainError, match=next(iter(bad)).replace("_", "-")):
+            T.TrainOptions(**bad)
+
+
+def test_the_untrained_model_is_kept_when_no_epoch_validates_above_it(planted, tmp_path):
+    """Epoch 0 (the untrained model, zero-shot) is a candidate for best: here a far too high --lr makes
+    every epoch validate below it, so best.safetensors holds the untrained weights, and the run says so."""
+    out = tmp_path / "run"
+    res = cli(planted, "--out", out, "--query", "text", "--epochs", 2, "--lr", 0.01, "--val-fraction", 0.25,
+              "--seed", 0, *SMALL_ARGS[:-1])
+    hist = json.loads((out / "history.json").read_text())
+    r1 = [r["val_r1"] for r in hist["epochs"]]
+    assert max(r1[1:]) < r1[0] and hist["best_epoch"] == 0 and hist["epochs"][0]["best"]
+    assert checkpoint.read_meta(out / "best.safetensors")["epoch"] == 0
+    best = checkpoint.load(out)[0]
+    assert all(not weights(out / "best.safetensors")[k].any() for k in ("temporal.proj.weight", "anomaly_head.fc.weight",
+                                                                         "patch_selector.out.weight"))
+    from varcmp.evaluate import zero_shot_model
+    zs = zero_shot_model(open_cache(planted).spec, "text")
+    torch.testing.assert_close(scores(best, planted), scores(zs, planted))  # the untrained model is zero-shot
+    assert checkpoint.read_meta(out / "last.safetensors")["epoch"] == 2
+    assert "no epoch validated above the untrained model" in " ".join(res.output.split())
+    # a resumed run to more epochs keeps epoch 0 as best while nothing beats it
+    cli(planted, "--out", out, "--query", "text", "--epochs", 3, "--lr", 0.01, "--val-fraction", 0.25,
+        "--seed", 0, "--resume", *SMALL_ARGS[:-1])
+    hist = json.loads((out / "history.json").read_text())
+    assert hist["best_epoch"] == (0 if max(r["val_r1"] for r in hist["epochs"][1:]) <= r1[0] else
+                                  max(hist["epochs"][1:], key=lambda r: r["val_r1"])["epoch"])
+
+
+def test_recipe_paper_sets_what_the_command_line_does_not(planted, tmp_path):
+    out = tmp_path / "run"
+    cli(planted, "--out", out, "--recipe", "paper", "--epochs", 1, "--frame-drop", 0.2, "--val-fraction", 0,
+        *SMALL_ARGS)
+    used = json.loads((out / "history.json").read_text())["train"]
+    paper = T.RECIPES["paper"]
+    assert used["epochs"] == 1 and used["frame_drop"] == 0.2  # given on the command line
+    assert all(used[k] == v for k, v in paper.items() if k not in ("epochs", "frame_drop"))
+    assert used["heads"] == 2                                   # not in the recipe: the command line's
+    default = T.TrainOptions()
+    cli(planted, "--out", tmp_path / "own", "--epochs", 1, "--val-fraction", 0, *SMALL_ARGS)
+    own = json.loads((tmp_path / "own" / "history.json").read_text())["train"]
+    assert all(own[k] == getattr(default, k) for k in paper if k != "epochs")

@@ -17,8 +17,9 @@ Decisions (the paper gives the loss, AdamW, lr 1e-4, batch 8, 15 epochs, M = 4; 
   with a seeded generator and stratified by the normal/anomalous label, held out of every batch.
   Each epoch it is scored with `evaluate`'s own functions (all captions of the validation videos
   as queries); the best epoch is the one with the highest mean of the two R@1 (query->video and
-  video->query; the earlier epoch wins ties). The untrained model is scored too (epoch 0, for
-  reference; not eligible). The test split is never read. `--val-fraction 0` disables model
+  video->query; the earlier epoch wins ties). The untrained model, which is exactly zero-shot
+  CLIP, is scored first (epoch 0) and is a candidate: a run none of whose epochs validates above
+  it keeps it as best.safetensors, and says so. The test split is never read. `--val-fraction 0` disables model
   selection: best.safetensors is then the last epoch.
 - Optimisation: AdamW (weight decay on all parameters, torch's default 0.01: the paper gives
   none) with a constant learning rate (the paper gives no schedule; a constant one also makes a
@@ -68,6 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from .cache.reader import open_cache
 from .cli.common import Interrupted, OneLineErrors
@@ -82,7 +84,7 @@ from .training.data import plan_data
 from .training.distributed import DistInfo, barrier, distributed, env_int_or, is_dist_error, same_weights
 from .training.loop import (NO_BEST, data_line, epoch_line, init_learner, load_data, make_step, pick_best,
                             resolve_compute, train_epoch, validate_epoch)
-from .training.options import Runtime, TrainOptions
+from .training.options import RECIPES, Runtime, TrainOptions
 from .training.rundir import HISTORY_NAME, RunDir, open_run, saved_run
 from .training.state import STATE_NAME
 
@@ -140,9 +142,12 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
         console.print(f"resuming {lit(out)} after epoch {state['epoch']}", highlight=False, soft_wrap=True)
         if main_rank:
             files.restore(state, learner.model, console)
-    elif data.val is not None:
-        history.append(_validate_untrained(learner, data, opts.query, console))
-    make_step(learner, dist, {"start": start, "plan": plan.digest(), "cache": files.fingerprint,
+    elif data.val is not None:  # the untrained model (zero-shot) is a candidate: training must beat it
+        rec = _validate_untrained(learner, data, opts.query, console)
+        rec["best"], best = pick_best(best, 0, rec["val"])
+        history.append(rec)
+        files.save_checkpoint("best", learner.model, 0, rec["val"])
+    make_step(learner, opts, dist, {"start": start, "plan": plan.digest(), "cache": files.fingerprint,
                               "resumed": state is not None}, out)
 
     # ---- the epochs: each trained, then (process 0) validated and committed
@@ -195,7 +200,8 @@ def _model_config(opts: TrainOptions, cache):
 
 
 def _validate_untrained(learner, data, query: str, console) -> dict:
-    """Epoch 0 of the history: the untrained model's validation metrics (for reference; never the best)."""
+    """Epoch 0 of the history: the untrained model's validation metrics (zero-shot; the best until an
+    epoch validates above it)."""
     rec = {"epoch": 0}
     m = validate_epoch(learner, data.val, rec)
     q, v = query_kind(query).metric_keys
@@ -227,6 +233,10 @@ def report(summary: RunSummary, console) -> None:
                   else "the last one: --val-fraction 0 holds out no validation videos to choose by")
         console.print(f"best: {lit(summary.out / 'best.safetensors')} (epoch {summary.best_epoch}, {picked})",
                       highlight=False, soft_wrap=True)
+        if summary.best_epoch == 0:
+            console.print("[yellow]warning: no epoch validated above the untrained model, so best.safetensors is "
+                          "the untrained model (zero-shot); see curves.png, and try fewer epochs or a lower --lr",
+                          highlight=False, soft_wrap=True)
     console.print(f"last: {lit(summary.out / 'last.safetensors')} (epoch {last}); resume state "
                   f"{lit(summary.out / STATE_NAME)}; history {lit(summary.out / HISTORY_NAME)}", highlight=False,
                   soft_wrap=True)
@@ -237,10 +247,13 @@ def report(summary: RunSummary, console) -> None:
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
               help="Run directory: checkpoints, resume state and history.json.")
 @cli_options(TrainOptions, Runtime)
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default="varcmp",
+              help="paper: the paper's recipe (constant lr 1e-4, batch 8, 15 epochs, no augmentation, TS2-Net's "
+                   "top-k noise) for the settings not given on the command line; varcmp: the defaults shown here.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace the run in --out.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def main(cache, out, resume, overwrite, quiet, **settings):
+def main(cache, out, recipe, resume, overwrite, quiet, **settings):
     """Train VarCMP's heads on the features in CACHE (written by varcmp-extract).
 
     Defaults are the paper's (AdamW, lr 1e-4, batch 8, 15 epochs, M = 4, logit scale 100).
@@ -264,7 +277,10 @@ def main(cache, out, resume, overwrite, quiet, **settings):
     from rich.console import Console
 
     with _errors_of_this_process(out) as (err, rank):
-        opts, runtime = settings_of(TrainOptions, settings), settings_of(Runtime, settings)
+        ctx = click.get_current_context()  # the recipe's settings, where the command line gives none
+        chosen = {k: v for k, v in settings.items()
+                  if k not in RECIPES[recipe] or ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+        opts, runtime = settings_of(TrainOptions, {**RECIPES[recipe], **chosen}), settings_of(Runtime, settings)
         with distributed(runtime.device) as dist:
             summary = train(cache, out, opts, runtime, resume=resume, overwrite=overwrite,
                             console=err, quiet=quiet, dist=dist)

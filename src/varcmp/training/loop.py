@@ -150,10 +150,10 @@ def init_learner(cfg, opts, compute: Compute) -> Learner:
     return Learner(model, optimizer, torch.amp.GradScaler(compute.device.type, enabled=compute.use_scaler), compute)
 
 
-def make_step(learner: Learner, dist: DistInfo | None, facts: dict, out) -> None:
+def make_step(learner: Learner, opts, dist: DistInfo | None, facts: dict, out) -> None:
     """Give `learner` its training step; under torchrun, once every process is seen to start from the
     same `facts` (epoch, data plan, cache), wrapped in DistributedDataParallel."""
-    learner.step = TrainStep(learner.model, dist)
+    learner.step = TrainStep(learner.model, dist, opts.frame_drop, opts.word_drop)
     if dist is not None:
         same_start(facts, out)
         learner.step = wrap_ddp(learner.step, dist)
@@ -175,6 +175,8 @@ def train_epoch(learner: Learner, data: TrainData, plan: Plan, opts, epoch: int,
     sums = torch.zeros(len(PARTS), dtype=torch.float64)
     t0 = time.perf_counter()
     for step, batch in enumerate(batch_data, 1):
+        for group in learner.optimizer.param_groups:
+            group["lr"] = learning_rate(opts, epoch - 1 + (step - 1) / len(batches))
         parts = forward(learner, data.labels, *batch)
         vals = torch.stack([parts[k].detach().float() for k in PARTS]).cpu()  # one sync per step
         if not torch.isfinite(vals[0]):  # the same value in every process: all stop here
@@ -189,6 +191,17 @@ def train_epoch(learner: Learner, data: TrainData, plan: Plan, opts, epoch: int,
         progress.update(task, advance=1, loss=float(sums[0]) / step, rate=step / max(time.perf_counter() - t0, 1e-9))
     mean = (sums / len(batches)).tolist()
     return {"epoch": epoch, **dict(zip(PARTS, mean)), "steps": len(batches), "seconds": time.perf_counter() - t0}
+
+
+def learning_rate(opts, done: float) -> float:
+    """The learning rate after `done` epochs (fractional) of --epochs: --lr, constant or cosine with a
+    linear warm-up. A function of the step alone, so a resumed run continues the same curve."""
+    if opts.schedule == "constant":
+        return opts.lr
+    t = done / opts.epochs
+    if t < opts.warmup:
+        return opts.lr * (t + 1 / (opts.epochs * 1000)) / opts.warmup  # > 0 at the first step
+    return opts.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (t - opts.warmup) / (1 - opts.warmup))))
 
 
 def forward(learner: Learner, labels_all: torch.Tensor, vrows, lrows, sizes, vb: dict, qb: dict | None) -> dict:

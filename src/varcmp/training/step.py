@@ -59,6 +59,15 @@ def val_score(metrics: dict | None) -> float:
 
 # ----------------------------------------------------------------------------- the training step (DDP-aware)
 
+def drop(mask: torch.Tensor, share: float) -> torch.Tensor:
+    """`mask` [B, L] with each valid position hidden with probability `share` (augmentation); a row
+    left with none keeps its own mask."""
+    if share <= 0:
+        return mask
+    kept = mask.bool() & (torch.rand(mask.shape, device=mask.device) >= share)
+    return torch.where(kept.any(-1, keepdim=True), kept, mask.bool())
+
+
 class TrainStep(torch.nn.Module):
     """The forward of one training step: encode this process's rows, gather the global batch's
     embeddings (several processes), the loss of eq. 12 (VarCMP.loss's parts) plus "backward", what to
@@ -69,17 +78,22 @@ class TrainStep(torch.nn.Module):
     gradient. DDP averages, (1/N) sum_r: so "backward" is N * L, and the averaged gradient is exactly
     one process's on the global batch. With one process "backward" is the loss itself."""
 
-    def __init__(self, model: VarCMP, dist: DistInfo | None = None):
+    def __init__(self, model: VarCMP, dist: DistInfo | None = None, frame_drop: float = 0.0, word_drop: float = 0.0):
         super().__init__()
         self.model = model
+        self.frame_drop, self.word_drop = frame_drop, word_drop
         self.rank = 0 if dist is None else dist.rank
         self.world = 1 if dist is None else dist.world_size
 
     def forward(self, vb: dict, qb: dict | None, labels: torch.Tensor, sizes: list[int] | None,
                 batch_labels: torch.Tensor) -> dict[str, torch.Tensor]:
         m = self.model
-        v = m.encode_videos(vb["frame_feat"], vb["frame_mask"], vb.get("patch_feat"), labels=labels)
-        q = m.encode_queries(qb if qb is not None else {"seg_feat": vb["audio_feat"], "seg_mask": vb["audio_mask"]})
+        v = m.encode_videos(vb["frame_feat"], drop(vb["frame_mask"], self.frame_drop), vb.get("patch_feat"),
+                            labels=labels)
+        qf = dict(qb) if qb is not None else {"seg_feat": vb["audio_feat"], "seg_mask": vb["audio_mask"]}
+        key = "word_mask" if "word_mask" in qf else "seg_mask"
+        qf[key] = drop(qf[key], self.word_drop)
+        q = m.encode_queries(qf)
         if sizes is not None:
             v, q = gather_rows(v, sizes, self.rank), gather_rows(q, sizes, self.rank)
         parts = m.loss(v, q, batch_labels)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 
 import numpy as np
@@ -102,6 +103,25 @@ def preprocess_audio(extractor, windows: list[np.ndarray], rate: int) -> torch.T
     return extractor(windows, sampling_rate=rate, return_tensors="pt")["input_features"]
 
 
+def clean_caption(text: str) -> str:
+    """A caption as CLIP's own tokenizer cleans it before BPE (OpenAI's `basic_clean`: ftfy's text
+    fixes, HTML entities unescaped twice): curly quotes, `&amp;` and mojibake get the ids CLIP was
+    trained with. Lower case and runs of white space are the Hugging Face tokenizer's own work."""
+    import ftfy
+
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+def tokenize(tokenizer, texts: list[str], max_words: int | None = None):
+    """CLIP token ids (start and end included) and attention mask of cleaned captions: all of
+    each without `max_words`; with it, padded or cut to `max_words` tokens, the end token kept
+    last in a cut caption. The one tokenisation of extraction, search and `check-models`."""
+    clean = [clean_caption(t) for t in texts]
+    if max_words is None:
+        return tokenizer(clean)
+    return tokenizer(clean, padding="max_length", truncation=True, max_length=max_words, return_tensors="pt")
+
+
 class ClipEncoder:
     """CLIP image and text towers; outputs live in the projected joint space."""
 
@@ -132,7 +152,7 @@ class ClipEncoder:
     def encode_text(self, texts: list[str], max_words: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Word features [Q, L, C], word mask [Q, L] (start and end tokens included) and the
         sentence feature [Q, C] (the end token's word feature, equal to `get_text_features`)."""
-        tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_words, return_tensors="pt")
+        tok = tokenize(self.tokenizer, texts, max_words)
         ids = tok["input_ids"].to(self.device)
         mask = tok["attention_mask"].to(self.device)
         hidden = self.model.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -147,7 +167,7 @@ class ClipEncoder:
     def cut(self, texts: list[str], max_words: int) -> list[int]:
         """Indices of the texts longer than `max_words` tokens (start/end included): `encode_text`
         keeps only their first `max_words` tokens."""
-        return [i for i, ids in enumerate(self.tokenizer(texts)["input_ids"]) if len(ids) > max_words]
+        return [i for i, ids in enumerate(tokenize(self.tokenizer, texts)["input_ids"]) if len(ids) > max_words]
 
     def info(self) -> dict:
         return {"name": self.name, "config_hash": self.config_hash, "weights_hash": weights_hash(self.model)}

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
 from helpers import one_line_error
 
 DATA = Path(__file__).parent / "data" / "ucfcrime_ar_like_captions.txt"

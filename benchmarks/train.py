@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from varcmp.cache_schema import DONE, CacheSpec, QueryEntry, VideoEntry
 from varcmp.cache.writer import CacheWriter
+from varcmp.cache_schema import DONE, CacheSpec, QueryEntry, VideoEntry
 from varcmp.train import Runtime, TrainOptions, train
 
 

@@ -96,3 +96,21 @@ def test_what_is_not_a_clip_or_clap_checkpoint_is_refused_in_one_line(tiny_clip,
     r = check(*args)
     one_line_error(r, *needles)
     assert str(args[-1]) in r.output or case == "missing folder"
+
+
+def test_a_checkpoint_without_some_buffers_still_loads(tiny_clap, tmp_path):
+    """Buffers (index tables, position ids) that an older file lacks are made the same way every time,
+    not drawn at random: only missing parameters are refused."""
+    from safetensors.torch import load_file, save_file
+
+    from varcmp.encoders.frozen import ClapEncoder
+
+    out = tmp_path / "clap"
+    shutil.copytree(tiny_clap, out)
+    weights = load_file(out / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if "relative_position_index" not in k}
+    assert len(kept) < len(weights)
+    save_file(kept, out / "model.safetensors", metadata={"format": "pt"})
+    ref = ClapEncoder(str(tiny_clap), torch.device("cpu")).model.state_dict()
+    loaded = ClapEncoder(str(out), torch.device("cpu")).model.state_dict()
+    assert all(torch.equal(ref[k], loaded[k]) for k in ref)

@@ -102,7 +102,10 @@ def load_model(cls, name: str, what: str, model_type: str):
         model, info = cls.from_pretrained(name, output_loading_info=True)
     except Exception as e:  # noqa: BLE001
         raise _load_error(name, what, e) from None
-    lost = sorted(info["missing_keys"]) + sorted(k for k, *_ in info["mismatched_keys"])
+    # parameters only: a buffer the checkpoint lacks (position ids, an older file's) is made the same
+    # way every time, not drawn at random
+    params = dict(model.named_parameters())
+    lost = sorted(k for k in info["missing_keys"] if k in params) + sorted(k for k, *_ in info["mismatched_keys"])
     if lost:
         raise RuntimeError(f"cannot load {what} from {name!r}: {len(lost)} weights are missing from the checkpoint "
                            f"or of another shape (e.g. {lost[0]}); they would be random")

@@ -8,6 +8,7 @@ texture, H.264 with x264's default GOP.
 
     .venv/bin/python benchmarks/extract.py                 # 12 videos of 40 s
     .venv/bin/python benchmarks/extract.py --videos 4 --seconds 20 --workers 0
+    .venv/bin/python benchmarks/extract.py --device cuda --workers 4 --work /tmp/bench   # reuses /tmp/bench
 
 The goal is a ratio of at least 0.9: decoding, preprocessing and writing add
 under 10% to the encoder's own cost, because worker processes decode while the
@@ -61,6 +62,7 @@ def bare_forward(clip, root: Path, frames: int, batch: int) -> tuple[float, int]
     from varcmp.media.video import read_frames
 
     pixels = [preprocess_images(clip.processor, read_frames(root / p, frames).images) for p in find_videos(root)]
+    clip.encode_images(pixels[0][:batch])  # warm-up (CUDA: kernels and workspaces are set up on first use)
     total, count = 0.0, 0
     for px in pixels:
         for s in range(0, len(px), batch):
@@ -78,33 +80,41 @@ def bare_forward(clip, root: Path, frames: int, batch: int) -> tuple[float, int]
 @click.option("--workers", default=1, help="Decoding processes of the pipeline.")
 @click.option("--batch-size", default=64)
 @click.option("--repeats", default=2, help="Bare-forward passes (before and after the pipeline).")
-def main(videos, seconds, frames, workers, batch_size, repeats):
+@click.option("--device", default="cpu", help="Where CLIP runs (cpu, cuda, ...), for both measurements.")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the model and the videos here and reuse them in the next run (default: a temporary folder).")
+def main(videos, seconds, frames, workers, batch_size, repeats, device, work):
     from rich.console import Console
 
-    from varcmp.encoders.frozen import ClipEncoder, quiet_transformers
+    from varcmp.encoders.frozen import ClipEncoder, quiet_transformers, resolve_device
     from varcmp.extract import Options, run
 
     quiet_transformers()
+    dev = resolve_device(device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        keep = work or tmp
+        model_dir, root = keep / "clip-vit-b32", keep / f"videos-{videos}x{seconds:g}s"
         t = time.perf_counter()
-        model_dir = make_vit_b32(tmp / "clip-vit-b32")
-        root = tmp / "videos"
-        root.mkdir()
-        make_videos(root, videos, seconds)
+        if not (model_dir / "model.safetensors").is_file():
+            make_vit_b32(model_dir)
+        if not root.is_dir():
+            (keep / "partial").mkdir(parents=True, exist_ok=True)
+            make_videos(keep / "partial", videos, seconds)
+            (keep / "partial").rename(root)
         print(f"setup: ViT-B/32 CLIP and {videos} videos of {seconds:.0f} s at 320x240 in {time.perf_counter() - t:.1f} s",
               file=sys.stderr)
-        clip = ClipEncoder(str(model_dir), torch.device("cpu"))
+        clip = ClipEncoder(str(model_dir), dev)
         bare = [bare_forward(clip, root, frames, batch_size)]
         quiet = Console(file=open(os.devnull, "w"))
         s = run(Options(root=root, out=tmp / "cache.zarr", clip_model=str(model_dir), frames=frames,
-                        batch_size=batch_size, workers=workers, device="cpu"), quiet)
+                        batch_size=batch_size, workers=workers, device=str(dev)), quiet)
         for _ in range(repeats - 1):
             bare.append(bare_forward(clip, root, frames, batch_size))
     bare_fps = statistics.median(n / sec for sec, n in bare)
     loop_fps = s.frames / s.video_seconds
     total_fps = s.frames / s.seconds
-    print(f"torch threads: {torch.get_num_threads()}, pipeline workers: {workers}, frames: {s.frames}")
+    print(f"device: {dev}, torch threads: {torch.get_num_threads()}, pipeline workers: {workers}, frames: {s.frames}")
     print(f"bare CLIP forward      : {bare_fps:7.2f} frames/s   (passes: {', '.join(f'{n / sec:.2f}' for sec, n in bare)})")
     print(f"pipeline, video loop   : {loop_fps:7.2f} frames/s   ratio {loop_fps / bare_fps:.2f}")
     print(f"pipeline, whole command: {total_fps:7.2f} frames/s   ratio {total_fps / bare_fps:.2f} "

@@ -8,6 +8,7 @@ one epoch, one validation pass, and the extrapolated 15-epoch run.
     .venv/bin/python benchmarks/train.py                 # the production size
     .venv/bin/python benchmarks/train.py --videos 400    # a quicker look (steps/s does not depend on it)
     .venv/bin/python benchmarks/train.py --threads 1     # on a machine shared with other jobs
+    .venv/bin/python benchmarks/train.py --device cuda --precision fp32,bf16   # mixed precision against fp32
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from varcmp.cache_schema import DONE, CacheSpec, QueryEntry, VideoEntry
 from varcmp.cache.writer import CacheWriter
+from varcmp.cache_schema import DONE, CacheSpec, QueryEntry, VideoEntry
 from varcmp.train import Runtime, TrainOptions, train
 
 
@@ -62,23 +63,39 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--videos", type=int, default=1610, help="training-split videos (UCFCrime-AR: 1,610)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="auto",
+                    help="comma-separated: one run per precision, the same seed and batches, e.g. fp32,bf16 "
+                         "(their losses are compared)")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
-    ap.add_argument("--keep", type=Path, help="write the cache here (kept) instead of a temporary directory")
+    ap.add_argument("--keep", type=Path, help="write the cache here (kept; reused when it is there) instead of a "
+                                              "temporary directory")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = CacheSpec(num_frames=32, num_patches=49, dim=512, max_words=32)
     with tempfile.TemporaryDirectory(prefix="varcmp-bench-") as tmp:
         cache = args.keep or Path(tmp) / "cache.zarr"
-        secs = write_cache(cache, args.videos, spec)
-        gib = args.videos * (spec.num_frames * (spec.num_patches + 1) * spec.dim * 2) / 2**30
-        print(f"cache: {args.videos} videos, {gib:.2f} GiB float16, written in {secs:.1f} s")
-        opts = TrainOptions(epochs=1)  # every other setting: the defaults (the paper's)
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-              f"device {args.device}, batch {opts.batch_size}, levels {','.join(opts.levels)}")
-        t0 = time.perf_counter()
-        s = train(cache, Path(tmp) / "run", opts, Runtime(device=args.device), quiet=True)
-        total = time.perf_counter() - t0
+        if not cache.exists():
+            secs = write_cache(cache, args.videos, spec)
+            gib = args.videos * (spec.num_frames * (spec.num_patches + 1) * spec.dim * 2) / 2**30
+            print(f"cache: {args.videos} videos, {gib:.2f} GiB float16, written in {secs:.1f} s")
+        losses = {p: one_run(cache, Path(tmp) / f"run-{p}", args, p) for p in args.precision.split(",")}
+    if len(losses) > 1:
+        ref, *others = losses
+        for p in others:
+            a, b = losses[ref], losses[p]
+            print(f"loss agreement, {p} vs {ref}: epoch loss {b:.5f} vs {a:.5f}, relative difference "
+                  f"{abs(b - a) / abs(a):.2e}")
+
+
+def one_run(cache: Path, run: Path, args, precision: str) -> float:
+    """One epoch of the default configuration; prints its timings, returns its mean training loss."""
+    opts = TrainOptions(epochs=1)  # every other setting: the defaults (the paper's)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"device {args.device}, precision {precision}, batch {opts.batch_size}, levels {','.join(opts.levels)}")
+    t0 = time.perf_counter()
+    s = train(cache, run, opts, Runtime(device=args.device, precision=precision), quiet=True)
+    total = time.perf_counter() - t0
     ep = s.history[-1]
     untrained = s.history[0]["val_seconds"]
     print(f"read into memory: {s.load_seconds:.1f} s")
@@ -90,6 +107,7 @@ def main() -> None:
     print(f"one epoch incl. validation and checkpoint writing: {epoch:.1f} s; whole 1-epoch run {total:.1f} s")
     est = s.load_seconds + untrained + 15 * epoch
     print(f"extrapolated default run (15 epochs): {est / 60:.1f} min")
+    return float(ep["loss"])
 
 
 if __name__ == "__main__":

@@ -63,6 +63,15 @@ def tiny_clap(tmp_path_factory) -> Path:
     return make_tiny_clap(tmp_path_factory.mktemp("models") / "clap")
 
 
+@pytest.fixture(scope="session")
+def clip_bpe_tokenizer(tmp_path_factory) -> Path:
+    """OpenAI's CLIP tokenizer (49,408 entries), built offline from the BPE file of the installed
+    open_clip_torch (the README's test command installs it without its dependencies)."""
+    from varcmp.encoders.bpe import write_clip_tokenizer
+
+    return write_clip_tokenizer(tmp_path_factory.mktemp("models") / "clip-tokenizer")
+
+
 GOOD = {
     # relative path: (frames, fps, audio seconds or None)
     "Abuse/Abuse001_x264.mp4": (60, 10, 6.0),

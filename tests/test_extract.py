@@ -274,8 +274,11 @@ def test_bad_arguments_are_one_line_errors(tmp_path, video_root, tiny_clip):
     empty = tmp_path / "empty_model"
     empty.mkdir()
     code, log = extract(video_root, "--out", tmp_path / "c.zarr", "--clip-model", empty, "--workers", 1)
-    assert code == 2 and f"cannot load CLIP from '{empty}'" in log and "no file named model.safetensors" in log, log
+    assert code == 2 and f"cannot load CLIP from '{empty}'" in log and "no config.json" in log, log
     assert "hub id" not in log and len(log.strip().splitlines()) == 1
+    (empty / "config.json").write_text((tiny_clip / "config.json").read_text())
+    code, log = extract(video_root, "--out", tmp_path / "c.zarr", "--clip-model", empty, "--workers", 1)
+    assert code == 2 and f"cannot load CLIP from '{empty}'" in log and "no file named model.safetensors" in log, log
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.txt").write_text("x")
     code, log = extract(video_root, "--out", tmp_path / "junk", "--clip-model", tiny_clip, "--workers", 0)

@@ -46,7 +46,7 @@ from .extraction.options import Options, Summary
 from .extraction.report import interrupted_line, report
 from .extraction.split import inputs_of, open_split
 from .media.decoding import decoded, decoders
-from .media.plan import Plan, audio_source, looks_local, make_plan
+from .media.plan import Plan, audio_source, make_plan
 
 # --------------------------------------------------------------------------
 # The run
@@ -98,9 +98,11 @@ def _check_options(opt: Options) -> None:
         raise click.UsageError("--overwrite cannot be combined with shards; delete the store before starting them")
     if opt.audio and opt.audio != "video" and not Path(opt.audio).is_dir():
         raise click.UsageError(f"--audio {opt.audio}: expected 'video' or a directory of audio files")
+    from .encoders.frozen import model_path_problem
+
     for flag, name in (("--clip-model", opt.clip_model), ("--clap-model", opt.clap_model if opt.audio else None)):
-        if name and looks_local(name) and not Path(name).expanduser().is_dir():
-            raise click.UsageError(f"{flag} {name}: no such directory (give a local model directory or a hub id)")
+        if problem := model_path_problem(flag, name):
+            raise click.UsageError(problem)
 
 
 def _nothing_to_extract(opt: Options, plan: Plan) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import click
 
+from .check_models import check_models
 from .demo import demo
 
 
@@ -30,6 +31,7 @@ def main():
 
 
 main.add_command(demo)
+main.add_command(check_models)
 
 if __name__ == "__main__":
     main()

@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import hashlib
+import html
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..errors import first_line
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_CLAP = "laion/clap-htsat-fused"
@@ -63,11 +67,49 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 def _load_error(name: str, what: str, e: Exception) -> RuntimeError:
-    from pathlib import Path
-
     hint = "" if Path(name).expanduser().exists() else (
         " (a hub id needs the network or the local Hugging Face cache; otherwise pass a local directory)")
-    return RuntimeError(f"cannot load {what} from {name!r}: {type(e).__name__}: {str(e).splitlines()[0]}{hint}")
+    return RuntimeError(f"cannot load {what} from {name!r}: {first_line(e)}{hint}")
+
+
+def model_path_problem(flag: str, name: str | None) -> str | None:
+    """The one line saying that a model option names a local folder that is not there (None when
+    it is there, or is a hub id); checked before any work."""
+    from ..media.plan import looks_local
+
+    if name and looks_local(name) and not Path(name).expanduser().is_dir():
+        return f"{flag} {name}: no such directory (give a local model directory or a hub id)"
+    return None
+
+
+def load_model(cls, name: str, what: str, model_type: str):
+    """`cls.from_pretrained(name)`, refused (RuntimeError, one line) unless the checkpoint's config
+    is of `model_type` and holds every weight: transformers would otherwise build the model from
+    another model's config, or fill missing weights with random ones, and only log it."""
+    from transformers import AutoConfig
+
+    if Path(name).expanduser().is_dir() and not (Path(name).expanduser() / "config.json").is_file():
+        raise RuntimeError(f"cannot load {what} from {name!r}: no config.json in that folder (a {what} checkpoint "
+                           "folder holds config.json and model.safetensors, as save_pretrained writes them)")
+    try:
+        found = AutoConfig.from_pretrained(name).model_type
+    except Exception as e:  # noqa: BLE001
+        raise _load_error(name, what, e) from None
+    if found != model_type:
+        raise RuntimeError(f"cannot load {what} from {name!r}: not a {what} checkpoint (its config.json says "
+                           f"model_type {found!r}, {what} is {model_type!r})")
+    try:
+        model, info = cls.from_pretrained(name, output_loading_info=True)
+    except Exception as e:  # noqa: BLE001
+        raise _load_error(name, what, e) from None
+    # parameters only: a buffer the checkpoint lacks (position ids, an older file's) is made the same
+    # way every time, not drawn at random
+    params = dict(model.named_parameters())
+    lost = sorted(k for k in info["missing_keys"] if k in params) + sorted(k for k, *_ in info["mismatched_keys"])
+    if lost:
+        raise RuntimeError(f"cannot load {what} from {name!r}: {len(lost)} weights are missing from the checkpoint "
+                           f"or of another shape (e.g. {lost[0]}); they would be random")
+    return model
 
 
 def load_image_processor(name: str):
@@ -102,6 +144,25 @@ def preprocess_audio(extractor, windows: list[np.ndarray], rate: int) -> torch.T
     return extractor(windows, sampling_rate=rate, return_tensors="pt")["input_features"]
 
 
+def clean_caption(text: str) -> str:
+    """A caption as CLIP's own tokenizer cleans it before BPE (OpenAI's `basic_clean`: ftfy's text
+    fixes, HTML entities unescaped twice): curly quotes, `&amp;` and mojibake get the ids CLIP was
+    trained with. Lower case and runs of white space are the Hugging Face tokenizer's own work."""
+    import ftfy
+
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+def tokenize(tokenizer, texts: list[str], max_words: int | None = None):
+    """CLIP token ids (start and end included) and attention mask of cleaned captions: all of
+    each without `max_words`; with it, padded or cut to `max_words` tokens, the end token kept
+    last in a cut caption. The one tokenisation of extraction, search and `check-models`."""
+    clean = [clean_caption(t) for t in texts]
+    if max_words is None:
+        return tokenizer(clean)
+    return tokenizer(clean, padding="max_length", truncation=True, max_length=max_words, return_tensors="pt")
+
+
 class ClipEncoder:
     """CLIP image and text towers; outputs live in the projected joint space."""
 
@@ -109,11 +170,11 @@ class ClipEncoder:
         from transformers import AutoTokenizer, CLIPModel
 
         self.name, self.device = name, device
+        self.model = load_model(CLIPModel, name, "CLIP", "clip").to(device).eval()
         try:
-            self.model = CLIPModel.from_pretrained(name).to(device).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(name)
         except Exception as e:  # noqa: BLE001
-            raise _load_error(name, "CLIP", e) from None
+            raise _load_error(name, "the CLIP tokenizer", e) from None
         self.processor = load_image_processor(name)
         self.config_hash = config_hash(self.model.config)
         self.dim = self.model.config.projection_dim
@@ -132,7 +193,7 @@ class ClipEncoder:
     def encode_text(self, texts: list[str], max_words: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Word features [Q, L, C], word mask [Q, L] (start and end tokens included) and the
         sentence feature [Q, C] (the end token's word feature, equal to `get_text_features`)."""
-        tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_words, return_tensors="pt")
+        tok = tokenize(self.tokenizer, texts, max_words)
         ids = tok["input_ids"].to(self.device)
         mask = tok["attention_mask"].to(self.device)
         hidden = self.model.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -147,7 +208,7 @@ class ClipEncoder:
     def cut(self, texts: list[str], max_words: int) -> list[int]:
         """Indices of the texts longer than `max_words` tokens (start/end included): `encode_text`
         keeps only their first `max_words` tokens."""
-        return [i for i, ids in enumerate(self.tokenizer(texts)["input_ids"]) if len(ids) > max_words]
+        return [i for i, ids in enumerate(tokenize(self.tokenizer, texts)["input_ids"]) if len(ids) > max_words]
 
     def info(self) -> dict:
         return {"name": self.name, "config_hash": self.config_hash, "weights_hash": weights_hash(self.model)}
@@ -160,10 +221,7 @@ class ClapEncoder:
         from transformers import ClapModel
 
         self.name, self.device = name, device
-        try:
-            self.model = ClapModel.from_pretrained(name).to(device).eval()
-        except Exception as e:  # noqa: BLE001
-            raise _load_error(name, "CLAP", e) from None
+        self.model = load_model(ClapModel, name, "CLAP", "clap").to(device).eval()
         self.extractor = load_audio_feature_extractor(name)
         self.config_hash = config_hash(self.model.config)
         self.dim = self.model.config.projection_dim

@@ -49,7 +49,8 @@ def _records(opt: Options, plan: Plan, clip, clap) -> tuple[CacheSpec, dict, dic
         "frames": "centres of N equal segments of the video (first frame to the end of the last); the frame on "
                   "screen at each, upright (display rotation applied); fewer frames -> mask",
         "image_processor": {k: v for k, v in clip.processor.to_dict().items() if not k.startswith("_")},
-        "text": f"CLIP tokenizer, {opt.max_words} tokens incl. start/end, words = text_projection(last_hidden_state)",
+        "text": (f"captions cleaned as OpenAI's CLIP tokenizer does (ftfy, HTML entities), CLIP tokenizer, "
+                 f"{opt.max_words} tokens incl. start/end, words = text_projection(last_hidden_state)"),
         "audio": (f"{AUDIO_MIX}, {AUDIO_RATE} Hz; {opt.audio_segments} windows centred on the frame times, "
                   "clamp(duration/N_a, 1 s, 10 s) long; CLAP get_audio_features, is_longer=False") if clap else None,
     }

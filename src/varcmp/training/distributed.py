@@ -74,13 +74,14 @@ def distributed(device: str = "auto"):
     """The process group of a run under torchrun, yielded as a DistInfo and destroyed on exit
     (errors included); None (and nothing set up) for a single process: WORLD_SIZE unset or 1.
     CUDA: NCCL, one GPU per LOCAL_RANK; otherwise gloo on the CPU. A process group that the
-    caller already initialised is used as it is and left alone."""
-    world = _env_int("WORLD_SIZE", 1)
-    if world <= 1:
-        yield None
-        return
+    caller already initialised is used as it is and left alone, even a group of one process
+    (benchmarks/gpu_ddp.py: one process on NCCL, to check the backend on a single GPU)."""
     import torch.distributed as tdist
 
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1 and not (tdist.is_available() and tdist.is_initialized()):
+        yield None
+        return
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
     if rank is None or local_rank is None:
         raise DistSetupError(f"WORLD_SIZE={world} but RANK or LOCAL_RANK is not set: launch several processes with "

@@ -93,7 +93,7 @@ def _write_chunk(folder: Path, i: int, arrays: dict[str, np.ndarray]) -> None:
     _fsync_dir(folder)
 
 
-def build_chunks(model: VarCMP, source: CacheVideos, folder: Path, device, chunk: int = CHUNK_VIDEOS,
+def build_chunks(model: VarCMP, source: CacheVideos, folder: Path, device, chunk: int,
                  batch: int = ENCODE_BATCH, progress=None, label: str = "indexing") -> int:
     """Encode and store every chunk of `source` that `folder` lacks; returns how many were built.
     Temporary folders of a killed build are removed first."""
@@ -205,10 +205,10 @@ def model_ident(model: VarCMP) -> str:
     return weights_hash(model) + json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str)
 
 
-def index_key(ident: str, cache, source: CacheVideos) -> str:
+def index_key(ident: str, cache, source: CacheVideos, chunk: int) -> str:
     enc = {k: ({kk: vv for kk, vv in v.items() if kk != "name"} if isinstance(v, dict) else v)
            for k, v in (cache.encoders or {}).items()}
-    blob = json.dumps({"format": INDEX_FORMAT, "model": ident, "split": source.name, "n": source.n,
+    blob = json.dumps({"format": INDEX_FORMAT, "model": ident, "split": source.name, "n": source.n, "chunk": chunk,
                        "videos": source.fingerprint(), "encoders": enc, "spec": cache.meta.get("spec")},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -234,12 +234,13 @@ class IndexInfo:
 
 
 def open_index(model: VarCMP, cache, source: CacheVideos, checkpoint: Path | None, device,
-               chunk: int = CHUNK_VIDEOS, progress=None) -> tuple[VideoIndex, IndexInfo]:
+               chunk: int | None = None, progress=None) -> tuple[VideoIndex, IndexInfo]:
     """The split's index: opened when a complete one of this key is stored and still matches the
     raw cache, else built (what is missing of it) and stored. `progress`: a rich Progress for the
     build. A cache folder that cannot be written gets an index built in a temporary folder and
     held in memory (said in `IndexInfo.note`)."""
-    key = index_key(model_ident(model), cache, source)
+    chunk = chunk or CHUNK_VIDEOS
+    key = index_key(model_ident(model), cache, source, chunk)
     folder = index_folder(cache.path) / f"{source.name}.{key}"
     t0 = time.perf_counter()
     info = IndexInfo(str(folder), False, 0.0, key)

@@ -353,21 +353,6 @@ def test_html_without_reachable_videos_says_so(planted, zero_ckpt, tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def extracted(tmp_path_factory, video_root, tiny_clip):
-    """A cache extracted by the real varcmp.extract from real mp4 files with the tiny CLIP, and an
-    (untrained) checkpoint of its dims."""
-    from varcmp.extract import Options, run as extract
-
-    out = tmp_path_factory.mktemp("e2e") / "videos.zarr"
-    summary = extract(Options(root=video_root, out=out, split="test", clip_model=str(tiny_clip), workers=0))
-    assert summary.done == 4
-    with open_cache(out) as c:
-        spec = c.spec
-    ckpt = save_checkpoint(zero_shot_model(spec, "text"), out, tmp_path_factory.mktemp("e2e-run") / "best.safetensors")
-    return out, ckpt
-
-
 def test_cli_end_to_end_with_real_text(extracted, video_root, tmp_path):
     cache, ckpt = extracted
     js, page = tmp_path / "hits.json", tmp_path / "report.html"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import click
 
 from .demo import demo
+from .serve import serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -30,6 +31,7 @@ def main():
 
 
 main.add_command(demo)
+main.add_command(serve)
 
 if __name__ == "__main__":
     main()

@@ -229,8 +229,8 @@ class IndexInfo:
     chunks_built: int = 0
 
     def record(self) -> dict:
-        return {"path": self.path, "built": self.built, "stored": self.stored, "key": self.key,
-                "seconds": round(self.seconds, 3)}
+        """What a search result says of the index (no timing: the same search gives the same JSON)."""
+        return {"path": self.path, "built": self.built, "stored": self.stored, "key": self.key}
 
 
 def open_index(model: VarCMP, cache, source: CacheVideos, checkpoint: Path | None, device,

@@ -130,7 +130,9 @@ class Searcher:
             raise
         self.kind = self.model.kind
         self.index_info: dict[str, IndexInfo] = {}
-        self._indexes: dict[str, object] = {}
+        self._indexes: dict[str, VideoIndex] = {}
+        self._encoders: dict[tuple, object] = {}
+        self._reported: set[str] = set()
 
     def close(self) -> None:
         self.cache.close()
@@ -148,6 +150,8 @@ class Searcher:
         the cache records."""
         from ..encoders.frozen import quiet_transformers
 
+        if (cls, override) in self._encoders:  # loaded once per Searcher (a server's many queries)
+            return self._encoders[cls, override]
         which = self.kind.encoder
         rec = _encoder_record(self.cache, which)
         name = override or rec.get("name")
@@ -157,7 +161,14 @@ class Searcher:
         except RuntimeError as e:
             raise UserError(str(e)) from None
         _check_encoder(enc.info(), rec, f"--{which}-model", name, self.cache.path)
+        self._encoders[cls, override] = enc
         return enc
+
+    def load_encoder(self, override: str | None = None):
+        """The query encoder of the model's kind (CLIP or CLAP), loaded now (a server's start)."""
+        from ..encoders.frozen import ClapEncoder, ClipEncoder
+
+        return self._encoder(ClipEncoder if self.kind is TEXT else ClapEncoder, override)
 
     def text_features(self, texts: list[str], clip_model: str | None = None) -> dict[str, np.ndarray]:
         """CLIP word features, mask and sentence of `texts`, as extraction computes captions."""
@@ -255,7 +266,16 @@ class Searcher:
                         "candidates": self.pool(src) if mode == "two-stage" else None,
                         "exact": mode == "exhaustive" or self.pool(src) >= src.n,
                         "root": src.root,
-                        "index": None if info is None else info.record()}
+                        "index": None if info is None else self._index_record(src.name)}
+
+    def _index_record(self, name: str) -> dict:
+        """The split's index as a result records it: "built" in the first search after it was built
+        only (a server's later answers, like a later varcmp-search, find it stored)."""
+        rec = self.index_info[name].record()
+        if name in self._reported:
+            rec["built"] = False
+        self._reported.add(name)
+        return rec
 
     def _settings(self, top: int) -> dict:
         """The head of the result: what was searched, and with what."""

@@ -197,3 +197,42 @@ def test_varcmp_index_command(planted, ckpt, tmp_path):
     before = sorted((work / INDEX_DIR).iterdir())
     one_line_error(run(work, "--checkpoint", foreign, "--device", "cpu"), str(foreign), "other encoders")
     assert sorted((work / INDEX_DIR).iterdir()) == before
+
+
+def test_varcmp_eval_reads_a_matching_index_instead_of_encoding(planted, tmp_path, monkeypatch):
+    """With a stored index of the checkpoint, evaluation encodes no video and ranks as the index's
+    embeddings score; without one, or for an ablation the index does not hold, it encodes them."""
+    import varcmp.evaluate as E
+
+    work = tmp_path / "c.zarr"
+    shutil.copytree(planted, work, ignore=shutil.ignore_patterns(INDEX_DIR))
+    ck = save_checkpoint(trained_like(seed=8), work, tmp_path / "run" / "best.safetensors")
+    kw = dict(split="test", device="cpu", bootstrap=0)
+    fresh_run = E.evaluate_split(work, ck, **kw)
+    assert fresh_run["index"] is None
+    assert CliRunner().invoke(index_main, [str(work), "--checkpoint", str(ck), "--device", "cpu", "-q"]).exit_code == 0
+
+    encoded, real = [], E.encode_videos
+
+    def counting(*a, **k):  # the real encoding, counted
+        encoded.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(E, "encode_videos", counting)
+    on_index = E.evaluate_split(work, ck, **kw)
+    folder, = (work / INDEX_DIR).glob("test.*")
+    assert on_index["index"] == str(folder) and encoded == []
+    for key, m in fresh_run["metrics"].items():  # float16 rounding does not move a planted ranking
+        assert m == on_index["metrics"][key], key
+    # the ranks are exactly those of the index's embeddings through the scoring engine
+    model, _ = checkpoint.load(ck)
+    with open_cache(work) as c:
+        idx = open_index(model, c, CacheVideos(c.split("test")), ck, "cpu")[0]
+        t = c.split("test").load_text()
+    feats = {"word_feat": t.word_feat, "word_mask": t.word_mask, "sentence": t.sentence}
+    total = score_matrix(model, idx.embed(np.arange(30), "cpu"), encode_queries(model, feats, "cpu"))["total"]
+    r1 = 100 * np.mean([(total[:, q] >= total[t.video_index[q], q]).sum() == 1 for q in range(30)])
+    assert on_index["metrics"]["t2v"]["r1"] == pytest.approx(r1)
+    # an ablation the index does not hold (weighting off) encodes the videos
+    off = E.evaluate_split(work, ck, anomaly_weighting=False, **kw)
+    assert off["index"] is None and encoded

@@ -272,6 +272,14 @@ def open_index(model: VarCMP, cache, source: CacheVideos, checkpoint: Path | Non
     return idx, info
 
 
+def stored_index(model: VarCMP, cache, source: CacheVideos, device) -> VideoIndex | None:
+    """The split's complete stored index for this checkpoint when there is one and it still matches
+    the raw cache; None otherwise (nothing is built: `varcmp-eval` then encodes the videos itself)."""
+    key = index_key(model_ident(model), cache, source, CHUNK_VIDEOS)
+    idx = _open(index_folder(cache.path) / f"{source.name}.{key}", key)
+    return idx if idx is not None and _matches(model, source, idx, device) else None
+
+
 def _open(folder: Path, key: str) -> VideoIndex | None:
     """A complete stored index of this key, or None (missing, damaged or of another format)."""
     try:

@@ -314,8 +314,72 @@ def bench_size(V: int, n_queries: int, n_exh: int, model, seed: int, chunk: int,
     return res
 
 
+def bench_serve(cache: Path, say) -> dict:
+    """`varcmp serve` on a real cache (e.g. `varcmp-synth media.zarr -n 20 --media media/`: real mp4
+    files, tiny CLIP): start-up (checkpoint, index, query encoder, warm-up) with the index to build
+    and with it stored, then one /search over HTTP as a browser sends it, against the same search
+    called in-process (the HTTP overhead), medians of 10."""
+    import http.client
+    import tempfile
+    import threading
+    from urllib.parse import quote
+
+    import uvicorn
+
+    from varcmp.cache.reader import open_cache
+    from varcmp.model import checkpoint
+    from varcmp.retrieval.index import index_folder
+    from varcmp.retrieval.search import Searcher
+    from varcmp.serve.app import create_app
+
+    tmp = Path(tempfile.mkdtemp(prefix="varcmp-bench-serve-"))
+    with open_cache(cache) as c:
+        ckpt = checkpoint.save(tmp / "best.safetensors", zero_shot_model(c.spec, "text"),
+                               {"cache": checkpoint.cache_fingerprint(c)})
+        videos = sum(len(c.split(n).done_index()) for n in c.splits)
+    starts = []
+    for _ in range(2):  # the first start builds the index, the second finds it
+        t0 = time.perf_counter()
+        searcher = Searcher(cache, ckpt, device="cpu", progress=False)
+        app = create_app(searcher)
+        starts.append(time.perf_counter() - t0)
+        if len(starts) == 1:
+            searcher.close()
+    port = 8765
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=srv.run, daemon=True).start()
+    while not srv.started:
+        time.sleep(0.05)
+    q = "a man hits a dog with a stick"
+    http_t, direct_t = [], []
+    for i in range(10):
+        t0 = time.perf_counter()
+        conn = http.client.HTTPConnection(f"127.0.0.1:{port}")
+        conn.request("GET", f"/search?q={quote(q)}&top=10")
+        body = conn.getresponse().read()
+        conn.close()
+        http_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        searcher.search(searcher.text_features([q]), [q], 10)
+        direct_t.append(time.perf_counter() - t0)
+    srv.should_exit = True
+    searcher.close()
+    for meta in index_folder(cache).glob("*/index.json"):  # the indexes of this run's checkpoint only
+        if json.loads(meta.read_text()).get("checkpoint") == str(ckpt):
+            shutil.rmtree(meta.parent, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    res = {"videos": videos, "start_build_s": starts[0], "start_stored_s": starts[1],
+           "search_http_ms": 1e3 * float(np.median(http_t)), "search_direct_ms": 1e3 * float(np.median(direct_t)),
+           "response_bytes": len(body)}
+    say(f"\n== varcmp serve on {cache} ({videos} videos): start-up {starts[0]:.1f} s building the index, "
+        f"{starts[1]:.1f} s with it stored; one /search over HTTP: median {res['search_http_ms']:.0f} ms "
+        f"({len(body) / 1024:.0f} KiB of JSON), the same search in-process {res['search_direct_ms']:.0f} ms "
+        f"(ratio {res['search_http_ms'] / res['search_direct_ms']:.2f})")
+    return res
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--sizes", default="10000,100000", help="Collection sizes, comma-separated.")
+@click.option("--sizes", default="10000,100000", help="Collection sizes, comma-separated ('': none).")
 @click.option("--queries", "n_queries", default=16, help="Two-stage queries per size, each timed alone.")
 @click.option("--exhaustive-queries", "n_exh", default=3, help="Of those, how many are timed alone exhaustively.")
 @click.option("--keep", type=click.Path(path_type=Path), default=None,
@@ -325,15 +389,17 @@ def bench_size(V: int, n_queries: int, n_exh: int, model, seed: int, chunk: int,
 @click.option("--zero-shot", is_flag=True, help="Untrained heads (the frozen-CLIP baseline) instead of training.")
 @click.option("--train-videos", default=400, help="Videos of the world cache the heads are trained on.")
 @click.option("--epochs", default=8, help="Training epochs of the heads.")
+@click.option("--serve", "serve_cache", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Also time varcmp serve on this real cache (one whose CLIP loads: varcmp-synth --media).")
 @click.option("--seed", default=0)
 @click.option("--chunk", default=32, help="Videos per page (as varcmp-search --chunk).")
-def main(sizes, n_queries, n_exh, keep, checkpoint, zero_shot, train_videos, epochs, seed, chunk):
+def main(sizes, n_queries, n_exh, keep, checkpoint, zero_shot, train_videos, epochs, serve_cache, seed, chunk):
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=max(Console().width, 120))
     say = lambda s: console.print(s, highlight=False, soft_wrap=True)  # noqa: E731
-    sizes = [int(s) for s in sizes.split(",")]
+    sizes = [int(s) for s in sizes.split(",") if s.strip()]
     t_all = time.perf_counter()
     say(f"varcmp-search benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads")
     if checkpoint is not None:
@@ -369,7 +435,10 @@ def main(sizes, n_queries, n_exh, keep, checkpoint, zero_shot, train_videos, epo
                   f"{100 * r['kept']:.1f}% (min {100 * r['kept_min']:.0f}%)", f"{r['exhaustive_s']:.2f} s",
                   f"{r['exhaustive_read_s']:.2f} s", f"{r['build_ms_per_video']:.2f} ms",
                   f"{r['eval_encode_ms_per_video']:.2f} ms", f"{r['bytes_per_video'] / 1024:.1f} KiB")
-    console.print(t)
+    if results:
+        console.print(t)
+    if serve_cache is not None:
+        results.append(bench_serve(serve_cache, say))
     say(json.dumps(results))
     say(f"whole run {(time.perf_counter() - t_all) / 60:.1f} min")
 

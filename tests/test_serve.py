@@ -220,3 +220,37 @@ def test_the_page_in_headless_chromium(server):
         assert thumbs == [True] * 4
     finally:
         driver.quit()
+
+
+def test_an_audio_checkpoint_takes_an_uploaded_clip(video_root, tiny_clip, tiny_clap, tmp_path):
+    """POST /search/audio with the clip as the body answers what `varcmp-search --audio CLIP --json`
+    writes; the page offers a file chooser; text searches are refused in one line."""
+    from fastapi.testclient import TestClient
+
+    from varcmp.evaluate import zero_shot_model
+    from varcmp.extract import Options, run as extract
+    from varcmp.model import checkpoint
+
+    cache = tmp_path / "xd.zarr"
+    extract(Options(root=video_root, out=cache, split="test", clip_model=str(tiny_clip), clap_model=str(tiny_clap),
+                    audio="video", workers=0, frames=8, audio_segments=6))
+    with open_cache(cache) as c:
+        ckpt = checkpoint.save(tmp_path / "run" / "best.safetensors", zero_shot_model(c.spec, "audio"),
+                               {"cache": checkpoint.cache_fingerprint(c)})
+    clip = video_root / "Abuse/Abuse001_x264.mp4"
+    out = tmp_path / "a.json"
+    searcher = Searcher(cache, ckpt, device="cpu", progress=False)
+    try:
+        with TestClient(create_app(searcher)) as client:  # the server builds the index; the command finds it
+            r = CliRunner().invoke(search_main, [str(cache), "--checkpoint", str(ckpt), "--audio", str(clip),
+                                                 "--top", "3", "--json", str(out), "--device", "cpu"])
+            assert r.exit_code == 0, r.output
+            got = client.post(f"/search/audio?top=3&name={quote(str(clip), '')}", content=clip.read_bytes())
+            assert got.status_code == 200 and got.text == out.read_text(encoding="utf-8")
+            assert 'data-kind="audio"' in client.get("/").text
+            refused = client.get("/search?q=a+dog")
+            assert refused.status_code == 400 and "audio queries" in refused.json()["error"]
+            bad = client.post("/search/audio?top=3&name=notes.wav", content=b"not audio at all" * 100)
+            assert bad.status_code == 400 and "\n" not in bad.json()["error"]
+    finally:
+        searcher.close()

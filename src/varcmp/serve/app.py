@@ -19,6 +19,10 @@ import threading
 from importlib import resources
 from pathlib import Path
 
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+
 from ..errors import VarcmpError
 from ..retrieval.report import VideoFrames, json_text, thumb_jpeg
 from ..retrieval.search import Searcher
@@ -53,10 +57,6 @@ def warm_up(searcher: Searcher, encoder: str | None) -> None:
 
 def create_app(searcher: Searcher, clip_model: str | None = None, clap_model: str | None = None):
     """The application over an open `searcher` (warmed up here, before the first request)."""
-    from fastapi import FastAPI, Request
-    from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-
     warm_up(searcher, clip_model if searcher.kind.name == "text" else clap_model)
     lock = threading.Lock()
     splits = {src.name: src for src in searcher.sources}

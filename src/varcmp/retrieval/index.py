@@ -63,8 +63,11 @@ META = "index.json"
 def _encode_chunk(model: VarCMP, source: CacheVideos, pos: np.ndarray, device, batch: int) -> dict[str, np.ndarray]:
     """The stored arrays of the videos at `pos`, from `encode_videos` of their raw features."""
     patches = "finer" in model.cfg.levels
-    parts = [encode_videos(model, source.read(pos[s:s + batch], patches=patches), device, batch=batch)
-             for s in range(0, len(pos), batch)]
+    parts, times = [], []
+    for s in range(0, len(pos), batch):
+        data = source.read(pos[s:s + batch], patches=patches)
+        parts.append(encode_videos(model, data, device, batch=batch))
+        times.append(data.frame_time)
     v = VideoEmb.cat(parts)
     out = {f.name: getattr(v, f.name) for f in dataclasses.fields(v) if getattr(v, f.name) is not None}
     out["vectors"] = model.video_vectors(v)
@@ -72,7 +75,7 @@ def _encode_chunk(model: VarCMP, source: CacheVideos, pos: np.ndarray, device, b
     for k, a in arrays.items():
         if a.dtype.kind == "f":
             arrays[k] = a.astype(np.float16 if k in HALF else np.float32)
-    arrays["frame_time"] = source.read(pos, patches=False).frame_time.astype(np.float32)
+    arrays["frame_time"] = np.concatenate(times).astype(np.float32)
     return arrays
 
 

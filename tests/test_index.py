@@ -236,3 +236,21 @@ def test_varcmp_eval_reads_a_matching_index_instead_of_encoding(planted, tmp_pat
     # an ablation the index does not hold (weighting off) encodes the videos
     off = E.evaluate_split(work, ck, anomaly_weighting=False, **kw)
     assert off["index"] is None and encoded
+
+
+def test_a_cache_where_the_index_cannot_be_stored(planted, ckpt, tmp_path):
+    """varcmp-index refuses in one line; a search builds the index in memory, says so, and finds the
+    same hits as with a stored index."""
+    work = tmp_path / "c.zarr"
+    shutil.copytree(planted, work, ignore=shutil.ignore_patterns(INDEX_DIR))
+    (work / INDEX_DIR).write_text("a file where the index folder would go (root ignores permissions)")
+    r = CliRunner().invoke(index_main, [str(work), "--checkpoint", str(ckpt), "--device", "cpu", "-q"])
+    one_line_error(r, f"{work / INDEX_DIR}: cannot store the index there")
+    with open_cache(planted) as c:
+        t = c.split("test").load_text()
+    feats = {"word_feat": t.word_feat[:3], "word_mask": t.word_mask[:3], "sentence": t.sentence[:3]}
+    memory = search_features(work, ckpt, feats, device="cpu")
+    stored = search_features(planted, ckpt, feats, device="cpu")
+    assert memory["splits"][0]["index"]["stored"] is False and memory["splits"][0]["index"]["path"] is None
+    assert [[h["row"] for h in q["hits"]] for q in memory["queries"]] == \
+           [[h["row"] for h in q["hits"]] for q in stored["queries"]]

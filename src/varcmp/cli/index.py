@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import Interrupted, OneLineErrors
+from .common import CommandError, Interrupted, OneLineErrors
 
 
 def size_text(n: float) -> str:
@@ -18,6 +18,18 @@ def size_text(n: float) -> str:
     while n >= 1024 and i < len(units) - 1:
         n, i = n / 1024, i + 1
     return f"{int(n)} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+def check_writable(folder: Path) -> None:
+    """CommandError (one line, before any work) when the index cannot be stored in `folder`."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise CommandError(f"{folder}: cannot store the index there ({e.strerror or e})") from None
 
 
 @click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -47,11 +59,13 @@ def main(cache, checkpoint, splits, device, quiet):
     from rich.console import Console
 
     from ..cli.markup import lit
+    from ..retrieval.index import index_folder
     from ..retrieval.search import Searcher
 
     err = Console(stderr=True)
     try:
         with Searcher(cache, checkpoint, splits, device, console=err, progress=not quiet) as s:
+            check_writable(index_folder(s.cache.path))
             for src in s.sources:
                 if not src.n:
                     err.print(f"{lit(src.name)}: no extracted video, nothing to index", highlight=False)

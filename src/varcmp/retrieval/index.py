@@ -92,17 +92,35 @@ def _write_chunk(folder: Path, i: int, arrays: dict[str, np.ndarray]) -> None:
             os.fsync(f.fileno())
     _fsync_dir(tmp)
     fault_point("index-chunk")  # tests: killed with a chunk written, not yet renamed
-    os.rename(tmp, final)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another builder of the same index stored it first
     _fsync_dir(folder)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def build_chunks(model: VarCMP, source: CacheVideos, folder: Path, device, chunk: int,
                  batch: int = ENCODE_BATCH, progress=None, label: str = "indexing") -> int:
     """Encode and store every chunk of `source` that `folder` lacks; returns how many were built.
-    Temporary folders of a killed build are removed first."""
+    Temporary folders of a killed build are removed first. Two builders of one index (a server
+    and a search started together) each store whole chunks; the second rename of a chunk is dropped."""
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".chunk-*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in folder.glob(".chunk-*.tmp"):  # of a killed build (not of one still running)
+        pid = stale.name.split(".")[-2]
+        if not (pid.isdecimal() and _alive(int(pid))) or int(pid) == os.getpid():
+            shutil.rmtree(stale, ignore_errors=True)
     n_chunks = math.ceil(source.n / chunk)
     todo = [i for i in range(n_chunks) if not (folder / f"chunk-{i:05d}").is_dir()]
     task = progress.add_task(label, total=source.n, completed=source.n - sum(

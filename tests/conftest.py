@@ -138,7 +138,8 @@ def extracted(tmp_path_factory, video_root, tiny_clip):
     (untrained) checkpoint of its dims (search and serve tests)."""
     from varcmp.cache.reader import open_cache
     from varcmp.evaluate import zero_shot_model
-    from varcmp.extract import Options, run as extract
+    from varcmp.extract import Options
+    from varcmp.extract import run as extract
     from varcmp.model import checkpoint
 
     out = tmp_path_factory.mktemp("e2e") / "videos.zarr"

@@ -228,7 +228,8 @@ def test_an_audio_checkpoint_takes_an_uploaded_clip(video_root, tiny_clip, tiny_
     from fastapi.testclient import TestClient
 
     from varcmp.evaluate import zero_shot_model
-    from varcmp.extract import Options, run as extract
+    from varcmp.extract import Options
+    from varcmp.extract import run as extract
     from varcmp.model import checkpoint
 
     cache = tmp_path / "xd.zarr"

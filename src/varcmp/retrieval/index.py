@@ -24,6 +24,7 @@ again under the same paths) is stale, and rebuilt."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -257,9 +258,10 @@ class IndexInfo:
 def open_index(model: VarCMP, cache, source: CacheVideos, checkpoint: Path | None, device,
                chunk: int | None = None, progress=None) -> tuple[VideoIndex, IndexInfo]:
     """The split's index: opened when a complete one of this key is stored and still matches the
-    raw cache, else built (what is missing of it) and stored. `progress`: a rich Progress for the
-    build. A cache folder that cannot be written gets an index built in a temporary folder and
-    held in memory (said in `IndexInfo.note`)."""
+    raw cache, else built (what is missing of it) and stored. `progress`: a function returning a
+    rich Progress context for the build, entered only when something is built. A cache folder
+    that cannot be written gets an index built in a temporary folder and held in memory (said in
+    `IndexInfo.note`)."""
     chunk = chunk or CHUNK_VIDEOS
     key = index_key(model_ident(model), cache, source, chunk)
     folder = index_folder(cache.path) / f"{source.name}.{key}"
@@ -275,8 +277,10 @@ def open_index(model: VarCMP, cache, source: CacheVideos, checkpoint: Path | Non
     elif folder.is_dir():
         info.note = f"finishing the index build that stopped in {folder}"
     label = f"indexing {lit(source.name)}"
+    bar = progress or contextlib.nullcontext
     try:
-        info.chunks_built = build_chunks(model, source, folder, device, chunk, progress=progress, label=label)
+        with bar() as prog:
+            info.chunks_built = build_chunks(model, source, folder, device, chunk, progress=prog, label=label)
         _write_meta(folder, key, model, source, checkpoint, chunk, time.perf_counter() - t0)
         _prune(folder.parent, source.name, key, checkpoint)
         idx = _open(folder, key)
@@ -284,7 +288,8 @@ def open_index(model: VarCMP, cache, source: CacheVideos, checkpoint: Path | Non
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="varcmp-index-") as tmp:
-            build_chunks(model, source, Path(tmp), device, chunk, progress=progress, label=label)
+            with bar() as prog:
+                build_chunks(model, source, Path(tmp), device, chunk, progress=prog, label=label)
             meta = _write_meta(Path(tmp), key, model, source, checkpoint, chunk, 0.0)
             idx = VideoIndex(Path(tmp), meta).load()
         info.stored, info.path = False, None

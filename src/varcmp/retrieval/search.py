@@ -221,9 +221,8 @@ class Searcher:
         """The split's stored index, opened once (built, with a progress bar, when missing)."""
         if source.name not in self._indexes:
             show = self.console is not None and self.progress
-            with progress_bar(self.console, show, transient=False) as prog:
-                idx, info = open_index(self.model, self.cache, source, self.checkpoint, self.device,
-                                       progress=prog if show else None)
+            bar = (lambda: progress_bar(self.console, True, transient=False)) if show else None
+            idx, info = open_index(self.model, self.cache, source, self.checkpoint, self.device, progress=bar)
             self._indexes[source.name], self.index_info[source.name] = idx, info
             if self.console is not None and (info.note or info.built):
                 what = info.note or f"built the index of split {source.name} ({source.n} videos): {info.path}"

@@ -20,7 +20,8 @@ of `CHUNK_VIDEOS` videos, one `.npy` per array, each written to a temporary fold
 whole (a kill leaves a chunk complete or absent; the same command builds only the missing ones),
 and `index.json`, written last. Opening memory-maps the chunks and re-encodes the first
 `INDEX_CHECK` videos from the raw cache: an index that no longer matches them (features extracted
-again under the same paths) is stale, and rebuilt."""
+again under the same paths) is stale, and rebuilt. Test-only: `VARCMP_FAULT=index-chunk:N` (see
+`varcmp.cache_schema`) kills the build with its N-th chunk written, not yet renamed."""
 
 from __future__ import annotations
 

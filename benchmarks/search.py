@@ -1,9 +1,10 @@
-"""`varcmp-search` at scale: exhaustive against two-stage search on generated collections of 10k
-and 100k videos, in one run.
+"""`varcmp-search` at scale on the stored video index (`varcmp.retrieval.index`): generated
+collections of the production shapes are indexed by the code `varcmp-index` runs, then searched
+exhaustively and in two stages over the index, in one run.
 
-    taskset -c 0 .venv/bin/python benchmarks/search.py          # 10k and 100k, one core: 24 min (README figures)
-    .venv/bin/python benchmarks/search.py --sizes 10000 --queries 16
-    .venv/bin/python benchmarks/search.py --checkpoint runs/mine  # trained heads (512-d, 32 frames, 49 patches)
+    taskset -c 0 .venv/bin/python benchmarks/search.py --sizes 10000 --zero-shot   # README figures
+    .venv/bin/python benchmarks/search.py --sizes 10000,100000                      # trained heads first
+    .venv/bin/python benchmarks/search.py --checkpoint runs/mine                     # trained heads (512-d, 32 frames, 49 patches)
 
 The collection. Production shapes (32 frames, 49 patches, 512-d, 32-token queries), far too big
 to store at 100k (160 GB at float16), so features are generated on demand and never kept:
@@ -30,24 +31,19 @@ The model: zero-shot heads (`evaluate.zero_shot_model`: e_v = mean frame feature
 the frozen-CLIP baseline) unless --checkpoint gives trained ones. Trained heads change how well
 the coarse level predicts the full score, so the share kept depends on them.
 
-What is timed (generation, standing in for reading the cache, is excluded from both modes and
-reported separately; reading a production video from a Zarr cache costs ~5 ms):
+What is timed (generation, standing in for reading the raw cache, is excluded and reported):
 
-- exhaustive, one query: encoding every video (VarCMP.encode_videos, all levels) + scoring them
-  (retrieval.scoring.score_matrix), through `retrieval.scoring.top_k(..., candidates=None)`, the code `varcmp-search
-  --mode exhaustive` runs. The collection is encoded once for all timed queries; the latency of one
-  query is that encoding time plus the scoring time divided by the number of queries (scoring one
-  query alone per pass is a little slower per pair, so this is a lower bound: the ratio below is
-  conservative).
-- two-stage, one query: faiss search of the stored index (IndexFlatIP over the normalised e_v) for
-  K candidates + encoding and scoring those K (`search.index_candidates` then `retrieval.scoring.top_k`
-  with the candidates), each query alone, median over the queries.
-- kept: the share of the exhaustive top 10 that the two-stage top 10 holds (same videos), over all
-  timed queries; also given for smaller pools, from the same rerank (the top 10 among the first K'
-  candidates of the coarse ranking).
-- index build: the index vectors are the exhaustive pass's own e_v (equal to what `varcmp-search`
-  builds, checked on the first videos); building it for the CLI costs one coarse-only encode per
-  video, timed on a sample and reported.
+- index build: `build_chunks` over the generated videos (encode, float16, write the chunk folders),
+  per video; against it, varcmp-eval's own encoding (`encode_videos` in its batches of 16, all
+  levels) of a sample, in the same run; the index size per video;
+- exhaustive, one query alone: `retrieval.scoring.top_k(..., candidates=None)` over the index
+  (what `varcmp-search --mode exhaustive` runs), split into reading the index and scoring;
+- two-stage, one query alone: the faiss first stage over the index's vectors for the default pool
+  K, then `top_k` over those K, median over the queries; kept: the share of the exhaustive top 10
+  (all queries in one exhaustive pass) that the two-stage top 10 holds.
+
+The index is warm: written by the build just before, so the operating system holds its files
+(as it does for `varcmp serve`, which opens it once).
 """
 
 from __future__ import annotations
@@ -58,6 +54,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 import numpy as np
@@ -68,8 +65,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from varcmp.cache_schema import CacheSpec  # noqa: E402
 from varcmp.cache.reader import VideoData
 from varcmp.evaluate import zero_shot_model  # noqa: E402
-from varcmp.retrieval.scoring import encode_queries, top_k  # noqa: E402
-from varcmp.retrieval.index import default_pool, flat_index, index_candidates, index_vectors  # noqa: E402
+from varcmp.retrieval.index import CHUNK_VIDEOS, VideoIndex, _write_meta, build_chunks, default_pool  # noqa: E402
+from varcmp.retrieval.scoring import encode_queries, encode_videos, top_k  # noqa: E402
 from varcmp.synth.world import AMP, SynthParams, World  # noqa: E402
 
 NOISE_RANK = 24
@@ -234,125 +231,175 @@ def trained_heads(seed: int, videos: int, epochs: int, say):
     return model
 
 
-def bench_size(V: int, n_queries: int, n_two: int, pools: list[int], model, seed: int, chunk: int, say) -> dict:
+class Timed:
+    """A source whose reads (generation, standing in for reading the cache) are timed apart."""
+
+    def __init__(self, src):
+        self.src, self.n, self.seconds = src, src.n, 0.0
+
+    def read(self, pos, patches: bool):
+        t0 = time.perf_counter()
+        out = self.src.read(pos, patches)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def build(model, src, folder: Path, say) -> tuple[VideoIndex, dict]:
+    """The stored index of the generated collection, built by the code varcmp-index runs; its build
+    time per video without generation, against evaluation's own encoding of a sample."""
+    timed = Timed(src)
+    t0 = time.perf_counter()
+    build_chunks(model, timed, folder, "cpu", CHUNK_VIDEOS)
+    meta = _write_meta(folder, "bench", model, SimpleNamespace(name="bench", n=src.n), None, CHUNK_VIDEOS, 0.0)
+    build = (time.perf_counter() - t0 - timed.seconds) / src.n
+    sample = np.arange(min(512, src.n))
+    data = src.read(sample, patches=True)
+    t0 = time.perf_counter()
+    for s0 in range(0, len(sample), 16):  # varcmp-eval's batches (ENCODE_BATCH)
+        encode_videos(model, SimpleNamespace(**{k: getattr(data, k)[s0:s0 + 16] for k in
+                                                ("frame_feat", "frame_mask", "patch_feat")}), "cpu", batch=16)
+    enc = (time.perf_counter() - t0) / len(sample)
+    idx = VideoIndex(folder, meta)
+    out = {"build_ms_per_video": 1e3 * build, "eval_encode_ms_per_video": 1e3 * enc,
+           "bytes_per_video": meta["bytes"] / src.n, "generation_s": timed.seconds}
+    say(f"index build: {1e3 * build:.2f} ms/video without generation ({timed.seconds:.0f} s of generation excluded); "
+        f"varcmp-eval's encoding {1e3 * enc:.2f} ms/video (ratio {build / enc:.2f}); "
+        f"{meta['bytes'] / src.n / 1024:.1f} KiB/video, {meta['bytes'] / 2**30:.2f} GiB in all")
+    return idx, out
+
+
+def bench_size(V: int, n_queries: int, n_exh: int, model, seed: int, chunk: int, folder: Path, say) -> dict:
     t0 = time.perf_counter()
     world = World(SynthParams(videos=V, seed=seed, test_share=0.2))
     src = WorldVideos(world)
     qids = np.random.default_rng([seed, 7]).choice(V, n_queries, replace=False)
     words, mask, sentence = world.text_features(qids.tolist())
     q = encode_queries(model, {"word_feat": words, "word_mask": mask, "sentence": sentence}, "cpu")
-    say(f"\n== {V:,} videos: world planned in {time.perf_counter() - t0:.1f} s; {n_queries} queries "
-        f"(captions of videos {qids[:4].tolist()}...)")
+    say(f"\n== {V:,} videos: world planned in {time.perf_counter() - t0:.1f} s; {n_queries} queries")
+    idx, res = build(model, src, folder, say)
 
-    # ---- exhaustive: every video encoded once, every query scored against it; the pass also
-    #      keeps each video's index vector (first stage) and its coarse vector ~e_v
-    first = np.zeros((V, model.cfg.dim), np.float32)
-    coarse = np.zeros((V, model.cfg.dim), np.float32)
-
-    def keep(pos, v):
-        first[pos] = model.video_vectors(v).numpy()
-        coarse[pos] = torch.nn.functional.normalize(v.video.float(), dim=-1).numpy()
-
-    stats: dict = {}
-    t0 = time.perf_counter()
-    ex = top_k(model, src, q, 10, None, chunk, "cpu", stats=stats, on_page=keep)
-    wall = time.perf_counter() - t0
-    E, S, G = stats["encode"], stats["score"], stats["read"]
-    ex_latency = E + S / n_queries
-    say(f"exhaustive pass {wall:.0f} s: generating {G:.0f} s (excluded), encoding {E:.0f} s "
-        f"({1e3 * E / V:.2f} ms/video), scoring {S:.0f} s for {n_queries} queries ({1e6 * S / V / n_queries:.0f} "
-        f"us/pair)")
-    check = index_vectors(model, src, "cpu", pos=np.arange(min(64, V)))
-    assert np.allclose(check, first[:len(check)], atol=1e-5), "pass vectors differ from the CLI's index vectors"
-
-    # ---- is the ranking meaningful? the exhaustive hits show what the caption says far more
-    #      often than a random video does
-    verbs = [{e.verb for e in v.events} for v in world.videos]
-    scenes = np.array([v.scene for v in world.videos])
-    said = [(world.videos[i].described.verb, world.videos[i].scene) for i in qids]
-    hit_verb = np.mean([said[i][0] in verbs[h] for i in range(n_queries) for h in ex.pos[i]])
-    hit_both = np.mean([said[i][0] in verbs[h] and scenes[h] == said[i][1] for i in range(n_queries) for h in ex.pos[i]])
-    chance_verb = np.mean([np.mean([vb in vs for vs in verbs]) for vb, _ in said])
-    chance_both = np.mean([np.mean([(vb in vs) and sc == sn for vs, sc in zip(verbs, scenes)]) for vb, sn in said])
-    say(f"exhaustive top-10 hits showing the caption's action/activity: {100 * hit_verb:.0f}% (a random video: "
-        f"{100 * chance_verb:.0f}%); that action in the caption's scene: {100 * hit_both:.0f}% (random: "
-        f"{100 * chance_both:.1f}%)")
-
-    # ---- kept by pool size, for the first stage of varcmp-search and for the coarse level alone:
-    #      the two-stage top 10 keeps exactly the exhaustive top-10 videos that are in the pool
-    qv = model.query_vectors(q).numpy()
-    pools = [k for k in pools if k <= V]
-    curves = {}
-    for name, vec in (("first stage", first), ("coarse only", coarse)):
-        sc = vec @ qv.T                                                      # [V, Q]
-        order = np.argsort(-sc, axis=0, kind="stable")
-        curves[name] = {k: float(np.mean([kept(ex.pos[i], order[:k, i]) for i in range(n_queries)])) for k in pools}
-        say(f"kept by pool size, {name}: " + ", ".join(f"K={k}: {100 * v:.1f}%" for k, v in curves[name].items()))
-
-    # ---- index build cost (the CLI's index_vectors: an encode without the patch levels)
-    sample = np.arange(min(1024, V))
-    gen0 = time.perf_counter()
-    for s0 in range(0, len(sample), 256):
-        src.read(sample[s0:s0 + 256], patches=False)
-    gen_frames = time.perf_counter() - gen0
-    t0 = time.perf_counter()
-    index_vectors(model, src, "cpu", pos=sample)
-    build_per_video = max(time.perf_counter() - t0 - gen_frames, 0.0) / len(sample)
-    t0 = time.perf_counter()
-    index = flat_index(first)
-    add = time.perf_counter() - t0
-    say(f"index build for varcmp-search: ~{build_per_video * V + add:.0f} s (encode without the patch levels "
-        f"{1e3 * build_per_video:.2f} ms/video, measured on {len(sample)} videos; faiss add {add:.2f} s)")
-
-    # ---- two-stage, each query alone, at the CLI's default pool
-    K = default_pool(V)
-    lat, faiss_t, kept_real = [], [], []
-    for i in range(n_two):
-        qi = q.take(slice(i, i + 1))
+    # exhaustive over the index: all queries in one pass give the reference top 10; n_exh alone are timed
+    ex = top_k(model, idx, q, 10, None, chunk, "cpu")
+    lat, parts = [], []
+    for i in range(n_exh):
         st: dict = {}
         t0 = time.perf_counter()
-        cands = index_candidates(index, qi, K)
+        top_k(model, idx, q.take(slice(i, i + 1)), 10, None, chunk, "cpu", stats=st)
+        lat.append(time.perf_counter() - t0)
+        parts.append((st["read"], st["score"]))
+    read, score = np.median([p[0] for p in parts]), np.median([p[1] for p in parts])
+    say(f"exhaustive over the index, one query: median {np.median(lat):.2f} s ({n_exh} queries): reading the index "
+        f"{read:.2f} s, scoring {score:.2f} s")
+
+    # two-stage over the index, each query alone, at the default pool
+    K = default_pool(V)
+    two, faiss_t, kept_q = [], [], []
+    idx.candidates(q.take(slice(0, 1)), K)  # the faiss index is built on first use (as serve's warm-up does)
+    for i in range(n_queries):
+        qi = q.take(slice(i, i + 1))
+        t0 = time.perf_counter()
+        cands = idx.candidates(qi, K)
         t1 = time.perf_counter()
-        r = top_k(model, src, qi, 10, cands, chunk, "cpu", stats=st)
-        t2 = time.perf_counter()
-        lat.append(t2 - t0 - st["read"])
+        r = top_k(model, idx, qi, 10, cands, chunk, "cpu")
+        two.append(time.perf_counter() - t0)
         faiss_t.append(t1 - t0)
-        kept_real.append(kept(ex.pos[i], r.pos[0]))
-    two = float(np.median(lat))
-    res = {"videos": V, "queries": n_queries, "two_stage_queries": n_two, "pool": K, "exhaustive_s": ex_latency,
-           "two_stage_s": two, "faiss_ms": 1e3 * float(np.median(faiss_t)), "ratio": ex_latency / two,
-           "kept": float(np.mean(kept_real)), "kept_min": float(np.min(kept_real)),
-           "kept_curve_at_pool": curves["first stage"].get(K), "curves": curves, "hits_action": float(hit_verb),
-           "hits_action_scene": float(hit_both), "generation_s": G, "index_build_s_est": build_per_video * V + add}
-    say(f"two-stage at the default pool K={K} ({n_two} queries run alone): median {two:.2f} s "
-        f"(faiss {res['faiss_ms']:.1f} ms), kept {100 * res['kept']:.1f}% of the exhaustive top 10")
+        kept_q.append(kept(ex.pos[i], r.pos[0]))
+    res.update({"videos": V, "pool": K, "two_stage_s": float(np.median(two)), "faiss_ms": 1e3 * float(np.median(faiss_t)),
+                "exhaustive_s": float(np.median(lat)), "exhaustive_read_s": float(read),
+                "exhaustive_score_s": float(score), "kept": float(np.mean(kept_q)), "kept_min": float(np.min(kept_q)),
+                "queries": n_queries})
+    say(f"two-stage at K={K}: median {res['two_stage_s'] * 1e3:.0f} ms ({n_queries} queries, faiss "
+        f"{res['faiss_ms']:.1f} ms), kept {100 * res['kept']:.1f}% of the exhaustive top 10 (worst query "
+        f"{100 * res['kept_min']:.0f}%)")
+    return res
+
+
+def bench_serve(cache: Path, say) -> dict:
+    """`varcmp serve` on a real cache (e.g. `varcmp-synth media.zarr -n 20 --media media/`: real mp4
+    files, tiny CLIP): start-up (checkpoint, index, query encoder, warm-up) with the index to build
+    and with it stored, then one /search over HTTP as a browser sends it, against the same search
+    called in-process (the HTTP overhead), medians of 10."""
+    import http.client
+    import tempfile
+    import threading
+    from urllib.parse import quote
+
+    import uvicorn
+
+    from varcmp.cache.reader import open_cache
+    from varcmp.model import checkpoint
+    from varcmp.retrieval.index import index_folder
+    from varcmp.retrieval.search import Searcher
+    from varcmp.serve.app import create_app
+
+    tmp = Path(tempfile.mkdtemp(prefix="varcmp-bench-serve-"))
+    with open_cache(cache) as c:
+        ckpt = checkpoint.save(tmp / "best.safetensors", zero_shot_model(c.spec, "text"),
+                               {"cache": checkpoint.cache_fingerprint(c)})
+        videos = sum(len(c.split(n).done_index()) for n in c.splits)
+    starts = []
+    for _ in range(2):  # the first start builds the index, the second finds it
+        t0 = time.perf_counter()
+        searcher = Searcher(cache, ckpt, device="cpu", progress=False)
+        app = create_app(searcher)
+        starts.append(time.perf_counter() - t0)
+        if len(starts) == 1:
+            searcher.close()
+    port = 8765
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=srv.run, daemon=True).start()
+    while not srv.started:
+        time.sleep(0.05)
+    q = "a man hits a dog with a stick"
+    http_t, direct_t = [], []
+    for i in range(10):
+        t0 = time.perf_counter()
+        conn = http.client.HTTPConnection(f"127.0.0.1:{port}")
+        conn.request("GET", f"/search?q={quote(q)}&top=10")
+        body = conn.getresponse().read()
+        conn.close()
+        http_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        searcher.search(searcher.text_features([q]), [q], 10)
+        direct_t.append(time.perf_counter() - t0)
+    srv.should_exit = True
+    searcher.close()
+    for meta in index_folder(cache).glob("*/index.json"):  # the indexes of this run's checkpoint only
+        if json.loads(meta.read_text()).get("checkpoint") == str(ckpt):
+            shutil.rmtree(meta.parent, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    res = {"videos": videos, "start_build_s": starts[0], "start_stored_s": starts[1],
+           "search_http_ms": 1e3 * float(np.median(http_t)), "search_direct_ms": 1e3 * float(np.median(direct_t)),
+           "response_bytes": len(body)}
+    say(f"\n== varcmp serve on {cache} ({videos} videos): start-up {starts[0]:.1f} s building the index, "
+        f"{starts[1]:.1f} s with it stored; one /search over HTTP: median {res['search_http_ms']:.0f} ms "
+        f"({len(body) / 1024:.0f} KiB of JSON), the same search in-process {res['search_direct_ms']:.0f} ms "
+        f"(ratio {res['search_http_ms'] / res['search_direct_ms']:.2f})")
     return res
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--sizes", default="10000,100000", help="Collection sizes, comma-separated.")
-@click.option("--queries", "n_queries", default="16,16",
-              help="Queries per size for the exhaustive pass and the kept shares (one value, or one per size).")
-@click.option("--two-stage-queries", "n_two", default="8,4",
-              help="Of those, how many are also run through two-stage alone, timed (one value, or one per size).")
-@click.option("--pools", default="100,200,500,1000,2000,5000,10000", help="Pool sizes K for the kept curves.")
+@click.option("--sizes", default="10000,100000", help="Collection sizes, comma-separated ('': none).")
+@click.option("--queries", "n_queries", default=16, help="Two-stage queries per size, each timed alone.")
+@click.option("--exhaustive-queries", "n_exh", default=3, help="Of those, how many are timed alone exhaustively.")
+@click.option("--keep", type=click.Path(path_type=Path), default=None,
+              help="Folder for the generated indexes (kept); default: a temporary folder, deleted.")
 @click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), default=None,
               help="Heads to use (production dims) instead of training them first.")
 @click.option("--zero-shot", is_flag=True, help="Untrained heads (the frozen-CLIP baseline) instead of training.")
 @click.option("--train-videos", default=400, help="Videos of the world cache the heads are trained on.")
 @click.option("--epochs", default=8, help="Training epochs of the heads.")
+@click.option("--serve", "serve_cache", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Also time varcmp serve on this real cache (one whose CLIP loads: varcmp-synth --media).")
 @click.option("--seed", default=0)
 @click.option("--chunk", default=32, help="Videos per page (as varcmp-search --chunk).")
-def main(sizes, n_queries, n_two, pools, checkpoint, zero_shot, train_videos, epochs, seed, chunk):
+def main(sizes, n_queries, n_exh, keep, checkpoint, zero_shot, train_videos, epochs, serve_cache, seed, chunk):
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=max(Console().width, 120))
     say = lambda s: console.print(s, highlight=False, soft_wrap=True)  # noqa: E731
-    sizes = [int(s) for s in sizes.split(",")]
-    per = lambda text: (lambda v: v * len(sizes) if len(v) == 1 else v)([int(x) for x in text.split(",")])  # noqa: E731
-    qs, twos = per(n_queries), per(n_two)
-    pools = sorted(int(k) for k in pools.split(","))
+    sizes = [int(s) for s in sizes.split(",") if s.strip()]
     t_all = time.perf_counter()
     say(f"varcmp-search benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads")
     if checkpoint is not None:
@@ -367,19 +414,32 @@ def main(sizes, n_queries, n_two, pools, checkpoint, zero_shot, train_videos, ep
         model = trained_heads(seed, train_videos, epochs, say)
     model.eval()
     say(f"levels {'+'.join(model.cfg.levels)}; first stage: {model.linear_levels()}")
-    results = [bench_size(V, nq, min(nt, nq), pools, model, seed, chunk, say) for V, nq, nt in zip(sizes, qs, twos)]
-    t = Table(title="exhaustive vs two-stage, one query (generation excluded)", header_style="bold")
-    for col in ("videos", "pool K", "exhaustive", "two-stage", "faiss", "ratio", "kept top-10 (run)",
-                "worst query", "kept top-10 (all queries)", "coarse only"):
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="varcmp-bench-index-")) if keep is None else keep
+    results = []
+    try:
+        for V in sizes:
+            results.append(bench_size(V, n_queries, min(n_exh, n_queries), model, seed, chunk, root / f"{V}", say))
+            if keep is None:
+                shutil.rmtree(root / f"{V}", ignore_errors=True)
+    finally:
+        if keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    t = Table(title="varcmp-search on the stored index, one query, warm (generation excluded)", header_style="bold")
+    for col in ("videos", "two-stage (K)", "kept top-10", "exhaustive", "of it reading", "build /video",
+                "eval encode /video", "index /video"):
         t.add_column(col, justify="right")
     for r in results:
-        K = r["pool"]
-        t.add_row(f"{r['videos']:,}", f"{K:,}", f"{r['exhaustive_s']:.1f} s", f"{r['two_stage_s']:.2f} s",
-                  f"{r['faiss_ms']:.1f} ms", f"{r['ratio']:.0f}x",
-                  f"{100 * r['kept']:.1f}% ({r['two_stage_queries']} q)", f"{100 * r['kept_min']:.0f}%",
-                  f"{100 * r['curves']['first stage'][K]:.1f}% ({r['queries']} q)" if K in r["curves"]["first stage"]
-                  else "-", f"{100 * r['curves']['coarse only'][K]:.1f}%" if K in r["curves"]["coarse only"] else "-")
-    console.print(t)
+        t.add_row(f"{r['videos']:,}", f"{r['two_stage_s'] * 1e3:.0f} ms ({r['pool']:,})",
+                  f"{100 * r['kept']:.1f}% (min {100 * r['kept_min']:.0f}%)", f"{r['exhaustive_s']:.2f} s",
+                  f"{r['exhaustive_read_s']:.2f} s", f"{r['build_ms_per_video']:.2f} ms",
+                  f"{r['eval_encode_ms_per_video']:.2f} ms", f"{r['bytes_per_video'] / 1024:.1f} KiB")
+    if results:
+        console.print(t)
+    if serve_cache is not None:
+        results.append(bench_serve(serve_cache, say))
+    say(json.dumps(results))
     say(f"whole run {(time.perf_counter() - t_all) / 60:.1f} min")
 
 

@@ -139,3 +139,23 @@ def captions_csv(tmp_path_factory) -> Path:
         for rel, text in CAPTIONS.items():
             w.writerow([rel, text])
     return path
+
+
+@pytest.fixture(scope="session")
+def extracted(tmp_path_factory, video_root, tiny_clip):
+    """A cache extracted by the real varcmp.extract from real mp4 files with the tiny CLIP, and an
+    (untrained) checkpoint of its dims (search and serve tests)."""
+    from varcmp.cache.reader import open_cache
+    from varcmp.evaluate import zero_shot_model
+    from varcmp.extract import Options
+    from varcmp.extract import run as extract
+    from varcmp.model import checkpoint
+
+    out = tmp_path_factory.mktemp("e2e") / "videos.zarr"
+    summary = extract(Options(root=video_root, out=out, split="test", clip_model=str(tiny_clip), workers=0))
+    assert summary.done == 4
+    with open_cache(out) as c:
+        fingerprint = checkpoint.cache_fingerprint(c)
+        model = zero_shot_model(c.spec, "text")
+    ckpt = checkpoint.save(tmp_path_factory.mktemp("e2e-run") / "best.safetensors", model, {"cache": fingerprint})
+    return out, ckpt

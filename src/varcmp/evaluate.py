@@ -124,7 +124,8 @@ def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, ano
               "anomaly": _anomaly(run.data, run.v),
               "dropped": list(run.data.dropped),
               "chunk": chunk,
-              "device": str(dev)}
+              "device": str(dev),
+              "index": None if run.index is None else str(run.index.folder)}
     if bootstrap:
         for res, r in zip(result["metrics"].values(), run.ranks):
             res["interval"] = bootstrap_intervals(r, metrics, bootstrap, seed)
@@ -143,6 +144,7 @@ class _Ranked:
     data: object
     v: object
     ranks: tuple  # query->video per query, video->query per video with queries
+    index: object = None  # the stored index the videos were read from (None: encoded here)
 
 
 def _ranked(c, sp, checkpoint, query, levels, anomaly_weighting, post, dev, chunk) -> _Ranked:
@@ -152,14 +154,15 @@ def _ranked(c, sp, checkpoint, query, levels, anomaly_weighting, post, dev, chun
     levels = _levels(levels, model.cfg.levels)  # ablations: same weights, other levels or weighting
     weighting = model.cfg.anomaly_weighting if anomaly_weighting is None else bool(anomaly_weighting)
     check_segments(model.cfg, c, ckpt)
-    data = load_eval_data(sp, kind.name, patches="finer" in levels)
+    index = _stored_index(c, sp, model, ckpt, levels, weighting, dev)
+    data = load_eval_data(sp, kind.name, patches="finer" in levels and index is None)
     if len(data.query_video) == 0:
         raise UserError(f"{c.path}: split '{sp.name}' has no {kind.name} query whose video was extracted"
                         + (f" ({len(data.dropped)} dropped)" if data.dropped else ""))
-    v, sims = _score(model, data, dev, levels, weighting, chunk)
+    v, sims = _score(model, data, dev, levels, weighting, chunk, index)
     m_q2v, m_v2q = postprocess(sims["total"], post, model.cfg.logit_scale)
     ranks = (query_to_video_ranks(m_q2v, data.query_video), video_to_query_ranks(m_v2q, data.query_video)[0])
-    return _Ranked(model, ckpt, levels, weighting, data, v, ranks)
+    return _Ranked(model, ckpt, levels, weighting, data, v, ranks, index)
 
 
 def _compare(c, sp, checkpoint, run: _Ranked, levels, anomaly_weighting, post, dev, chunk, metrics, bootstrap,
@@ -213,12 +216,27 @@ def _model(c, sp, checkpoint, query, dev) -> tuple[VarCMP, object]:
     return model, ckpt
 
 
-def _score(model: VarCMP, data, dev, levels, weighting: bool, chunk: int):
-    """The videos' embeddings and the all-pairs similarities (each level and "total", [V, Q])."""
+def _stored_index(c, sp, model: VarCMP, ckpt, levels, weighting: bool, dev):
+    """The split's stored index of this checkpoint (`varcmp-index`) when it holds what these levels
+    and this weighting need and still matches the cache; else None (the videos are encoded here)."""
+    from .retrieval.index import stored_index
+    from .retrieval.videos import CacheVideos
+
+    if ckpt is None or weighting != model.cfg.anomaly_weighting or ("finer" in levels and "finer" not in model.cfg.levels):
+        return None
+    return stored_index(model, c, CacheVideos(sp), dev)
+
+
+def _score(model: VarCMP, data, dev, levels, weighting: bool, chunk: int, index=None):
+    """The videos' embeddings (read from `index` when given, else encoded) and the all-pairs
+    similarities (each level and "total", [V, Q])."""
     torch.manual_seed(0)
     model.eval()
-    v = encode_videos(model, data.videos, dev, batch=ENCODE_BATCH, patches="finer" in levels,
-                      anomaly_weighting=weighting)
+    if index is not None:  # its positions are the split's done videos in order, as data.videos holds them
+        v = index.embed(np.arange(index.n), dev, patches="finer" in levels)
+    else:
+        v = encode_videos(model, data.videos, dev, batch=ENCODE_BATCH, patches="finer" in levels,
+                          anomaly_weighting=weighting)
     q = encode_queries(model, data.query_feats, dev)
     return v, score_matrix(model, v, q, levels, chunk=chunk)
 
@@ -264,6 +282,8 @@ def print_report(r: dict, console) -> None:
     if r["zero_shot"] and r["query"] == AUDIO.name:
         say("note: zero-shot audio uses an untrained audio encoder (CLAP is not aligned with CLIP): "
             "expect chance level")
+    if r.get("index"):
+        say(f"videos read from the stored index {r['index']} (varcmp-index), not encoded again")
     a = r["anomaly"]
     if a["video_auc"] is not None:
         say(f"anomaly head: video-level AUC {a['video_auc']:.3f} on {a['anomalous']} anomalous and {a['normal']} normal "

@@ -13,6 +13,7 @@ import click
 
 from .check_models import check_models
 from .demo import demo
+from .serve import serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -32,6 +33,7 @@ def main():
 
 main.add_command(demo)
 main.add_command(check_models)
+main.add_command(serve)
 
 if __name__ == "__main__":
     main()

@@ -18,10 +18,11 @@ from .common import CommandError, OneLineErrors, OutputFile
 # The command
 
 
-EPILOG = (f"Modes: exhaustive scores every video with the full three-level score; two-stage takes the "
+EPILOG = (f"The videos come encoded from the split's stored index (varcmp-index), built once per cache, "
+          f"checkpoint and split in the cache's {INDEX_DIR}/ folder (here, with a progress bar, when it is missing). "
+          f"Modes: exhaustive scores every video with the full three-level score; two-stage takes the "
           f"--candidates videos of highest first-stage score (the coarse level, plus for text the weighted-mean "
-          f"half of the fine level: one inner product per video) from a faiss index, built once per cache, "
-          f"checkpoint and split and stored in the cache's {INDEX_DIR}/ folder (building shows progress), and "
+          f"half of the fine level: one inner product per video, exact faiss search) and "
           f"reranks them with the full score; auto uses two-stage for splits of more than {AUTO_TWO_STAGE} "
           f"videos. With --candidates >= the split's size both modes give identical results. Span: the frames "
           f"around the one maximising frame weight x query similarity, extended while neighbours keep "

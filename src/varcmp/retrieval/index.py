@@ -1,91 +1,212 @@
-"""The first-stage index of two-stage search: one vector per video in a faiss inner-product index,
-stored with the cache and keyed by what it depends on.
+"""The stored video index: everything of the video side that a query's score needs, encoded once
+per (checkpoint, split) and stored with the cache, so that a query only encodes itself and scores.
 
-The vector (`VarCMP.video_vectors`) is the normalised video embedding ~e_v (the coarse level), plus,
-for text checkpoints, half the fine level's weighted mean of the normalised frames: its inner
-product with the normalised sentence is exactly the coarse score plus the weighted-mean half of the
-fine score (eq. 1-2), the part of the total that is linear in the query. Measured on the benchmark
-world with trained heads, this keeps the exhaustive top 10 in a pool ~10x smaller than the coarse
-level alone (benchmarks/search.py). Audio checkpoints use ~e_v alone (eq. 3 has no linear part).
-The default pool is `DEFAULT_POOL_SHARE` of the split, at least `DEFAULT_CANDIDATES` videos.
+Per video it holds the `VideoEmb` that `VarCMP.encode_videos` returns (the temporal encoder's e_v,
+the frames, their weights after anomaly-biased weighting, the anomaly scores and the video's
+prediction, and for the finer level the selected patches and their weights), the first-stage
+vector of two-stage search (`VarCMP.video_vectors`, searched with an exact faiss inner-product
+index built from it when the index is opened) and the frame times of the spans. Nothing here
+computes any part of a score: the build calls the scoring engine's `encode_videos`, and search
+and evaluation hand what `VideoIndex.embed` returns to `VarCMP.similarity` as they would a fresh
+encoding. e_v, the frames and the patches are stored as float16 (the scores move by float16
+rounding, ~1e-3, see tests/test_index.py), every weight and mask as float32 / bool.
 
-The index (`faiss.IndexFlatIP`: exact inner products, ~15 ms a query at 100k videos x 512-d) is
-built once per (cache, checkpoint, split) and stored with the cache: in a `.varcmp-search/` folder
-inside a Zarr store (which `varcmp-extract --overwrite` clears with the rest), or in
-`CACHE.varcmp-search/` next to an HDF5 file. Its file name carries a key hashing the checkpoint's
-weights and settings, the split, its done videos (rows and paths) and the cache's encoders and
-dims, so an index of other weights or of another state of the split is never used; it is written
-atomically and checked against freshly computed vectors of its first videos when loaded. Indexes
-of the same split and checkpoint path with another key (the checkpoint was retrained) are
-deleted."""
+Layout: `.varcmp-search/SPLIT.KEY/` inside a Zarr store (which `varcmp-extract --overwrite`
+clears with the rest) or `CACHE.varcmp-search/SPLIT.KEY/` next to an HDF5 file; KEY hashes the
+checkpoint's weights and settings, the split's done videos (rows and paths) and the cache's
+encoders and dims, so an index of other weights or another state of the split is never found
+(and one of the same checkpoint path with another key is deleted). Inside: `chunk-NNNNN/` folders
+of `CHUNK_VIDEOS` videos, one `.npy` per array, each written to a temporary folder and renamed
+whole (a kill leaves a chunk complete or absent; the same command builds only the missing ones),
+and `index.json`, written last. Opening memory-maps the chunks and re-encodes the first
+`INDEX_CHECK` videos from the raw cache: an index that no longer matches them (features extracted
+again under the same paths) is stale, and rebuilt. Test-only: `VARCMP_FAULT=index-chunk:N` (see
+`varcmp.cache_schema`) kills the build with its N-th chunk written, not yet renamed."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from ..atomic import atomic_write
-from ..cache.store import is_hdf5
-from ..cli import progress
+from ..atomic import _fsync_dir, atomic_write
+from ..cache.store import fault_point, is_hdf5
 from ..cli.markup import lit
-from ..model import QueryEmb, VarCMP
+from ..model import QueryEmb, VarCMP, VideoEmb
 from .scoring import encode_videos
 from .videos import CacheVideos
 
 DEFAULT_CANDIDATES = 1000   # --candidates default: at least this many videos per query are reranked,
 DEFAULT_POOL_SHARE = 0.02   # and at least this share of the split
 INDEX_DIR = ".varcmp-search"
-INDEX_FORMAT = 2
-INDEX_CHECK = 32            # videos re-encoded to check a stored index when it is loaded
+INDEX_FORMAT = 3
+CHUNK_VIDEOS = 256          # videos per chunk folder (the unit of resume)
+ENCODE_BATCH = 32           # videos read and encoded together while building
+INDEX_CHECK = 4             # videos re-encoded from the raw cache when an index is opened
+CHECK_ATOL = 5e-3           # how far a stored float16 part may be from a fresh encoding
+HALF = ("video", "frames", "patches")  # stored as float16; the other float arrays as float32
+META = "index.json"
 
 
 # --------------------------------------------------------------------------
-# The coarse index
+# Building: encode a chunk of videos, store it whole
 
 
-def index_vectors(model: VarCMP, source, device, chunk: int = 256, pos: np.ndarray | None = None,
-                  progress=None, label: str = "indexing") -> np.ndarray:
-    """`VarCMP.video_vectors` of the videos of `source` (float32 [n, C]), encoded without the
-    patches (e_v, the frames and their weights do not depend on them)."""
-    pos = np.arange(source.n) if pos is None else np.asarray(pos, np.int64)
-    out = np.zeros((len(pos), model.cfg.dim), np.float32)
-    task = progress.add_task(label, total=len(pos)) if progress is not None else None
-    for s in range(0, len(pos), chunk):
-        v = encode_videos(model, source.read(pos[s:s + chunk], patches=False), device, batch=chunk, patches=False)
-        out[s:s + chunk] = model.video_vectors(v).cpu().numpy()
-        if task is not None:
-            progress.advance(task, min(chunk, len(pos) - s))
-    return out
+def _encode_chunk(model: VarCMP, source: CacheVideos, pos: np.ndarray, device, batch: int) -> dict[str, np.ndarray]:
+    """The stored arrays of the videos at `pos`, from `encode_videos` of their raw features."""
+    patches = "finer" in model.cfg.levels
+    parts, times = [], []
+    for s in range(0, len(pos), batch):
+        data = source.read(pos[s:s + batch], patches=patches)
+        parts.append(encode_videos(model, data, device, batch=batch))
+        times.append(data.frame_time)
+    v = VideoEmb.cat(parts)
+    out = {f.name: getattr(v, f.name) for f in dataclasses.fields(v) if getattr(v, f.name) is not None}
+    out["vectors"] = model.video_vectors(v)
+    arrays = {k: t.detach().cpu().numpy() for k, t in out.items()}
+    for k, a in arrays.items():
+        if a.dtype.kind == "f":
+            arrays[k] = a.astype(np.float16 if k in HALF else np.float32)
+    arrays["frame_time"] = np.concatenate(times).astype(np.float32)
+    return arrays
 
 
-def flat_index(vectors: np.ndarray):
-    import faiss
+def _write_chunk(folder: Path, i: int, arrays: dict[str, np.ndarray]) -> None:
+    """Chunk i's arrays into a temporary folder, fsynced, then renamed to chunk-i (atomic)."""
+    final = folder / f"chunk-{i:05d}"
+    tmp = folder / f".chunk-{i:05d}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for k, a in arrays.items():
+        with open(tmp / f"{k}.npy", "wb") as f:
+            np.save(f, a)
+            f.flush()
+            os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    fault_point("index-chunk")  # tests: killed with a chunk written, not yet renamed
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another builder of the same index stored it first
+    _fsync_dir(folder)
 
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    return index
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
-def index_candidates(index, q: QueryEmb, k: int) -> list[np.ndarray]:
-    """The k videos of highest first-stage score (`VarCMP.video_vectors`) per query (positions, best first)."""
-    k = min(int(k), index.ntotal)
-    if k <= 0:
-        return [np.zeros(0, np.int64) for _ in range(len(q))]
-    _, ids = index.search(np.ascontiguousarray(VarCMP.query_vectors(q).cpu().numpy()), k)
-    return [row[row >= 0].astype(np.int64) for row in ids]
+def build_chunks(model: VarCMP, source: CacheVideos, folder: Path, device, chunk: int,
+                 batch: int = ENCODE_BATCH, progress=None, label: str = "indexing") -> int:
+    """Encode and store every chunk of `source` that `folder` lacks; returns how many were built.
+    Temporary folders of a killed build are removed first. Two builders of one index (a server
+    and a search started together) each store whole chunks; the second rename of a chunk is dropped."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".chunk-*.tmp"):  # of a killed build (not of one still running)
+        pid = stale.name.split(".")[-2]
+        if not (pid.isdecimal() and _alive(int(pid))) or int(pid) == os.getpid():
+            shutil.rmtree(stale, ignore_errors=True)
+    n_chunks = math.ceil(source.n / chunk)
+    todo = [i for i in range(n_chunks) if not (folder / f"chunk-{i:05d}").is_dir()]
+    task = progress.add_task(label, total=source.n, completed=source.n - sum(
+        min(chunk, source.n - i * chunk) for i in todo)) if progress is not None else None
+    with torch.inference_mode():
+        for i in todo:
+            pos = np.arange(i * chunk, min((i + 1) * chunk, source.n))
+            _write_chunk(folder, i, _encode_chunk(model, source, pos, device, batch))
+            if task is not None:
+                progress.advance(task, len(pos))
+    return len(todo)
 
 
-def _weights_hash(model: VarCMP) -> str:
-    from ..encoders.frozen import weights_hash
+# --------------------------------------------------------------------------
+# The index as search reads it
 
-    return weights_hash(model)
+
+class VideoIndex:
+    """A split's stored video side, by position 0..n-1 (the positions of `CacheVideos`): `embed`
+    gives the `VideoEmb` of any positions, `candidates` the first stage's best K per query. The
+    small arrays are held in memory; frames and patches are memory-mapped (`load()` reads them
+    in, as a server does)."""
+
+    def __init__(self, folder: Path, meta: dict):
+        self.folder, self.meta = Path(folder), meta
+        self.n, self.chunk, self.name = int(meta["videos"]), int(meta["chunk"]), meta["split"]
+        chunks = [self.folder / f"chunk-{i:05d}" for i in range(math.ceil(self.n / self.chunk))]
+        self._parts = {k: [np.load(c / f"{k}.npy", mmap_mode="r") for c in chunks] for k in meta["arrays"]}
+        for k in ("frame_mask", "frame_weights", "anomaly", "video_score", "anomalous", "vectors", "frame_time",
+                  "patch_weights", "patch_mask"):
+            if k in self._parts:
+                self._parts[k] = [np.concatenate(self._parts[k])] if self._parts[k] else []
+        self._faiss = None
+
+    def load(self) -> "VideoIndex":
+        """Read every array into memory (a server's warm index)."""
+        self._parts = {k: [np.asarray(p) for p in v] for k, v in self._parts.items()}
+        return self
+
+    def array(self, key: str, pos: np.ndarray) -> np.ndarray:
+        """Rows `pos` of one stored array, in the order given."""
+        parts = self._parts[key]
+        pos = np.asarray(pos, np.int64)
+        if len(parts) == 1 and len(parts[0]) == self.n:
+            return np.asarray(parts[0][pos])
+        c, r = np.divmod(pos, self.chunk)
+        out = np.empty((len(pos), *parts[0].shape[1:]), parts[0].dtype)
+        for ci in np.unique(c):
+            sel = c == ci
+            out[sel] = parts[ci][r[sel]]
+        return out
+
+    def embed(self, pos: np.ndarray, device, patches: bool = True) -> VideoEmb:
+        """The `VideoEmb` of the videos at `pos` as `encode_videos` gave it (float16 parts as float32)."""
+        fields = [f.name for f in dataclasses.fields(VideoEmb)]
+        if not patches:
+            fields = [f for f in fields if not f.startswith("patch")]
+        got = {f: torch.from_numpy(self.array(f, pos)).to(device) for f in fields if f in self._parts}
+        got = {f: t.float() if t.dtype == torch.float16 else t for f, t in got.items()}
+        return VideoEmb(**got)
+
+    @property
+    def frame_time(self) -> np.ndarray:
+        return self._parts["frame_time"][0]
+
+    def candidates(self, q: QueryEmb, k: int) -> list[np.ndarray]:
+        """The k videos of highest first-stage score (`VarCMP.video_vectors`) per query (positions, best first)."""
+        import faiss
+
+        if self._faiss is None:
+            self._faiss = faiss.IndexFlatIP(self._parts["vectors"][0].shape[1])
+            self._faiss.add(np.ascontiguousarray(self._parts["vectors"][0], dtype=np.float32))
+        k = min(int(k), self.n)
+        if k <= 0:
+            return [np.zeros(0, np.int64) for _ in range(len(q))]
+        _, ids = self._faiss.search(np.ascontiguousarray(VarCMP.query_vectors(q).cpu().numpy()), k)
+        return [row[row >= 0].astype(np.int64) for row in ids]
+
+    def nbytes(self) -> int:
+        return sum(p.nbytes for parts in self._parts.values() for p in parts)
+
+
+# --------------------------------------------------------------------------
+# Where an index lives and what it is keyed by
 
 
 def index_folder(cache_path: Path) -> Path:
@@ -100,78 +221,140 @@ def default_pool(n: int) -> int:
     return min(n, max(DEFAULT_CANDIDATES, math.ceil(DEFAULT_POOL_SHARE * n)))
 
 
-def index_key(weights: str, vector: str, cache, source: CacheVideos) -> str:
+def model_ident(model: VarCMP) -> str:
+    """The checkpoint's weights hash and settings: what the index depends on in the model."""
+    from ..encoders.frozen import weights_hash
+
+    return weights_hash(model) + json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str)
+
+
+def index_key(ident: str, cache, source: CacheVideos, chunk: int) -> str:
     enc = {k: ({kk: vv for kk, vv in v.items() if kk != "name"} if isinstance(v, dict) else v)
            for k, v in (cache.encoders or {}).items()}
-    blob = json.dumps({"format": INDEX_FORMAT, "weights": weights, "vector": vector, "split": source.name, "n": source.n,
+    blob = json.dumps({"format": INDEX_FORMAT, "model": ident, "split": source.name, "n": source.n, "chunk": chunk,
                        "videos": source.fingerprint(), "encoders": enc, "spec": cache.meta.get("spec")},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+# --------------------------------------------------------------------------
+# Open the index of a (checkpoint, split), building what is missing
+
+
 @dataclass
 class IndexInfo:
     path: str | None
-    built: bool
+    built: bool          # this call encoded chunks (a new index, or the rest of a killed build)
     seconds: float
     key: str
     stored: bool = True
-    note: str = ""
+    note: str = ""       # a line for the user: why it was (re)built, or why it lives in memory only
+    chunks_built: int = 0
+
+    def record(self) -> dict:
+        """What a search result says of the index (no timing: the same search gives the same JSON)."""
+        return {"path": self.path, "built": self.built, "stored": self.stored, "key": self.key}
 
 
-def load_or_build_index(model: VarCMP, cache, source: CacheVideos, checkpoint: Path | None, device,
-                        chunk: int = 256, console=None, progress_bar: bool = True) -> tuple[object, IndexInfo]:
-    """The split's first-stage index: loaded when a valid one is stored, else built (with a progress
-    bar) and stored atomically. A cache that cannot be written gets an index in memory only."""
-    import faiss
-
-    ident = _weights_hash(model) + json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str)
-    key = index_key(ident, model.linear_levels(), cache, source)
-    folder = index_folder(cache.path)
-    path = folder / f"{source.name}.{key}.faiss"
+def open_index(model: VarCMP, cache, source: CacheVideos, checkpoint: Path | None, device,
+               chunk: int | None = None, progress=None) -> tuple[VideoIndex, IndexInfo]:
+    """The split's index: opened when a complete one of this key is stored and still matches the
+    raw cache, else built (what is missing of it) and stored. `progress`: a function returning a
+    rich Progress context for the build, entered only when something is built. A cache folder
+    that cannot be written gets an index built in a temporary folder and held in memory (said in
+    `IndexInfo.note`)."""
+    chunk = chunk or CHUNK_VIDEOS
+    key = index_key(model_ident(model), cache, source, chunk)
+    folder = index_folder(cache.path) / f"{source.name}.{key}"
     t0 = time.perf_counter()
-    if path.is_file():
-        try:
-            index = faiss.read_index(str(path))
-            if index.ntotal == source.n and index.d == model.cfg.dim:
-                k = min(INDEX_CHECK, source.n)
-                fresh = index_vectors(model, source, device, pos=np.arange(k))
-                if np.allclose(index.reconstruct_n(0, k), fresh, atol=1e-3):
-                    return index, IndexInfo(str(path), False, time.perf_counter() - t0, key)
-        except RuntimeError:
-            pass  # unreadable: rebuilt below
-    with progress.progress_bar(console, console is not None and progress_bar, transient=False) as prog:
-        vectors = index_vectors(model, source, device, chunk=chunk, progress=prog,
-                                label=f"indexing {lit(source.name)}")
-    index = flat_index(vectors)
-    info = IndexInfo(str(path), True, 0.0, key)
+    info = IndexInfo(str(folder), False, 0.0, key)
+    if (folder / META).is_file():
+        idx = _open(folder, key)
+        if idx is not None and _matches(model, source, idx, device):
+            info.seconds = time.perf_counter() - t0
+            return idx, info
+        info.note = f"the stored index {folder} no longer matches the cache: rebuilt"
+        shutil.rmtree(folder, ignore_errors=True)
+    elif folder.is_dir():
+        info.note = f"finishing the index build that stopped in {folder}"
+    label = f"indexing {lit(source.name)}"
+    bar = progress or contextlib.nullcontext
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = {"format": INDEX_FORMAT, "key": key, "split": source.name, "videos": source.n,
-                "checkpoint": str(checkpoint) if checkpoint else None, "dim": model.cfg.dim,
-                "kind": "faiss.IndexFlatIP", "vector": model.linear_levels(), "built": time.strftime("%Y-%m-%d %H:%M:%S")}
-        atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
-        atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
-        _prune(folder, source.name, key, checkpoint)
+        with bar() as prog:
+            info.chunks_built = build_chunks(model, source, folder, device, chunk, progress=prog, label=label)
+        _write_meta(folder, key, model, source, checkpoint, chunk, time.perf_counter() - t0)
+        _prune(folder.parent, source.name, key, checkpoint)
+        idx = _open(folder, key)
     except OSError as e:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="varcmp-index-") as tmp:
+            with bar() as prog:
+                build_chunks(model, source, Path(tmp), device, chunk, progress=prog, label=label)
+            meta = _write_meta(Path(tmp), key, model, source, checkpoint, chunk, 0.0)
+            idx = VideoIndex(Path(tmp), meta).load()
         info.stored, info.path = False, None
-        info.note = f"index not stored ({folder}: {e.strerror or e}); it is rebuilt on every run"
-    info.seconds = time.perf_counter() - t0
-    return index, info
+        info.note = f"index not stored ({folder.parent}: {e.strerror or e}); it is rebuilt on every run"
+    info.built, info.seconds = True, time.perf_counter() - t0
+    return idx, info
 
 
-def _prune(folder: Path, split: str, key: str, checkpoint: Path | None) -> None:
+def stored_index(model: VarCMP, cache, source: CacheVideos, device) -> VideoIndex | None:
+    """The split's complete stored index for this checkpoint when there is one and it still matches
+    the raw cache; None otherwise (nothing is built: `varcmp-eval` then encodes the videos itself)."""
+    key = index_key(model_ident(model), cache, source, CHUNK_VIDEOS)
+    idx = _open(index_folder(cache.path) / f"{source.name}.{key}", key)
+    return idx if idx is not None and _matches(model, source, idx, device) else None
+
+
+def _open(folder: Path, key: str) -> VideoIndex | None:
+    """A complete stored index of this key, or None (missing, damaged or of another format)."""
+    try:
+        meta = json.loads((folder / META).read_text())
+        if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT or meta.get("key") != key:
+            return None
+        return VideoIndex(folder, meta)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _matches(model: VarCMP, source: CacheVideos, idx: VideoIndex, device) -> bool:
+    """Whether the index's first videos equal a fresh encoding of their raw features."""
+    pos = np.arange(min(INDEX_CHECK, source.n))
+    with torch.inference_mode():
+        fresh = _encode_chunk(model, source, pos, device, ENCODE_BATCH)
+    try:
+        stored = {k: idx.array(k, pos) for k in fresh}
+    except (KeyError, ValueError, IndexError):
+        return False
+    return all(a.shape == stored[k].shape and (np.array_equal(a, stored[k]) if a.dtype == bool else
+               np.allclose(a.astype(np.float32), stored[k].astype(np.float32), atol=CHECK_ATOL))
+               for k, a in fresh.items())
+
+
+def _write_meta(folder: Path, key: str, model: VarCMP, source: CacheVideos, checkpoint, chunk: int,
+                seconds: float) -> dict:
+    first = folder / "chunk-00000"
+    arrays = sorted(p.stem for p in first.glob("*.npy"))
+    size = sum(p.stat().st_size for p in folder.glob("chunk-*/*.npy"))
+    meta = {"format": INDEX_FORMAT, "key": key, "split": source.name, "videos": int(source.n), "chunk": int(chunk),
+            "arrays": arrays, "checkpoint": str(checkpoint) if checkpoint else None,
+            "levels": list(model.cfg.levels), "anomaly_weighting": bool(model.cfg.anomaly_weighting),
+            "first_stage": model.linear_levels(), "bytes": int(size),
+            "build_seconds": round(seconds, 3), "built": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write(folder / META, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    return meta
+
+
+def _prune(parent: Path, split: str, key: str, checkpoint: Path | None) -> None:
     """Delete this split's indexes of the same checkpoint path with another key (stale weights)."""
     if checkpoint is None:
         return
-    for meta in folder.glob(f"{split}.*.json"):
+    for meta in parent.glob(f"{split}.*/{META}"):
         try:
             m = json.loads(meta.read_text())
         except (OSError, ValueError):
             continue
-        if m.get("split") == split and m.get("key") != key and m.get("checkpoint") == str(checkpoint):
-            for p in (meta, meta.with_suffix(".faiss")):
-                try:
-                    p.unlink()
-                except OSError:
-                    pass
+        if isinstance(m, dict) and m.get("split") == split and m.get("key") != key \
+                and m.get("checkpoint") == str(checkpoint):
+            shutil.rmtree(meta.parent, ignore_errors=True)

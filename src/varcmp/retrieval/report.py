@@ -37,7 +37,7 @@ def print_results(r: dict, console) -> None:
         if s["index"]:
             ix = s["index"]
             say(f"index of '{s['name']}': {'built' if ix['built'] else 'reused'} "
-                f"({ix['path'] or 'in memory'}, {ix['seconds']:.1f} s)")
+                f"({ix['path'] or 'in memory'})")
     levels = r["levels"]
     for n, qr in enumerate(r["queries"], 1):
         t = Table(title=lit(f"{n}. {qr['query']}"), title_justify="left", show_edge=True, header_style="bold")
@@ -58,8 +58,13 @@ def print_results(r: dict, console) -> None:
         console.print(t)
 
 
+def json_text(r: dict) -> str:
+    """A search result as --json writes it (and `varcmp serve`'s /search answers)."""
+    return json.dumps(r, indent=2, ensure_ascii=False) + "\n"
+
+
 def write_json(r: dict, path) -> None:
-    text = json.dumps(r, indent=2, ensure_ascii=False) + "\n"
+    text = json_text(r)
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
@@ -103,7 +108,7 @@ def _plot_png(h: dict, marks: list[float]) -> bytes:
     return buf.getvalue()
 
 
-def _thumb_jpeg(img: np.ndarray, size: int = 176) -> bytes:
+def thumb_jpeg(img: np.ndarray, size: int = 176) -> bytes:
     from PIL import Image
 
     im = Image.fromarray(np.ascontiguousarray(img))
@@ -132,12 +137,12 @@ def _small(img: np.ndarray, size: int = 2 * 176) -> np.ndarray:
     return np.asarray(im)
 
 
-class _Frames:
+class VideoFrames:
     """Decoded sampled frames of original videos, once per video (read_frames: the extraction's
-    own frame choice), or why not."""
+    own frame choice), or why not; the `keep` videos asked for last stay decoded."""
 
-    def __init__(self, num_frames: int):
-        self.n, self.memo = num_frames, {}
+    def __init__(self, num_frames: int, keep: int = 1_000_000):
+        self.n, self.memo, self.keep = num_frames, {}, keep
 
     def get(self, root, rel: str):
         from ..media.video import MediaError, read_frames
@@ -146,7 +151,11 @@ class _Frames:
             return None, "the split records no video root: no thumbnails"
         path = Path(root) / rel
         key = str(path)
-        if key not in self.memo:
+        if key in self.memo:
+            self.memo[key] = self.memo.pop(key)  # now the most recent
+        else:
+            while len(self.memo) >= self.keep:
+                self.memo.pop(next(iter(self.memo)))
             if not path.is_file():
                 self.memo[key] = (None, f"original video not reachable ({path}): no thumbnails")
             else:
@@ -173,7 +182,7 @@ def render_html(r: dict) -> str:
     score and query similarity with the span highlighted; every image is embedded (base64)."""
     e = lambda x: html.escape(str(x), quote=True)  # noqa: E731
     roots = {s["name"]: s["root"] for s in r["splits"]}
-    frames = _Frames(r["num_frames"])
+    frames = VideoFrames(r["num_frames"])
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
            f"<title>varcmp-search: {e(len(r['queries']))} queries</title>", f"<style>{CSS}</style>", "</head>",
            "<body>", "<h1>varcmp-search report</h1>",
@@ -206,7 +215,7 @@ def render_html(r: dict) -> str:
                     img = got.images[int(np.argmin(np.abs(dec_t - t)))]
                     inside = h["span"]["first_frame"] <= fr["index"][i] <= h["span"]["last_frame"]
                     out.append(f'<figure class="{"inspan" if inside else "outspan"}"><img src="'
-                               f'{_b64(_thumb_jpeg(img), "image/jpeg")}" alt="frame at {t:.1f} s">'
+                               f'{_b64(thumb_jpeg(img), "image/jpeg")}" alt="frame at {t:.1f} s">'
                                f"<figcaption>{t:.1f} s{' (span)' if inside else ''}</figcaption></figure>")
                 out.append("</div>")
             plot = _plot_png(h, [fr["time"][i] for i in picks])

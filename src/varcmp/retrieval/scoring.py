@@ -168,11 +168,17 @@ class _Page:
 
 
 def _read_page(model: VarCMP, source, pos: np.ndarray, device, stats: dict, on_page) -> _Page:
-    """Read and encode the videos at `pos` (one forward), timing both into `stats`."""
+    """Read and encode the videos at `pos` (one forward), timing both into `stats`. A source with
+    `embed` (a stored `retrieval.index.VideoIndex`) holds them encoded already: read only."""
     t0 = time.perf_counter()
-    data = source.read(pos, patches="finer" in model.cfg.levels)
-    t1 = time.perf_counter()
-    v = encode_videos(model, data, device, batch=len(pos))
+    patches = "finer" in model.cfg.levels
+    if hasattr(source, "embed"):
+        v = source.embed(pos, device, patches=patches)
+        t1 = time.perf_counter()
+    else:
+        data = source.read(pos, patches=patches)
+        t1 = time.perf_counter()
+        v = encode_videos(model, data, device, batch=len(pos))
     if on_page is not None:
         on_page(pos, v)
     stats["read"] += t1 - t0
@@ -209,8 +215,9 @@ def _rank_page(model: VarCMP, page: _Page, q: QueryEmb, member: np.ndarray | Non
 def top_k(model: VarCMP, source, q: QueryEmb, top: int, candidates: list[np.ndarray] | None = None,
           chunk: int = DEFAULT_CHUNK, device="cpu", progress=None, stats: dict | None = None,
           on_page=None) -> Ranked:
-    """The `top` best videos of `source` (`.n` videos, `.read(pos, patches)`) for each query by the
-    full score (model.cfg.levels).
+    """The `top` best videos of `source` (`.n` videos, and `.read(pos, patches)` of their raw
+    features or `.embed(pos, device, patches)` of their stored encoding) for each query by the full
+    score (model.cfg.levels).
 
     candidates: None scores every video (exhaustive); else one array of positions per query, and
     only those are read, encoded and scored (two-stage). The videos to score (all, or the union of

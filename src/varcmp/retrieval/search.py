@@ -2,13 +2,14 @@
 
 The queries are encoded by the frozen encoder the cache was extracted with (its recorded config
 and weights hashes are checked): text with CLIP exactly as captions are extracted, audio with CLAP
-over the extraction's windows of the clip (`media.audio_windows`). Each split is then ranked by the
+over the extraction's windows of the clip (`media.audio_windows`). The videos come encoded from
+the split's stored index (`retrieval.index`, built on first use). Each split is then ranked by the
 scoring engine (`retrieval.scoring.top_k`), page by page, in one of three modes:
 
-- **exhaustive**: every video is read, encoded and scored with the full score;
-- **two-stage**: a faiss index of one vector per video (`retrieval.index`) picks `--candidates`
-  videos per query, which the full score reranks through the same code (with K >= the split's size
-  both modes give identical hits and scores);
+- **exhaustive**: every video is scored with the full score;
+- **two-stage**: a faiss index of one vector per video picks `--candidates` videos per query,
+  which the full score reranks through the same code (with K >= the split's size both modes give
+  identical hits and scores);
 - **auto** (default): two-stage for a split of more than `AUTO_TWO_STAGE` videos, else exhaustive.
 
 Each hit is described by its per-level scores, its predicted anomaly and the time span where it
@@ -27,8 +28,8 @@ from ..cli.progress import progress_bar
 from ..errors import UserError
 from ..model import QueryEmb
 from ..model.queries import AUDIO, TEXT, check_segments
-from .index import IndexInfo, default_pool, index_candidates, load_or_build_index
-from .scoring import Ranked, default_chunk, encode_queries, encode_videos, top_k
+from .index import IndexInfo, VideoIndex, default_pool, open_index
+from .scoring import Ranked, default_chunk, encode_queries, top_k
 from .spans import SPAN_THRESHOLD, best_span, relevance
 from .videos import CacheVideos
 
@@ -129,7 +130,9 @@ class Searcher:
             raise
         self.kind = self.model.kind
         self.index_info: dict[str, IndexInfo] = {}
-        self._indexes: dict[str, object] = {}
+        self._indexes: dict[str, VideoIndex] = {}
+        self._encoders: dict[tuple, object] = {}
+        self._reported: set[str] = set()
 
     def close(self) -> None:
         self.cache.close()
@@ -147,6 +150,8 @@ class Searcher:
         the cache records."""
         from ..encoders.frozen import quiet_transformers
 
+        if (cls, override) in self._encoders:  # loaded once per Searcher (a server's many queries)
+            return self._encoders[cls, override]
         which = self.kind.encoder
         rec = _encoder_record(self.cache, which)
         name = override or rec.get("name")
@@ -156,7 +161,14 @@ class Searcher:
         except RuntimeError as e:
             raise UserError(str(e)) from None
         _check_encoder(enc.info(), rec, f"--{which}-model", name, self.cache.path)
+        self._encoders[cls, override] = enc
         return enc
+
+    def load_encoder(self, override: str | None = None):
+        """The query encoder of the model's kind (CLIP or CLAP), loaded now (a server's start)."""
+        from ..encoders.frozen import ClapEncoder, ClipEncoder
+
+        return self._encoder(ClipEncoder if self.kind is TEXT else ClapEncoder, override)
 
     def text_features(self, texts: list[str], clip_model: str | None = None) -> dict[str, np.ndarray]:
         """CLIP word features, mask and sentence of `texts`, as extraction computes captions."""
@@ -205,13 +217,16 @@ class Searcher:
             return self.mode
         return "two-stage" if source.n > AUTO_TWO_STAGE else "exhaustive"
 
-    def index(self, source: CacheVideos):
+    def index(self, source: CacheVideos) -> VideoIndex:
+        """The split's stored index, opened once (built, with a progress bar, when missing)."""
         if source.name not in self._indexes:
-            idx, info = load_or_build_index(self.model, self.cache, source, self.checkpoint, self.device,
-                                            console=self.console, progress_bar=self.progress)
+            show = self.console is not None and self.progress
+            bar = (lambda: progress_bar(self.console, True, transient=False)) if show else None
+            idx, info = open_index(self.model, self.cache, source, self.checkpoint, self.device, progress=bar)
             self._indexes[source.name], self.index_info[source.name] = idx, info
-            if info.note and self.console is not None:
-                self.console.print(f"note: {lit(info.note)}", highlight=False, soft_wrap=True)
+            if self.console is not None and (info.note or info.built):
+                what = info.note or f"built the index of split {source.name} ({source.n} videos): {info.path}"
+                self.console.print(f"note: {lit(what)}", highlight=False, soft_wrap=True)
         return self._indexes[source.name]
 
     @torch.inference_mode()
@@ -238,20 +253,28 @@ class Searcher:
         """The best `top` videos of one split per query (exhaustive or two-stage), and the split's
         record in the result."""
         mode = self.split_mode(src)
-        info = cands = None
+        info = cands = idx = None
+        if src.n:
+            idx, info = self.index(src), self.index_info[src.name]
         if src.n and mode == "two-stage":
-            cands = index_candidates(self.index(src), q, self.pool(src))
-            info = self.index_info[src.name]
+            cands = idx.candidates(q, self.pool(src))
         show = self.console is not None and self.progress and src.n > 8 * self.chunk
         with progress_bar(self.console, show) as prog:
-            ranked = top_k(self.model, src, q, top, cands, self.chunk, self.device, progress=prog)
+            ranked = top_k(self.model, idx if src.n else src, q, top, cands, self.chunk, self.device, progress=prog)
         return ranked, {"name": src.name, "videos": int(src.n), "mode": mode,
                         "candidates": self.pool(src) if mode == "two-stage" else None,
                         "exact": mode == "exhaustive" or self.pool(src) >= src.n,
                         "root": src.root,
-                        "index": None if info is None else {"path": info.path, "built": info.built,
-                                                            "stored": info.stored, "key": info.key,
-                                                            "seconds": round(info.seconds, 3)}}
+                        "index": None if info is None else self._index_record(src.name)}
+
+    def _index_record(self, name: str) -> dict:
+        """The split's index as a result records it: "built" in the first search after it was built
+        only (a server's later answers, like a later varcmp-search, find it stored)."""
+        rec = self.index_info[name].record()
+        if name in self._reported:
+            rec["built"] = False
+        self._reported.add(name)
+        return rec
 
     def _settings(self, top: int) -> dict:
         """The head of the result: what was searched, and with what."""
@@ -301,18 +324,18 @@ class Searcher:
 
     def _frame_curves(self, src: CacheVideos, q: QueryEmb, queries: list[int], positions: list[int]) -> list[tuple]:
         """Per (query, position) pair of one split: (frame similarity s_j, frame weight w_j, anomaly
-        A_j, frame mask, frame times), each [N], from one read and one encoding of its videos."""
+        A_j, frame mask, frame times), each [N], from the split's index."""
         uniq = np.unique(positions)
-        data = src.read(uniq, patches=False)
-        # frames, weights and A do not depend on the patches
-        v = encode_videos(self.model, data, self.device, batch=len(uniq), patches=False)
+        idx = self.index(src)
+        v = idx.embed(uniq, self.device, patches=False)  # frames, weights and A do not depend on the patches
+        times = idx.array("frame_time", uniq)
         row_of = {int(p): i for i, p in enumerate(uniq)}
         rows = [row_of[p] for p in positions]
         vv = v.take(torch.tensor(rows, device=v.video.device))
         sim = self.model.frame_terms(vv, q.take(torch.tensor(queries, device=q.glob.device))).cpu().numpy()
         w, A = (x.float().cpu().numpy() for x in (vv.frame_weights, vv.anomaly))
         m = vv.frame_mask.cpu().numpy()
-        return [(sim[k], w[k], A[k], m[k], data.frame_time[r]) for k, r in enumerate(rows)]
+        return [(sim[k], w[k], A[k], m[k], times[r]) for k, r in enumerate(rows)]
 
     def _hit_record(self, src: CacheVideos, hit: tuple, sim, w, A, valid, times) -> dict:
         """One hit as --json writes it: the video, its scores, its span and its frame curves."""

@@ -26,6 +26,7 @@ def main():
       varcmp-extract   videos -> feature cache (CLIP frames/patches/words, CLAP audio)
       varcmp-train     cache -> trained heads (checkpoints)
       varcmp-eval      cache + checkpoint -> R@K, MdR, MnR in both directions
+      varcmp-index     cache + checkpoint -> the stored video side that search, serve and eval read
       varcmp-search    cache + checkpoint + a text or audio query -> ranked videos and time spans
       varcmp-synth     a synthetic benchmark as a cache
     """

@@ -5,9 +5,10 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
-from varcmp.cli.demo import SETTINGS
+from varcmp.cli.demo import COMPARISONS, SETTINGS
 from varcmp.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,17 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
                 assert 0 <= d["r1"] <= d["r10"] <= 100 and d["mdr"] >= 1
                 assert d["interval"]["r1"][0] <= d["r1"] <= d["interval"]["r1"][1]  # shown in the table and chart
         assert rows[0]["checkpoint"] is None and all(Path(r["checkpoint"]).is_file() for r in rows[1:])
+    for task, rows in results["tasks"].items():  # the ablation differences, as varcmp-eval --compare has them
+        r1 = {r["setting"]: r["metrics"] for r in rows}
+        diffs = results["comparisons"][task]
+        assert [(d["a"], d["b"]) for d in diffs] == COMPARISONS
+        for d in diffs:
+            for key, m in r1[d["a"]].items():
+                assert d[key]["difference"] == pytest.approx(m["r1"] - r1[d["b"]][key]["r1"])
+                lo, hi = d[key]["interval"]
+                assert lo <= d[key]["difference"] <= hi and d[key]["holds"] == (lo > 0 or hi < 0)
+    assert res.output.count("which differences hold") == 2
+    assert len(re.findall(r"│ all three - zero-shot +│", res.output)) == 2
     for label, *_ in SETTINGS:  # every row of both tables is printed
         assert len(re.findall(rf"│ {re.escape(label)} +│", res.output)) == 2, label
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

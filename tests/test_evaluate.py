@@ -17,7 +17,7 @@ from varcmp.model import checkpoint
 from varcmp.cache.writer import CacheWriter
 from varcmp.cache_schema import VideoEntry, VideoFeatures
 from varcmp.cache.reader import open_cache
-from varcmp.evaluate import DEFAULT_METRICS, main, zero_shot_model
+from varcmp.evaluate import DEFAULT_METRICS, evaluate_split, main, zero_shot_model
 from varcmp.retrieval.metrics import METRICS, bootstrap_intervals, paired_difference, roc_auc, format_metric, metric_label, postprocess, query_to_video_ranks, retrieval_metrics, summarize, video_to_query_ranks
 from varcmp.retrieval.pairs import load_eval_data
 from varcmp.model import QUERIES, ModelConfig, VarCMP
@@ -574,3 +574,29 @@ def test_cli_reports_the_video_level_auc(cache, ckpt, tmp_path):
     assert a == {"video_auc": pytest.approx(roc_auc(v.video_score.numpy(), labels)), "anomalous": int(labels.sum()),
                  "normal": int((labels == 0).sum()), "predicted_anomalous": int(v.anomalous.sum())}
     assert 0 < a["normal"] and 0 < a["anomalous"] and f"video-level AUC {a['video_auc']:.3f}" in r.output
+
+
+def test_cli_compare_with_zero_shot(cache, ckpt, tmp_path):
+    out = tmp_path / "z.json"
+    r = run(cache, "--checkpoint", ckpt, "--metrics", "r1,mnr", "--json", out, "--compare-zero-shot")
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    zs = evaluate_split(cache, zero_shot=True, query="text", metrics="r1,mnr", keep_ranks=True)
+    mine = evaluate_split(cache, checkpoint=ckpt, metrics="r1,mnr", keep_ranks=True)
+    assert res["compare"]["zero_shot"] and res["compare"]["levels"] == list(zs["levels"])
+    for key in ("t2v", "v2t"):
+        # the ranks kept are the ones the metrics summarise
+        assert summarize(mine["ranks"][key], ("r1", "mnr")) == {m: mine["metrics"][key][m] for m in ("r1", "mnr")}
+        want = paired_difference(mine["ranks"][key], zs["ranks"][key], ("r1", "mnr"))
+        for m in ("r1", "mnr"):
+            d = res["compare"]["metrics"][key][m]
+            assert d["difference"] == pytest.approx(mine["metrics"][key][m] - zs["metrics"][key][m])
+            assert {**d, "holds": None} == {**want[m], "holds": None}
+            assert d["holds"] == (d["interval"][0] > 0 or d["interval"][1] < 0)
+    assert "zero-shot" in r.output and "paired-bootstrap" in r.output
+    # zero-shot against itself: exactly no difference
+    same = evaluate_split(cache, zero_shot=True, query="text", metrics="r1", compare_zero_shot=True)
+    assert all(d["r1"] == {"difference": 0.0, "interval": [0.0, 0.0], "holds": False}
+               for d in same["compare"]["metrics"].values())
+    one_line_error(run(cache, "--checkpoint", ckpt, "--compare", ckpt, "--compare-zero-shot"), "--compare-zero-shot")
+    one_line_error(run(cache, "--checkpoint", ckpt, "--bootstrap", 0, "--compare-zero-shot"), "--compare-zero-shot")

@@ -140,6 +140,23 @@ def test_curves_draw_the_history():
     plt.close(fig)
 
 
+def test_mil_loss_weight_balances_the_training_videos(planted):
+    from rich.console import Console
+
+    plan = TD.plan_data(open_cache(planted).split("train"), "text", 0.1, 0)
+    labels = plan.labels[plan.train_rows]
+    normal, anomalous = int((labels == 0).sum()), int((labels == 1).sum())
+    assert 0 < normal < anomalous  # the planted split is mostly anomalous
+    console = Console(record=True, width=200)
+    weight = T._pos_weight(T.TrainOptions(), plan, console)
+    assert weight == normal / anomalous and f"n_normal / n_anomalous = {normal} / {anomalous}" in console.export_text()
+    assert T._pos_weight(T.TrainOptions(balance_anomaly=False), plan, console) is None  # the paper's loss
+    learner = TL.init_learner(T.TrainOptions(**SMALL).model_config(open_cache(planted).spec), T.TrainOptions(),
+                              TL.resolve_compute(T.Runtime(device="cpu"), None))
+    TL.make_step(learner, None, {}, None, weight)
+    assert learner.step.pos_weight == weight  # what every step's VarCMP.loss receives
+
+
 def test_text_training_lowers_the_loss_and_runs_are_repeatable(planted, tmp_path):
     opts = T.TrainOptions(epochs=3, lr=1e-3, val_fraction=0.25, **SMALL)
     a = T.train(planted, tmp_path / "a", opts, quiet=True)

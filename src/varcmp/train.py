@@ -76,6 +76,7 @@ from .cli.options import cli_options, settings_of
 from .cli.progress import progress_bar
 from .errors import VarcmpError, first_line
 from .model import VarCMP
+from .model.losses import balance_weight
 from .model.queries import query_kind
 from .training import TrainError
 from .training.data import plan_data
@@ -143,7 +144,7 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
     elif data.val is not None:
         history.append(_validate_untrained(learner, data, opts.query, console))
     make_step(learner, dist, {"start": start, "plan": plan.digest(), "cache": files.fingerprint,
-                              "resumed": state is not None}, out)
+                              "resumed": state is not None}, out, _pos_weight(opts, plan, console))
 
     # ---- the epochs: each trained, then (process 0) validated and committed
     with progress_bar(console, not quiet, transient=False,
@@ -192,6 +193,19 @@ def _model_config(opts: TrainOptions, cache):
         return opts.model_config(cache.spec)
     except ValueError as e:  # e.g. --top-patches above the cache's patches per frame
         raise TrainError(f"{cache.path}: {e}") from None
+
+
+def _pos_weight(opts: TrainOptions, plan, console) -> float | None:
+    """The anomalous videos' weight in the MIL loss: n_normal / n_anomalous of the training videos
+    (--balance-anomaly, the default), None for the paper's unweighted loss."""
+    if not opts.balance_anomaly:
+        return None
+    labels = plan.labels[plan.train_rows]
+    weight = balance_weight(labels)
+    console.print(f"[dim]MIL loss: anomalous videos weighted {weight:.3g} (n_normal / n_anomalous = "
+                  f"{int((labels == 0).sum())} / {int((labels > 0).sum())} training videos; --no-balance-anomaly: "
+                  "unweighted)", highlight=False, soft_wrap=True)
+    return weight
 
 
 def _validate_untrained(learner, data, query: str, console) -> dict:

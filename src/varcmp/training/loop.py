@@ -150,10 +150,11 @@ def init_learner(cfg, opts, compute: Compute) -> Learner:
     return Learner(model, optimizer, torch.amp.GradScaler(compute.device.type, enabled=compute.use_scaler), compute)
 
 
-def make_step(learner: Learner, dist: DistInfo | None, facts: dict, out) -> None:
-    """Give `learner` its training step; under torchrun, once every process is seen to start from the
-    same `facts` (epoch, data plan, cache), wrapped in DistributedDataParallel."""
-    learner.step = TrainStep(learner.model, dist)
+def make_step(learner: Learner, dist: DistInfo | None, facts: dict, out, pos_weight: float | None = None) -> None:
+    """Give `learner` its training step (`pos_weight`: the anomalous videos' weight in the MIL loss);
+    under torchrun, once every process is seen to start from the same `facts` (epoch, data plan,
+    cache), wrapped in DistributedDataParallel."""
+    learner.step = TrainStep(learner.model, dist, pos_weight)
     if dist is not None:
         same_start(facts, out)
         learner.step = wrap_ddp(learner.step, dist)

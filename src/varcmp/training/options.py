@@ -28,6 +28,10 @@ class TrainOptions:
                               "over all B, as in one process.")
     lr: float = setting(1e-4, "AdamW learning rate (constant).")
     weight_decay: float = setting(0.01, "AdamW weight decay.")
+    balance_anomaly: bool = setting(True, "MIL loss: weight the anomalous training videos by n_normal / "
+                                    "n_anomalous of the training split, so that a mostly anomalous split does not "
+                                    "teach the anomaly head to flag every video (--no-balance-anomaly: the "
+                                    "paper's unweighted loss).")
     tau: float = model_setting("tau")
     top_patches: int = model_setting("top_patches")
     logit_scale: float = model_setting("logit_scale")

@@ -20,10 +20,12 @@ import click
 import numpy as np
 import torch
 
+from .cache.reader import read_rows
 from .cli.common import OneLineErrors, OutputFile
 from .errors import UserError
 from .model import VarCMP
 from .model.queries import AUDIO, QUERY_KINDS, check_segments
+from .retrieval.frame_labels import annotation_frame_labels, frame_auc, read_temporal_annotations
 from .retrieval.metrics import (LEVEL, METRICS, POST, POST_LABEL, RESAMPLES, SINKHORN_ITERS, bootstrap_intervals,
                                 format_metric, metric_label, paired_comparison, parse_metrics, postprocess,
                                 query_to_video_ranks, roc_auc, summarize, video_to_query_ranks)
@@ -85,12 +87,14 @@ def evaluate_split(cache, checkpoint=None, split: str = "test", query: str | Non
                    zero_shot: bool = False, levels=None, anomaly_weighting: bool | None = None,
                    chunk: int | None = None, device: str = "auto", post: str | None = None,
                    bootstrap: int = RESAMPLES, seed: int = 0, compare=None, compare_zero_shot: bool = False,
-                   keep_ranks: bool = False) -> dict:
+                   keep_ranks: bool = False, temporal_annotations=None) -> dict:
     """Everything `varcmp-eval` reports, as a JSON-ready dict: each metric with its 95 % bootstrap
     interval over `bootstrap` resamples (seeded by `seed`; 0: none) and, with `compare` (a second
     checkpoint) or `compare_zero_shot`, each metric's difference to it on the same queries with its
     paired-bootstrap interval. `keep_ranks`: also the rank of every query and video ("ranks", per
     direction), to compare with other results later (`retrieval.metrics.paired_comparison`).
+    The anomaly head's frame-level AUC uses the split's stored frame labels, or those of
+    `temporal_annotations` (UCF-Crime's temporal annotation file; `retrieval.frame_labels`).
     Raises UserError, CacheError or CheckpointError (one-line messages) for what cannot be
     evaluated."""
     from .cache.reader import open_cache
@@ -98,14 +102,15 @@ def evaluate_split(cache, checkpoint=None, split: str = "test", query: str | Non
     c = open_cache(cache)
     try:
         return _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, anomaly_weighting,
-                               chunk, device, post, bootstrap, seed, compare, compare_zero_shot, keep_ranks)
+                               chunk, device, post, bootstrap, seed, compare, compare_zero_shot, keep_ranks,
+                               temporal_annotations)
     finally:
         c.close()
 
 
 def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, anomaly_weighting, chunk, device,
                     post, bootstrap=RESAMPLES, seed=0, compare=None, compare_zero_shot=False,
-                    keep_ranks=False) -> dict:
+                    keep_ranks=False, temporal_annotations=None) -> dict:
     """evaluate_split on an open cache: check the request, rank both directions, summarise (and
     compare)."""
     metrics = parse_metrics(metrics)
@@ -118,10 +123,12 @@ def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, ano
     if comparing and not bootstrap:
         raise UserError(f"{'--compare' if compare is not None else '--compare-zero-shot'} needs the bootstrap: "
                         "drop --bootstrap 0")
+    spans = None if temporal_annotations is None else read_temporal_annotations(temporal_annotations)
     dev = pick_device(device)
     chunk = chunk or default_chunk(dev)
     sp = c.split(split)
     run = _ranked(c, sp, checkpoint, query, levels, anomaly_weighting, post, dev, chunk)
+    frame_labels = _frame_labels(sp, run.data.videos, spans, temporal_annotations)
     kind = run.model.kind
     result = {**_settings(c, split, kind.name, run.ckpt, zero_shot, run.levels, run.weighting, post),
               "metrics": {key: {"direction": label, "ranked": int(len(r)), **summarize(r, metrics)}
@@ -130,7 +137,7 @@ def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, ano
               "bootstrap": {"resamples": bootstrap, "seed": seed, "level": LEVEL,
                             "units": f"{kind.name} queries ({kind.metric_keys[0]}), videos ({kind.metric_keys[1]})"},
               "counts": _counts(run.data, run.v),
-              "anomaly": _anomaly(run.data, run.v),
+              "anomaly": _anomaly(run.data, run.v, *frame_labels),
               "dropped": list(run.data.dropped),
               "chunk": chunk,
               "device": str(dev)}
@@ -246,12 +253,26 @@ def _counts(data, v) -> dict:
             "predicted_anomalous": int(v.anomalous.sum())}
 
 
-def _anomaly(data, v) -> dict:
+def _frame_labels(sp, videos, spans, annotations) -> tuple[np.ndarray | None, str | None]:
+    """(per-frame labels of `videos` or None, where they come from): the temporal annotation file
+    when one is given, else the split's stored labels, else none."""
+    if spans is not None:
+        fps = read_rows(sp.array("videos/fps"), videos.index)
+        return annotation_frame_labels(spans, videos.paths, videos.frame_time, fps), str(annotations)
+    if sp.has_frame_labels:
+        return sp.frame_labels(videos.index), "cache"
+    return None, None
+
+
+def _anomaly(data, v, frame_labels=None, source=None) -> dict:
     """How the anomaly head separates the split's videos by their labels (video-level ROC AUC of
-    the MIL video score; None when the split holds one class only)."""
+    the MIL video score; None when the split holds one class only) and, where frame labels exist,
+    its frames (frame-level ROC AUC of the frame scores A over the labelled valid frames)."""
     labels = np.asarray(data.videos.labels) > 0
+    frames = frame_auc(v.anomaly.float().cpu().numpy(), data.videos.frame_mask, frame_labels)
     return {"video_auc": roc_auc(v.video_score.float().cpu().numpy(), labels), "anomalous": int(labels.sum()),
-            "normal": int((~labels).sum()), "predicted_anomalous": int(v.anomalous.sum())}
+            "normal": int((~labels).sum()), "predicted_anomalous": int(v.anomalous.sum()),
+            "frame_auc": frames.pop("auc"), "frame_labels": {"source": source, **frames}}
 
 
 def print_report(r: dict, console) -> None:
@@ -271,6 +292,13 @@ def print_report(r: dict, console) -> None:
     if a["video_auc"] is not None:
         say(f"anomaly head: video-level AUC {a['video_auc']:.3f} on {a['anomalous']} anomalous and {a['normal']} normal "
             f"videos (labels from the paths); {a['predicted_anomalous']} predicted anomalous")
+    fl = a["frame_labels"]
+    if a["frame_auc"] is not None:
+        say(f"anomaly head: frame-level AUC {a['frame_auc']:.3f} over {fl['frames']} sampled frames of {fl['videos']} "
+            f"videos (frame labels from {'the cache' if fl['source'] == 'cache' else fl['source']})")
+    elif fl["source"] is not None:
+        say(f"anomaly head: no frame-level AUC: {fl['frames']} labelled frames of {fl['videos']} videos "
+            f"(from {fl['source']}) hold one class only")
     if n["videos_without_query"]:
         say(f"{n['videos_without_query']} videos have no {r['query']} query: kept in the gallery as distractors")
     if n["videos_with_several_queries"]:
@@ -386,6 +414,10 @@ def _main(**kw):
                    "the same queries, with its paired-bootstrap interval.")
 @click.option("--compare-zero-shot", is_flag=True,
               help="As --compare, against the zero-shot model (untrained heads: the frozen-CLIP baseline).")
+@click.option("--temporal-annotations", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              metavar="FILE", help="UCF-Crime's Temporal_Anomaly_Annotation.txt (name class start1 end1 start2 end2, "
+              "frames, -1 for none): frame labels for the anomaly head's frame-level AUC, matched to the videos by "
+              "file name [default: the labels stored in the cache, if any (varcmp-synth stores them)].")
 @click.option("--post", type=click.Choice(list(POST)), default=None,
               help="Opt-in post-processing, labelled in the output: dsl = dual softmax (CAMoE): sim * "
                    "softmax(logit_scale * sim) over the other axis; sinkhorn = "

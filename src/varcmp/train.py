@@ -156,7 +156,7 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
             if not main_rank:
                 history.append(rec)
             else:
-                metrics = validate_epoch(learner, data.val, rec) if data.val is not None else None
+                metrics = validate_epoch(learner, data.val, rec, data.probe) if data.val is not None else None
                 rec["best"], best = pick_best(best, epoch, metrics)
                 history.append(rec)
                 files.commit(epoch, learner.state(), learner.model, metrics, rec["best"], history, best)
@@ -164,6 +164,8 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
                                        highlight=False)
             if dist is not None:
                 barrier(dist)  # process 0 validates and writes
+    if main_rank:
+        files.close()
     return RunSummary(out, history, best["epoch"], opts.query, data.seconds, data.memory,
                       int(state["epoch"]) if state is not None else 0, plan.notes, learner.model.eval(), world)
 
@@ -211,7 +213,7 @@ def _pos_weight(opts: TrainOptions, plan, console) -> float | None:
 def _validate_untrained(learner, data, query: str, console) -> dict:
     """Epoch 0 of the history: the untrained model's validation metrics (for reference; never the best)."""
     rec = {"epoch": 0}
-    m = validate_epoch(learner, data.val, rec)
+    m = validate_epoch(learner, data.val, rec, data.probe)
     q, v = query_kind(query).metric_keys
     console.print(f"epoch 0 (untrained): val R@1 {q} {m['q2v']['r1']:.1f} {v} {m['v2q']['r1']:.1f}", highlight=False)
     return rec
@@ -224,12 +226,14 @@ def report(summary: RunSummary, console) -> None:
     from rich.table import Table
 
     q, v = query_kind(summary.query).metric_keys
-    t = Table(title=lit(f"varcmp-train: {summary.out} (R@1 on the validation subset, %)"))
-    for col in ("epoch", "loss", "bce", f"{q} R@1", f"{v} R@1", "mean", "time", "best"):
+    t = Table(title=lit(f"varcmp-train: {summary.out} (R@1 on the validation subset, %; train mean: the mean "
+                        "R@1 on as many training videos, the memorisation gap's other side)"))
+    for col in ("epoch", "loss", "bce", f"{q} R@1", f"{v} R@1", "mean", "train mean", "time", "best"):
         t.add_column(col, justify="right", no_wrap=True)
     for rec in summary.history:
         m = rec.get("val")
         r1 = (f"{m['q2v']['r1']:.1f}", f"{m['v2q']['r1']:.1f}", f"{rec['val_r1']:.1f}") if m else ("-", "-", "-")
+        r1 += (f"{rec['train_r1']:.1f}" if "train_r1" in rec else "-",)
         secs = rec.get("seconds", 0.0) + rec.get("val_seconds", 0.0)
         t.add_row("0 (init)" if rec["epoch"] == 0 else str(rec["epoch"]),
                   f"{rec['loss']:.4f}" if "loss" in rec else "-", f"{rec['bce']:.4f}" if "bce" in rec else "-",

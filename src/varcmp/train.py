@@ -35,9 +35,10 @@ Decisions (the paper gives the loss, AdamW, lr 1e-4, batch 8, 15 epochs, M = 4; 
 - Run directory: best.safetensors / last.safetensors (+ .json copies of their metadata), written
   atomically by `checkpoint.save`; last.state.pt (weights, optimiser, GradScaler, RNG states,
   history; plain tensors and Python values only, read back with torch.load(weights_only=True),
-  so loading never executes code); history.json, and curves.png (the loss and the validation R@1
-  by epoch, drawn from it). A non-finite loss stops the run at once: nothing of that epoch is
-  written.
+  so loading never executes code); history.json, and curves.png (the loss, the validation R@1 and
+  the R@1 of as many training videos by epoch, drawn from it), and with `tensorboard` installed the
+  same scalars as event files in tensorboard/ (a resumed run purges and re-logs from its state's
+  epoch). A non-finite loss stops the run at once: nothing of that epoch is written.
 - Faults. Every file is written to a temp file, fsynced and renamed (`checkpoint.atomic_write`):
   a `kill -9`, a crash or a full disk leaves the old file or the new one, never a partial one.
   Each epoch writes last.state.pt FIRST: it commits the epoch; best/last/history follow, and

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from varcmp.cli.demo import COMPARISONS, SETTINGS
 from varcmp.cli.main import main
+from varcmp.evaluate import evaluate_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +38,14 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
                 assert d[key]["difference"] == pytest.approx(m["r1"] - r1[d["b"]][key]["r1"])
                 lo, hi = d[key]["interval"]
                 assert lo <= d[key]["difference"] <= hi and d[key]["holds"] == (lo > 0 or hi < 0)
+    # the same numbers as varcmp-eval --compare (and --compare-zero-shot) on those runs
+    runs = out / "runs" / "text"
+    for a, b, kw in (("all three", "coarse", {"compare": runs / "coarse"}),
+                     ("coarse", "zero-shot", {"compare_zero_shot": True})):
+        d = next(d for d in results["comparisons"]["text"] if (d["a"], d["b"]) == (a, b))
+        ckpt = runs / ("coarse-fine-finer" if a == "all three" else "coarse")
+        cmp = evaluate_split(out / "synthetic.zarr", checkpoint=ckpt, metrics="r1", **kw)["compare"]["metrics"]
+        assert all(cmp[key]["r1"] == d[key] for key in ("t2v", "v2t"))
     assert res.output.count("which differences hold") == 2
     assert len(re.findall(r"│ all three - zero-shot +│", res.output)) == 2
     for label, *_ in SETTINGS:  # every row of both tables is printed

@@ -51,7 +51,7 @@ def curves_figure(history: list[dict], keys: tuple[str, str], best_epoch: int | 
     if best_epoch:
         val_ax.axvline(best_epoch, color="grey", lw=0.8, ls=":", label=f"best (epoch {best_epoch})")
     val_ax.set(title="validation R@1 (%; epoch 0: untrained)" if not fit else
-               "R@1 (%): validation, and as many training videos (pale)", xlabel="epoch", ylim=(-2, 102))
+               "R@1 (%): validation; a training subset (pale)", xlabel="epoch", ylim=(-2, 102))
     if scored:
         val_ax.legend(fontsize="small")
     else:

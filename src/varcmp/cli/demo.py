@@ -131,21 +131,19 @@ def print_tables(results: dict, console) -> None:
 
 def differences_table(diffs: list[dict], keys: tuple[str, str]):
     """The ablation differences of one task: R@1 of A minus R@1 of B in each direction, with the
-    95 % paired-bootstrap interval, and whether the difference holds (the interval excludes 0)."""
+    95 % paired-bootstrap interval, and * where the difference holds (the interval excludes 0)."""
     from rich.table import Table
 
-    t = Table(title="which differences hold: R@1 of A minus R@1 of B on the same test queries (videos), "
-                    "95 % paired-bootstrap interval; holds = the interval excludes 0")
+    t = Table(title="which differences hold: R@1 of A minus R@1 of B, same test queries (videos), "
+                    "[95 % paired-bootstrap interval]; * holds: the interval excludes 0")
     t.add_column("A - B", no_wrap=True)
     for key in keys:
-        t.add_column(f"{key} R@1 diff. (interval)", justify="right", no_wrap=True)
-        t.add_column("holds", justify="center")
+        t.add_column(f"{key} R@1", justify="right", no_wrap=True)
     for d in diffs:
         cells = []
         for key in keys:
-            lo, hi = d[key]["interval"]
-            cells += [f"{d[key]['difference']:+.1f} ({lo:+.1f} to {hi:+.1f})",
-                      "[green]yes[/green]" if d[key]["holds"] else "no"]
+            lo, hi = (x + 0.0 for x in d[key]["interval"])  # + 0.0: no "-0.0"
+            cells.append(f"{d[key]['difference'] + 0.0:+.1f} [{lo:+.1f}, {hi:+.1f}] {'*' if d[key]['holds'] else ' '}")
         t.add_row(f"{d['a']} - {d['b']}", *cells)
     return t
 

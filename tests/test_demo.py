@@ -5,10 +5,12 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
-from varcmp.cli.demo import SETTINGS
+from varcmp.cli.demo import COMPARISONS, SETTINGS
 from varcmp.cli.main import main
+from varcmp.evaluate import evaluate_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,6 +29,25 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
                 assert 0 <= d["r1"] <= d["r10"] <= 100 and d["mdr"] >= 1
                 assert d["interval"]["r1"][0] <= d["r1"] <= d["interval"]["r1"][1]  # shown in the table and chart
         assert rows[0]["checkpoint"] is None and all(Path(r["checkpoint"]).is_file() for r in rows[1:])
+    for task, rows in results["tasks"].items():  # the ablation differences, as varcmp-eval --compare has them
+        r1 = {r["setting"]: r["metrics"] for r in rows}
+        diffs = results["comparisons"][task]
+        assert [(d["a"], d["b"]) for d in diffs] == COMPARISONS
+        for d in diffs:
+            for key, m in r1[d["a"]].items():
+                assert d[key]["difference"] == pytest.approx(m["r1"] - r1[d["b"]][key]["r1"])
+                lo, hi = d[key]["interval"]
+                assert lo <= d[key]["difference"] <= hi and d[key]["holds"] == (lo > 0 or hi < 0)
+    # the same numbers as varcmp-eval --compare (and --compare-zero-shot) on those runs
+    runs = out / "runs" / "text"
+    for a, b, kw in (("all three", "coarse", {"compare": runs / "coarse"}),
+                     ("coarse", "zero-shot", {"compare_zero_shot": True})):
+        d = next(d for d in results["comparisons"]["text"] if (d["a"], d["b"]) == (a, b))
+        ckpt = runs / ("coarse-fine-finer" if a == "all three" else "coarse")
+        cmp = evaluate_split(out / "synthetic.zarr", checkpoint=ckpt, metrics="r1", **kw)["compare"]["metrics"]
+        assert all(cmp[key]["r1"] == d[key] for key in ("t2v", "v2t"))
+    assert res.output.count("which differences hold") == 2
+    assert len(re.findall(r"│ all three - zero-shot +│", res.output)) == 2
     for label, *_ in SETTINGS:  # every row of both tables is printed
         assert len(re.findall(rf"│ {re.escape(label)} +│", res.output)) == 2, label
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,8 +17,9 @@ from varcmp.model import checkpoint
 from varcmp.cache.writer import CacheWriter
 from varcmp.cache_schema import VideoEntry, VideoFeatures
 from varcmp.cache.reader import open_cache
-from varcmp.evaluate import DEFAULT_METRICS, main, zero_shot_model
+from varcmp.evaluate import DEFAULT_METRICS, evaluate_split, main, zero_shot_model
 from varcmp.retrieval.metrics import METRICS, bootstrap_intervals, paired_difference, roc_auc, format_metric, metric_label, postprocess, query_to_video_ranks, retrieval_metrics, summarize, video_to_query_ranks
+from varcmp.retrieval.frame_labels import annotation_frame_labels, frame_auc, read_temporal_annotations
 from varcmp.retrieval.pairs import load_eval_data
 from varcmp.model import QUERIES, ModelConfig, VarCMP
 from varcmp.model.queries import AUDIO, QUERY_KINDS, TEXT, query_kind
@@ -572,5 +573,95 @@ def test_cli_reports_the_video_level_auc(cache, ckpt, tmp_path):
     v = encode_videos(model, data.videos, "cpu")
     labels = np.asarray(data.videos.labels)
     assert a == {"video_auc": pytest.approx(roc_auc(v.video_score.numpy(), labels)), "anomalous": int(labels.sum()),
-                 "normal": int((labels == 0).sum()), "predicted_anomalous": int(v.anomalous.sum())}
+                 "normal": int((labels == 0).sum()), "predicted_anomalous": int(v.anomalous.sum()),
+                 "frame_auc": None, "frame_labels": {"source": None, "videos": 0, "frames": 0}}  # none stored
     assert 0 < a["normal"] and 0 < a["anomalous"] and f"video-level AUC {a['video_auc']:.3f}" in r.output
+
+
+def test_cli_compare_with_zero_shot(cache, ckpt, tmp_path):
+    out = tmp_path / "z.json"
+    r = run(cache, "--checkpoint", ckpt, "--metrics", "r1,mnr", "--json", out, "--compare-zero-shot")
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    zs = evaluate_split(cache, zero_shot=True, query="text", metrics="r1,mnr", keep_ranks=True)
+    mine = evaluate_split(cache, checkpoint=ckpt, metrics="r1,mnr", keep_ranks=True)
+    assert res["compare"]["zero_shot"] and res["compare"]["levels"] == list(zs["levels"])
+    for key in ("t2v", "v2t"):
+        # the ranks kept are the ones the metrics summarise
+        assert summarize(mine["ranks"][key], ("r1", "mnr")) == {m: mine["metrics"][key][m] for m in ("r1", "mnr")}
+        want = paired_difference(mine["ranks"][key], zs["ranks"][key], ("r1", "mnr"))
+        for m in ("r1", "mnr"):
+            d = res["compare"]["metrics"][key][m]
+            assert d["difference"] == pytest.approx(mine["metrics"][key][m] - zs["metrics"][key][m])
+            assert {**d, "holds": None} == {**want[m], "holds": None}
+            assert d["holds"] == (d["interval"][0] > 0 or d["interval"][1] < 0)
+    assert "zero-shot" in r.output and "paired-bootstrap" in r.output
+    # zero-shot against itself: exactly no difference
+    same = evaluate_split(cache, zero_shot=True, query="text", metrics="r1", compare_zero_shot=True)
+    assert all(d["r1"] == {"difference": 0.0, "interval": [0.0, 0.0], "holds": False}
+               for d in same["compare"]["metrics"].values())
+    one_line_error(run(cache, "--checkpoint", ckpt, "--compare", ckpt, "--compare-zero-shot"), "--compare-zero-shot")
+    one_line_error(run(cache, "--checkpoint", ckpt, "--bootstrap", 0, "--compare-zero-shot"), "--compare-zero-shot")
+
+
+# ----------------------------------------------------------------------------- frame-level AUC
+
+def test_frame_auc_by_hand():
+    scores = np.array([[0.9, 0.2, 0.7, 0.3], [0.4, 0.3, 0.1, 0.6]])
+    mask = np.array([[True, True, True, False], [True, True, True, True]])
+    labels = np.array([[1, 0, -1, 1], [0, 1, 0, -1]])  # -1: unknown; (0, 3) is padding
+    # known valid frames: positives 0.9, 0.3; negatives 0.2, 0.4, 0.1: 0.9 beats all three, 0.3 two of them
+    assert frame_auc(scores, mask, labels) == {"auc": pytest.approx(5 / 6), "videos": 2, "frames": 5}
+    assert frame_auc(scores, mask, None) == {"auc": None, "videos": 0, "frames": 0}
+    assert frame_auc(scores, mask, np.full((2, 4), -1))["auc"] is None
+
+
+def test_temporal_annotations_become_labels_of_the_sampled_frames(tmp_path):
+    f = tmp_path / "Temporal_Anomaly_Annotation.txt"
+    f.write_text("Abuse028_x264.mp4  Abuse  165  240  -1  -1\n\nArrest001_x264.mp4  Arrest  10  20  100  130\n"
+                 "Normal_Videos_003_x264.mp4  Normal  -1  -1  -1  -1\n")
+    spans = read_temporal_annotations(f)
+    assert spans == {"Abuse028_x264.mp4": [(165, 240)], "Arrest001_x264.mp4": [(10, 20), (100, 130)],
+                     "Normal_Videos_003_x264.mp4": []}
+    paths = ["Abuse/Abuse028_x264.mp4", "Arrest/Arrest001_x264.mp4", "Normal_Videos_event/Normal_Videos_003_x264.mp4",
+             "Burglary/Burglary005_x264.mp4"]
+    t = np.array([[5.0, 6.6, 8.0, 9.0]] * 2 + [[1.0, 2.0, 3.0, 4.0]] * 2)
+    fps = np.array([30.0, 10.0, 30.0, 30.0])
+    # frame numbers floor(t x fps): 150, 198, 240, 270 | 50, 66, 80, 90 | 30, 60, 90, 120 | not listed
+    np.testing.assert_array_equal(annotation_frame_labels(spans, paths, t, fps),
+                                  [[0, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0], [-1, -1, -1, -1]])
+    t[1] = [1.5, 2.0, 10.0, 13.0]  # frames 15, 20, 100, 130: ends included
+    np.testing.assert_array_equal(annotation_frame_labels(spans, paths, t, fps)[1], [1, 1, 1, 1])
+    for bad, why in (("a.mp4 Abuse 1 2 -1\n", "5 fields"), ("a.mp4 Abuse 1 x -1 -1\n", "integer"),
+                     ("a.mp4 Abuse 9 2 -1 -1\n", "ends before it starts")):
+        f.write_text("ok.mp4 Normal -1 -1 -1 -1\n" + bad)
+        with pytest.raises(UserError, match=f"{f}: line 2: .*{why}"):
+            read_temporal_annotations(f)
+
+
+def test_cli_frame_auc_from_temporal_annotations(cache, ckpt, tmp_path):
+    f = tmp_path / "Temporal_Anomaly_Annotation.txt"  # the planted test videos are 10 s at 25 fps, 8 frames
+    f.write_text("test_0000.mp4 Abuse 46 109 200 210\ntest_0001.mp4 Normal -1 -1 -1 -1\n")
+    out = tmp_path / "f.json"
+    r = run(cache, "--checkpoint", ckpt, "--bootstrap", 0, "--json", out, "--temporal-annotations", f)
+    assert r.exit_code == 0, r.output
+    a = json.loads(out.read_text())["anomaly"]
+    data = load_eval_data(open_cache(cache).split("test"), "text")
+    assert list(data.videos.paths[:2]) == ["Abuse/test_0000.mp4", "Normal_Videos/test_0001.mp4"]
+    model, _ = checkpoint.load(ckpt)
+    A = encode_videos(model, data.videos, "cpu").anomaly.numpy()
+    # sampled frames at (i + 0.5) x 10 / 8 s: frame numbers 15, 46, 78, 109, 140, 171, 203, 234
+    want = np.array([0, 1, 1, 1, 0, 0, 1, 0], bool)
+    m0, m1 = data.videos.frame_mask[0], data.videos.frame_mask[1]
+    scores = np.concatenate([A[0][m0], A[1][m1]])
+    labels = np.concatenate([want[m0], np.zeros(m1.sum(), bool)])
+    assert a["frame_labels"] == {"source": str(f), "videos": 2, "frames": int(m0.sum() + m1.sum())}
+    assert a["frame_auc"] == pytest.approx(roc_auc(scores, labels))
+    assert f"frame-level AUC {a['frame_auc']:.3f} over {int(m0.sum() + m1.sum())} sampled frames of 2 videos" in r.output
+    # without the file: the planted cache stores no frame labels
+    r = run(cache, "--checkpoint", ckpt, "--bootstrap", 0, "--json", out)
+    assert json.loads(out.read_text())["anomaly"]["frame_labels"] == {"source": None, "videos": 0, "frames": 0}
+    assert "frame-level" not in r.output
+    f.write_text("test_0000.mp4 Abuse 46\n")
+    one_line_error(run(cache, "--checkpoint", ckpt, "--temporal-annotations", f), "line 1", str(f))
+    one_line_error(run(cache, "--checkpoint", ckpt, "--temporal-annotations", tmp_path / "none.txt"), "cannot read")

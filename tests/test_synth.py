@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -14,6 +15,7 @@ from varcmp.cache_schema import DONE, CacheError, text_arrays, video_arrays
 from varcmp.cache.reader import open_cache
 from varcmp.retrieval.pairs import load_eval_data
 from varcmp.retrieval.metrics import retrieval_metrics
+from varcmp.evaluate import main as eval_main
 from varcmp.evaluate import zero_shot_model
 from varcmp.retrieval.scoring import encode_queries, encode_videos, score_matrix
 from varcmp.synth.world import SynthParams, World, make_synthetic_cache
@@ -199,6 +201,29 @@ def test_audio_is_not_in_the_visual_space():
     rotated = w.sound["verb"] @ (w.text["verb"] @ w.rotation.T).T
     np.testing.assert_allclose(np.diag(rotated), 1.0, atol=1e-5)
     assert direct.max() < 0.5
+
+
+def test_frame_labels_are_the_planted_spans_and_eval_reports_their_auc(small_cache, tmp_path):
+    c = open_cache(small_cache)
+    w = World(SynthParams(videos=60, seed=0, test_share=0.5, **SMALL))
+    s = c.split("test")
+    assert s.has_frame_labels
+    labels = s.frame_labels(np.arange(s.num_videos))
+    by_path = {p.path: p for p in w.videos}
+    for path, row in zip(s.paths, labels):
+        span = by_path[path].span
+        want = np.zeros(8, np.int8)
+        if span:
+            want[span[0]:span[1]] = 1
+        np.testing.assert_array_equal(row, want)
+    assert labels.sum() > 0 and (labels == 0).sum() > 0
+    out = tmp_path / "e.json"
+    r = CliRunner().invoke(eval_main, [str(small_cache), "--zero-shot", "--bootstrap", "0", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    a = json.loads(out.read_text())["anomaly"]
+    assert a["frame_labels"] == {"source": "cache", "videos": 30, "frames": 240}
+    assert a["frame_auc"] == 0.5  # untrained head: A = 0.5 on every frame, all tied
+    assert "frame-level AUC 0.500 over 240 sampled frames of 30 videos (frame labels from the cache)" in r.output
 
 
 def test_zero_shot_model_is_above_chance_on_the_cache(small_cache):

@@ -113,6 +113,31 @@ def test_training_lowers_the_loss_and_raises_validation_r1(planted, tmp_path):
     hist = json.loads((tmp_path / "run" / "history.json").read_text())
     assert hist["best_epoch"] == s.best_epoch and len(hist["epochs"]) == 6
     assert png_size(tmp_path / "run" / "curves.png") == (1000, 360)
+    # the memorisation gap: as many training videos as validation videos, drawn by label, scored the same way
+    assert len(plan.probe_rows) == len(plan.val_rows) and set(plan.probe_rows) <= set(plan.train_rows)
+    share = plan.labels[plan.train_rows].mean() * len(plan.probe_rows)  # the training videos' share of each label
+    assert abs(plan.labels[plan.probe_rows].sum() - share) < 1
+    assert np.array_equal(plan.probe_rows, TD.plan_data(cache.split("train"), "audio", 0.25, 0).probe_rows)  # seeded
+    probe = TD.load_validation(cache.split("train"), plan, model.cfg, plan.probe_rows)
+    assert len(probe.query_video) == len(plan.probe_rows)
+    rec = h[s.best_epoch]
+    assert TP.validate(model, probe, torch.device("cpu")) == rec["train_subset"]
+    assert rec["train_r1"] == 0.5 * (rec["train_subset"]["q2v"]["r1"] + rec["train_subset"]["v2q"]["r1"])
+    assert all("train_subset" in r for r in h)  # the untrained epoch 0 too
+    # the same scalars as TensorBoard events
+    ev = events(tmp_path / "run")
+    assert ev["r1_validation/a2v"] == [(r["epoch"], pytest.approx(r["val"]["q2v"]["r1"])) for r in h]
+    assert ev["r1_training_subset/v2a"] == [(r["epoch"], pytest.approx(r["train_subset"]["v2q"]["r1"])) for r in h]
+    assert ev["loss/bce"] == [(r["epoch"], pytest.approx(r["bce"])) for r in h[1:]]
+
+
+def events(run) -> dict[str, list]:
+    """The scalars of a run's TensorBoard event files, as TensorBoard reads them: {tag: [(step, value)]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def png_size(path) -> tuple[int, int]:
@@ -127,17 +152,57 @@ def test_curves_draw_the_history():
     from varcmp.training.curves import curves_figure
 
     val = lambda a, b: {"q2v": {"r1": a}, "v2q": {"r1": b}}  # noqa: E731
-    history = [{"epoch": 0, "val": val(10.0, 12.0)},
-               {"epoch": 1, "loss": 3.0, "v2q": 1.0, "q2v": 1.5, "bce": 0.5, "val": val(20.0, 25.0)},
-               {"epoch": 2, "loss": 2.0, "v2q": 0.75, "q2v": 0.75, "bce": 0.5, "val": val(30.0, 28.0)}]
+    history = [{"epoch": 0, "val": val(10.0, 12.0), "train_subset": val(11.0, 13.0)},
+               {"epoch": 1, "loss": 3.0, "v2q": 1.0, "q2v": 1.5, "bce": 0.5, "val": val(20.0, 25.0),
+                "train_subset": val(40.0, 45.0)},
+               {"epoch": 2, "loss": 2.0, "v2q": 0.75, "q2v": 0.75, "bce": 0.5, "val": val(30.0, 28.0),
+                "train_subset": val(70.0, 66.0)}]
     fig = curves_figure(history, ("t2v", "v2t"), 2)
     loss_ax, val_ax = fig.axes
     lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ax in fig.axes for ln in ax.lines}
     assert lines["total"] == ([1, 2], [3.0, 2.0])
     assert lines["retrieval (InfoNCE)"] == ([1, 2], [2.5, 1.5]) and lines["anomaly (MIL BCE)"] == ([1, 2], [0.5, 0.5])
     assert lines["t2v R@1"] == ([0, 1, 2], [10.0, 20.0, 30.0]) and lines["v2t R@1"] == ([0, 1, 2], [12.0, 25.0, 28.0])
+    assert lines["t2v R@1, training subset"] == ([0, 1, 2], [11.0, 40.0, 70.0])
+    assert lines["v2t R@1, training subset"] == ([0, 1, 2], [13.0, 45.0, 66.0])
     assert "best (epoch 2)" in lines
     plt.close(fig)
+
+
+def test_mil_loss_weight_balances_the_training_videos(planted):
+    from rich.console import Console
+
+    plan = TD.plan_data(open_cache(planted).split("train"), "text", 0.1, 0)
+    labels = plan.labels[plan.train_rows]
+    normal, anomalous = int((labels == 0).sum()), int((labels == 1).sum())
+    assert 0 < normal < anomalous  # the planted split is mostly anomalous
+    console = Console(record=True, width=200)
+    weight = T._pos_weight(T.TrainOptions(), plan, console)
+    assert weight == normal / anomalous and f"n_normal / n_anomalous = {normal} / {anomalous}" in console.export_text()
+    assert T._pos_weight(T.TrainOptions(balance_anomaly=False), plan, console) is None  # the paper's loss
+    learner = TL.init_learner(T.TrainOptions(**SMALL).model_config(open_cache(planted).spec), T.TrainOptions(),
+                              TL.resolve_compute(T.Runtime(device="cpu"), None))
+    TL.make_step(learner, None, {}, None, weight)
+    assert learner.step.pos_weight == weight  # what every step's VarCMP.loss receives
+
+
+def test_events_only_with_tensorboard_and_replaced_with_the_run(tmp_path, monkeypatch):
+    import varcmp.training.curves as C
+    from varcmp.training.rundir import prepare_out
+
+    rec = {"epoch": 1, "loss": 1.0, "val": {"q2v": {"r1": 5.0}, "v2q": {"r1": 6.0}}}
+    assert C.scalars(rec, ("t2v", "v2t")) == {"loss/loss": 1.0, "r1_validation/t2v": 5.0, "r1_validation/v2t": 6.0}
+    log = C.EventLog(tmp_path, ("t2v", "v2t"))
+    log.log([rec])
+    log.close()
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    prepare_out(tmp_path, ["history.json"])  # --overwrite: the replaced run's events go with it
+    assert not list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    monkeypatch.setattr(C, "tensorboard_available", lambda: False)  # the optional package not installed
+    log = C.EventLog(tmp_path / "b", ("t2v", "v2t"))
+    log.log([rec])
+    log.close()
+    assert not (tmp_path / "b").exists()
 
 
 def test_text_training_lowers_the_loss_and_runs_are_repeatable(planted, tmp_path):
@@ -168,8 +233,9 @@ def test_resume_equals_an_uninterrupted_run(planted, tmp_path):
     part = json.loads((tmp_path / "part" / "history.json").read_text())
     assert [r["epoch"] for r in part["epochs"]] == [0, 1, 2, 3, 4]
     assert part["epochs"][:3] == first  # epochs 1-2 kept, not trained again
-    for key in ("loss", "val"):
+    for key in ("loss", "val", "train_subset"):
         assert [r.get(key) for r in part["epochs"]] == [r.get(key) for r in full["epochs"]]
+    assert events(tmp_path / "part") == events(tmp_path / "full")  # each epoch once, across the two processes
     for name in ("last.safetensors", "best.safetensors"):
         wf, wp = weights(tmp_path / "full" / name), weights(tmp_path / "part" / name)
         assert wf.keys() == wp.keys()
@@ -331,8 +397,8 @@ def test_non_finite_loss_stops_with_a_message(planted, tmp_path, monkeypatch):
         seen["epoch"] = epoch
         return batches(plan, epoch, seed, bs)
 
-    def poisoned(self, v, q, labels=None):
-        out = loss(self, v, q, labels)
+    def poisoned(self, v, q, labels=None, pos_weight=None):
+        out = loss(self, v, q, labels, pos_weight)
         if seen["epoch"] == 2:
             out["loss"] = out["loss"] * float("nan")
         return out

@@ -21,6 +21,8 @@ the same layout::
     /<split>/videos/audio_feat f2   [V, Na, Ca]    CLAP window embeddings   (audio caches)
     /<split>/videos/audio_mask bool [V, Na]                                 (audio caches)
     /<split>/videos/audio_time f4   [V, Na, 2]     window start/end seconds (audio caches)
+    /<split>/videos/frame_label int8 [V, N]        per sampled frame: 1 anomalous, 0 normal, -1 unknown
+                                                   (optional: only where the source knows, e.g. varcmp-synth)
     /<split>/text/text        str   [Q]                                     (caption caches)
     /<split>/text/video_index int32 [Q]            row of /videos it describes
     /<split>/text/row         int32 [Q]            row in the annotation file
@@ -28,6 +30,11 @@ the same layout::
     /<split>/text/word_feat   f2    [Q, L, C]
     /<split>/text/word_mask   bool  [Q, L]
     /<split>/text/sentence    f2    [Q, C]
+
+`frame_label` is optional and needs no new schema version: a store without it (every store
+varcmp-extract writes; videos carry no frame annotations) reads as "no frame labels", and readers
+that predate it ignore it. It serves the anomaly head's frame-level AUC in `varcmp-eval`, which can
+also take them from UCF-Crime's temporal annotation file (`retrieval.frame_labels`).
 
 Every per-video array has one chunk per video, so that parallel writers never
 share a chunk, and `status` is written after the data: a video counts as done
@@ -75,6 +82,7 @@ from .errors import VarcmpError
 SCHEMA_VERSION = 1
 
 PENDING, DONE, FAILED = 0, 1, 2
+UNKNOWN_FRAME = -1  # frame_label of a frame whose label is not known
 TEXT_CHUNK = 64
 
 ROOT_KEY = "varcmp"
@@ -146,10 +154,12 @@ class VideoFeatures:
     audio_mask: np.ndarray | None = None  # [Na]
     audio_time: np.ndarray | None = None  # [Na, 2]
     note: str = ""
+    frame_label: np.ndarray | None = None  # [N] int: 1 anomalous, 0 normal (stores made with frame labels)
 
 
-def video_arrays(spec: CacheSpec, n: int) -> dict[str, tuple[tuple, str, tuple, Any]]:
-    """name -> (shape, dtype, chunks, fill) of the per-video arrays."""
+def video_arrays(spec: CacheSpec, n: int, frame_labels: bool = False) -> dict[str, tuple[tuple, str, tuple, Any]]:
+    """name -> (shape, dtype, chunks, fill) of the per-video arrays (`frame_labels`: with the
+    optional frame_label array)."""
     N, P, C = spec.num_frames, spec.num_patches, spec.dim
     a = {
         "path": ((n,), "str", (max(n, 1),), ""),
@@ -170,6 +180,8 @@ def video_arrays(spec: CacheSpec, n: int) -> dict[str, tuple[tuple, str, tuple, 
         a["audio_feat"] = ((n, Na, Ca), "float16", (1, Na, Ca), 0.0)
         a["audio_mask"] = ((n, Na), "bool", (1, Na), False)
         a["audio_time"] = ((n, Na, 2), "float32", (1, Na, 2), 0.0)
+    if frame_labels:
+        a["frame_label"] = ((n, N), "int8", (1, N), UNKNOWN_FRAME)
     return a
 
 

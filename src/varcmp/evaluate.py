@@ -20,18 +20,21 @@ import click
 import numpy as np
 import torch
 
+from .cache.reader import read_rows
 from .cli.common import OneLineErrors, OutputFile
 from .errors import UserError
 from .model import VarCMP
 from .model.queries import AUDIO, QUERY_KINDS, check_segments
+from .retrieval.frame_labels import annotation_frame_labels, frame_auc, read_temporal_annotations
 from .retrieval.metrics import (LEVEL, METRICS, POST, POST_LABEL, RESAMPLES, SINKHORN_ITERS, bootstrap_intervals,
-                                format_metric, metric_label, paired_difference, parse_metrics, postprocess,
+                                format_metric, metric_label, paired_comparison, parse_metrics, postprocess,
                                 query_to_video_ranks, roc_auc, summarize, video_to_query_ranks)
 from .retrieval.pairs import load_eval_data
 from .retrieval.scoring import (DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, default_chunk, encode_queries, encode_videos,
                                 score_matrix)
 
 DEFAULT_METRICS = ("r1", "r5", "r10", "mdr")
+ZERO_SHOT = "zero-shot (untrained heads)"  # what a comparison with the zero-shot model names it
 ENCODE_BATCH = 16           # videos per encode_videos forward in the CLI (memory, not results)
 
 
@@ -83,36 +86,49 @@ def _levels(text, default) -> tuple[str, ...]:
 def evaluate_split(cache, checkpoint=None, split: str = "test", query: str | None = None, metrics=DEFAULT_METRICS,
                    zero_shot: bool = False, levels=None, anomaly_weighting: bool | None = None,
                    chunk: int | None = None, device: str = "auto", post: str | None = None,
-                   bootstrap: int = RESAMPLES, seed: int = 0, compare=None) -> dict:
+                   bootstrap: int = RESAMPLES, seed: int = 0, compare=None, compare_zero_shot: bool = False,
+                   keep_ranks: bool = False, temporal_annotations=None) -> dict:
     """Everything `varcmp-eval` reports, as a JSON-ready dict: each metric with its 95 % bootstrap
     interval over `bootstrap` resamples (seeded by `seed`; 0: none) and, with `compare` (a second
-    checkpoint), each metric's difference to it on the same queries with its paired-bootstrap
-    interval. Raises UserError, CacheError or CheckpointError (one-line messages) for what cannot
-    be evaluated."""
+    checkpoint) or `compare_zero_shot`, each metric's difference to it on the same queries with its
+    paired-bootstrap interval. `keep_ranks`: also the rank of every query and video ("ranks", per
+    direction), to compare with other results later (`retrieval.metrics.paired_comparison`).
+    The anomaly head's frame-level AUC uses the split's stored frame labels, or those of
+    `temporal_annotations` (UCF-Crime's temporal annotation file; `retrieval.frame_labels`).
+    Raises UserError, CacheError or CheckpointError (one-line messages) for what cannot be
+    evaluated."""
     from .cache.reader import open_cache
 
     c = open_cache(cache)
     try:
         return _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, anomaly_weighting,
-                               chunk, device, post, bootstrap, seed, compare)
+                               chunk, device, post, bootstrap, seed, compare, compare_zero_shot, keep_ranks,
+                               temporal_annotations)
     finally:
         c.close()
 
 
 def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, anomaly_weighting, chunk, device,
-                    post, bootstrap=RESAMPLES, seed=0, compare=None) -> dict:
+                    post, bootstrap=RESAMPLES, seed=0, compare=None, compare_zero_shot=False,
+                    keep_ranks=False, temporal_annotations=None) -> dict:
     """evaluate_split on an open cache: check the request, rank both directions, summarise (and
     compare)."""
     metrics = parse_metrics(metrics)
     _check_request(checkpoint, zero_shot, query, post, chunk)
     if bootstrap < 0:
         raise UserError(f"--bootstrap {bootstrap}: must be >= 0 (0: no intervals)")
-    if compare is not None and not bootstrap:
-        raise UserError("--compare needs the bootstrap: drop --bootstrap 0")
+    if compare is not None and compare_zero_shot:
+        raise UserError("--compare CHECKPOINT and --compare-zero-shot: give one of them")
+    comparing = compare is not None or compare_zero_shot
+    if comparing and not bootstrap:
+        raise UserError(f"{'--compare' if compare is not None else '--compare-zero-shot'} needs the bootstrap: "
+                        "drop --bootstrap 0")
+    spans = None if temporal_annotations is None else read_temporal_annotations(temporal_annotations)
     dev = pick_device(device)
     chunk = chunk or default_chunk(dev)
     sp = c.split(split)
     run = _ranked(c, sp, checkpoint, query, levels, anomaly_weighting, post, dev, chunk)
+    frame_labels = _frame_labels(sp, run.data.videos, spans, temporal_annotations)
     kind = run.model.kind
     result = {**_settings(c, split, kind.name, run.ckpt, zero_shot, run.levels, run.weighting, post),
               "metrics": {key: {"direction": label, "ranked": int(len(r)), **summarize(r, metrics)}
@@ -121,7 +137,7 @@ def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, ano
               "bootstrap": {"resamples": bootstrap, "seed": seed, "level": LEVEL,
                             "units": f"{kind.name} queries ({kind.metric_keys[0]}), videos ({kind.metric_keys[1]})"},
               "counts": _counts(run.data, run.v),
-              "anomaly": _anomaly(run.data, run.v),
+              "anomaly": _anomaly(run.data, run.v, *frame_labels),
               "dropped": list(run.data.dropped),
               "chunk": chunk,
               "device": str(dev),
@@ -129,7 +145,9 @@ def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, ano
     if bootstrap:
         for res, r in zip(result["metrics"].values(), run.ranks):
             res["interval"] = bootstrap_intervals(r, metrics, bootstrap, seed)
-    if compare is not None:
+    if keep_ranks:
+        result["ranks"] = {key: r.tolist() for (key, _), r in zip(kind.directions, run.ranks)}
+    if comparing:
         result["compare"] = _compare(c, sp, compare, run, levels, anomaly_weighting, post, dev, chunk, metrics,
                                      bootstrap, seed)
     return result
@@ -167,21 +185,13 @@ def _ranked(c, sp, checkpoint, query, levels, anomaly_weighting, post, dev, chun
 
 def _compare(c, sp, checkpoint, run: _Ranked, levels, anomaly_weighting, post, dev, chunk, metrics, bootstrap,
              seed) -> dict:
-    """The checkpoint evaluated first minus `checkpoint` (same split, queries, overrides), per
-    metric, with paired-bootstrap intervals: the same queries (videos) are drawn for both."""
+    """The model evaluated first minus `checkpoint` (None: zero-shot) on the same split, queries
+    and overrides, per metric, with paired-bootstrap intervals: the same queries (videos) are
+    drawn for both."""
     other = _ranked(c, sp, checkpoint, run.model.cfg.query, levels, anomaly_weighting, post, dev, chunk)
-    out = {"checkpoint": str(other.ckpt), "levels": list(other.levels), "anomaly_weighting": other.weighting,
-           "metrics": {}}
-    for (key, label), a, b in zip(run.model.kind.directions, run.ranks, other.ranks):
-        diff = paired_difference(a, b, metrics, bootstrap, seed)
-        out["metrics"][key] = {"direction": label, **{m: {**d, "holds": _excludes_zero(d)}
-                                                      for m, d in diff.items()}}
-    return out
-
-
-def _excludes_zero(d: dict) -> bool:
-    lo, hi = d["interval"]
-    return bool(lo > 0 or hi < 0)
+    return {"checkpoint": ZERO_SHOT if other.ckpt is None else str(other.ckpt), "zero_shot": other.ckpt is None,
+            "levels": list(other.levels), "anomaly_weighting": other.weighting,
+            "metrics": paired_comparison(run.ranks, other.ranks, run.model.kind.directions, metrics, bootstrap, seed)}
 
 
 def _check_request(checkpoint, zero_shot, query, post, chunk) -> None:
@@ -261,12 +271,26 @@ def _counts(data, v) -> dict:
             "predicted_anomalous": int(v.anomalous.sum())}
 
 
-def _anomaly(data, v) -> dict:
+def _frame_labels(sp, videos, spans, annotations) -> tuple[np.ndarray | None, str | None]:
+    """(per-frame labels of `videos` or None, where they come from): the temporal annotation file
+    when one is given, else the split's stored labels, else none."""
+    if spans is not None:
+        fps = read_rows(sp.array("videos/fps"), videos.index)
+        return annotation_frame_labels(spans, videos.paths, videos.frame_time, fps), str(annotations)
+    if sp.has_frame_labels:
+        return sp.frame_labels(videos.index), "cache"
+    return None, None
+
+
+def _anomaly(data, v, frame_labels=None, source=None) -> dict:
     """How the anomaly head separates the split's videos by their labels (video-level ROC AUC of
-    the MIL video score; None when the split holds one class only)."""
+    the MIL video score; None when the split holds one class only) and, where frame labels exist,
+    its frames (frame-level ROC AUC of the frame scores A over the labelled valid frames)."""
     labels = np.asarray(data.videos.labels) > 0
+    frames = frame_auc(v.anomaly.float().cpu().numpy(), data.videos.frame_mask, frame_labels)
     return {"video_auc": roc_auc(v.video_score.float().cpu().numpy(), labels), "anomalous": int(labels.sum()),
-            "normal": int((~labels).sum()), "predicted_anomalous": int(v.anomalous.sum())}
+            "normal": int((~labels).sum()), "predicted_anomalous": int(v.anomalous.sum()),
+            "frame_auc": frames.pop("auc"), "frame_labels": {"source": source, **frames}}
 
 
 def print_report(r: dict, console) -> None:
@@ -288,6 +312,13 @@ def print_report(r: dict, console) -> None:
     if a["video_auc"] is not None:
         say(f"anomaly head: video-level AUC {a['video_auc']:.3f} on {a['anomalous']} anomalous and {a['normal']} normal "
             f"videos (labels from the paths); {a['predicted_anomalous']} predicted anomalous")
+    fl = a["frame_labels"]
+    if a["frame_auc"] is not None:
+        say(f"anomaly head: frame-level AUC {a['frame_auc']:.3f} over {fl['frames']} sampled frames of {fl['videos']} "
+            f"videos (frame labels from {'the cache' if fl['source'] == 'cache' else fl['source']})")
+    elif fl["source"] is not None:
+        say(f"anomaly head: no frame-level AUC: {fl['frames']} labelled frames of {fl['videos']} videos "
+            f"(from {fl['source']}) hold one class only")
     if n["videos_without_query"]:
         say(f"{n['videos_without_query']} videos have no {r['query']} query: kept in the gallery as distractors")
     if n["videos_with_several_queries"]:
@@ -401,6 +432,12 @@ def _main(**kw):
 @click.option("--compare", type=click.Path(path_type=Path), default=None, metavar="CHECKPOINT",
               help="A second run directory or checkpoint: print each metric's difference (first minus this one) on "
                    "the same queries, with its paired-bootstrap interval.")
+@click.option("--compare-zero-shot", is_flag=True,
+              help="As --compare, against the zero-shot model (untrained heads: the frozen-CLIP baseline).")
+@click.option("--temporal-annotations", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              metavar="FILE", help="UCF-Crime's Temporal_Anomaly_Annotation.txt (name class start1 end1 start2 end2, "
+              "frames, -1 for none): frame labels for the anomaly head's frame-level AUC, matched to the videos by "
+              "file name [default: the labels stored in the cache, if any (varcmp-synth stores them)].")
 @click.option("--post", type=click.Choice(list(POST)), default=None,
               help="Opt-in post-processing, labelled in the output: dsl = dual softmax (CAMoE): sim * "
                    "softmax(logit_scale * sim) over the other axis; sinkhorn = "

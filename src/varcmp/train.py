@@ -36,9 +36,10 @@ Decisions (the paper gives the loss, AdamW, lr 1e-4, batch 8, 15 epochs, M = 4; 
 - Run directory: best.safetensors / last.safetensors (+ .json copies of their metadata), written
   atomically by `checkpoint.save`; last.state.pt (weights, optimiser, GradScaler, RNG states,
   history; plain tensors and Python values only, read back with torch.load(weights_only=True),
-  so loading never executes code); history.json, and curves.png (the loss and the validation R@1
-  by epoch, drawn from it). A non-finite loss stops the run at once: nothing of that epoch is
-  written.
+  so loading never executes code); history.json, and curves.png (the loss, the validation R@1 and
+  the R@1 of as many training videos by epoch, drawn from it), and with `tensorboard` installed the
+  same scalars as event files in tensorboard/ (a resumed run purges and re-logs from its state's
+  epoch). A non-finite loss stops the run at once: nothing of that epoch is written.
 - Faults. Every file is written to a temp file, fsynced and renamed (`checkpoint.atomic_write`):
   a `kill -9`, a crash or a full disk leaves the old file or the new one, never a partial one.
   Each epoch writes last.state.pt FIRST: it commits the epoch; best/last/history follow, and
@@ -63,6 +64,7 @@ Decisions (the paper gives the loss, AdamW, lr 1e-4, batch 8, 15 epochs, M = 4; 
 
 from __future__ import annotations
 
+import copy
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -78,6 +80,7 @@ from .cli.options import cli_options, settings_of
 from .cli.progress import progress_bar
 from .errors import VarcmpError, first_line
 from .model import VarCMP
+from .model.losses import balance_weight
 from .model.queries import query_kind
 from .training import TrainError
 from .training.data import plan_data
@@ -135,7 +138,7 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
 
     # ---- init or resume
     learner = init_learner(cfg, opts, compute)
-    history, best, start = [], dict(NO_BEST), 1
+    history, best, start, untrained = [], dict(NO_BEST), 1, None
     if state is not None:
         learner.load(state)
         history, best, start = list(state["history"]), dict(state["best"]), int(state["epoch"]) + 1
@@ -146,9 +149,9 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
         rec = _validate_untrained(learner, data, opts.query, console)
         rec["best"], best = pick_best(best, 0, rec["val"])
         history.append(rec)
-        files.save_checkpoint("best", learner.model, 0, rec["val"])
+        untrained = copy.deepcopy(learner.model)  # written as best at the first commit if still the best
     make_step(learner, opts, dist, {"start": start, "plan": plan.digest(), "cache": files.fingerprint,
-                              "resumed": state is not None}, out)
+                                    "resumed": state is not None}, out, _pos_weight(opts, plan, console))
 
     # ---- the epochs: each trained, then (process 0) validated and committed
     with progress_bar(console, not quiet, transient=False,
@@ -160,14 +163,18 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
             if not main_rank:
                 history.append(rec)
             else:
-                metrics = validate_epoch(learner, data.val, rec) if data.val is not None else None
+                metrics = validate_epoch(learner, data.val, rec, data.probe) if data.val is not None else None
                 rec["best"], best = pick_best(best, epoch, metrics)
                 history.append(rec)
-                files.commit(epoch, learner.state(), learner.model, metrics, rec["best"], history, best)
+                files.commit(epoch, learner.state(), learner.model, metrics, rec["best"], history, best,
+                             untrained if best["epoch"] == 0 else None)
+                untrained = None
                 progress.console.print(epoch_line(rec, opts.epochs, opts.query, metrics, rec["best"]),
                                        highlight=False)
             if dist is not None:
                 barrier(dist)  # process 0 validates and writes
+    if main_rank:
+        files.close()
     return RunSummary(out, history, best["epoch"], opts.query, data.seconds, data.memory,
                       int(state["epoch"]) if state is not None else 0, plan.notes, learner.model.eval(), world)
 
@@ -199,11 +206,24 @@ def _model_config(opts: TrainOptions, cache):
         raise TrainError(f"{cache.path}: {e}") from None
 
 
+def _pos_weight(opts: TrainOptions, plan, console) -> float | None:
+    """The anomalous videos' weight in the MIL loss: n_normal / n_anomalous of the training videos
+    (--balance-anomaly, the default), None for the paper's unweighted loss."""
+    if not opts.balance_anomaly:
+        return None
+    labels = plan.labels[plan.train_rows]
+    weight = balance_weight(labels)
+    console.print(f"[dim]MIL loss: anomalous videos weighted {weight:.3g} (n_normal / n_anomalous = "
+                  f"{int((labels == 0).sum())} / {int((labels > 0).sum())} training videos; --no-balance-anomaly: "
+                  "unweighted)", highlight=False, soft_wrap=True)
+    return weight
+
+
 def _validate_untrained(learner, data, query: str, console) -> dict:
     """Epoch 0 of the history: the untrained model's validation metrics (zero-shot; the best until an
     epoch validates above it)."""
     rec = {"epoch": 0}
-    m = validate_epoch(learner, data.val, rec)
+    m = validate_epoch(learner, data.val, rec, data.probe)
     q, v = query_kind(query).metric_keys
     console.print(f"epoch 0 (untrained): val R@1 {q} {m['q2v']['r1']:.1f} {v} {m['v2q']['r1']:.1f}", highlight=False)
     return rec
@@ -216,12 +236,14 @@ def report(summary: RunSummary, console) -> None:
     from rich.table import Table
 
     q, v = query_kind(summary.query).metric_keys
-    t = Table(title=lit(f"varcmp-train: {summary.out} (R@1 on the validation subset, %)"))
-    for col in ("epoch", "loss", "bce", f"{q} R@1", f"{v} R@1", "mean", "time", "best"):
+    t = Table(title=lit(f"varcmp-train: {summary.out} (R@1 on the validation subset, %; train mean: the mean "
+                        "R@1 on as many training videos, the memorisation gap's other side)"))
+    for col in ("epoch", "loss", "bce", f"{q} R@1", f"{v} R@1", "mean", "train mean", "time", "best"):
         t.add_column(col, justify="right", no_wrap=True)
     for rec in summary.history:
         m = rec.get("val")
         r1 = (f"{m['q2v']['r1']:.1f}", f"{m['v2q']['r1']:.1f}", f"{rec['val_r1']:.1f}") if m else ("-", "-", "-")
+        r1 += (f"{rec['train_r1']:.1f}" if "train_r1" in rec else "-",)
         secs = rec.get("seconds", 0.0) + rec.get("val_seconds", 0.0)
         t.add_row("0 (init)" if rec["epoch"] == 0 else str(rec["epoch"]),
                   f"{rec['loss']:.4f}" if "loss" in rec else "-", f"{rec['bce']:.4f}" if "bce" in rec else "-",

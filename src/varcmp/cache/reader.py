@@ -215,6 +215,15 @@ class Split:
     def has_audio(self) -> bool:
         return self.cache.spec.has_audio
 
+    @property
+    def has_frame_labels(self) -> bool:
+        return self.cache.store.has(f"{self.name}/videos/frame_label")
+
+    def frame_labels(self, rows) -> np.ndarray | None:
+        """The stored per-frame labels of videos `rows`, [len(rows), N] int8 (1 anomalous, 0 normal,
+        -1 unknown), or None when the split has none (see cache_schema)."""
+        return np.asarray(read_rows(self._a("videos/frame_label"), rows)) if self.has_frame_labels else None
+
     def done_index(self) -> np.ndarray:
         return np.flatnonzero(self.status == DONE)
 

@@ -62,13 +62,14 @@ class CacheWriter:
         return [g for g in self.store.groups() if self.store.has(f"{g}/videos/status")]
 
     def split(self, name: str, videos: Sequence[VideoEntry], queries: Sequence[QueryEntry] | None = None,
-              attrs: dict | None = None) -> "SplitWriter":
-        """Create split `name`, or reopen it when it exists with the same videos and queries."""
+              attrs: dict | None = None, frame_labels: bool = False) -> "SplitWriter":
+        """Create split `name` (`frame_labels`: with the optional per-frame labels), or reopen it
+        when it exists with the same videos and queries."""
         _check_split_name(self.path, name)
         with writing(self.path):
-            return self._split(name, videos, queries, attrs)
+            return self._split(name, videos, queries, attrs, frame_labels)
 
-    def _split(self, name, videos, queries, attrs) -> "SplitWriter":
+    def _split(self, name, videos, queries, attrs, frame_labels=False) -> "SplitWriter":
         if self.store.has(f"{name}/videos/path"):
             sw = SplitWriter(self.store, self.path, name, self.spec)
             sw._check_same(videos, queries)
@@ -76,7 +77,7 @@ class CacheWriter:
                 self.store.set_attrs(name, {SPLIT_KEY: {**self.store.get_attrs(name).get(SPLIT_KEY, {}), **attrs}})
             return sw
         self.store.delete(name)
-        for key, (shape, dtype, chunks, fill) in video_arrays(self.spec, len(videos)).items():
+        for key, (shape, dtype, chunks, fill) in video_arrays(self.spec, len(videos), frame_labels).items():
             self.store.create_array(f"{name}/videos/{key}", shape, dtype, chunks, fill)
         arr = self.store.array
         if videos:
@@ -170,6 +171,10 @@ class SplitWriter:
                 a("videos/audio_feat")[i] = feats.audio_feat.astype(np.float16)
                 a("videos/audio_mask")[i] = feats.audio_mask
                 a("videos/audio_time")[i] = feats.audio_time
+            if feats.frame_label is not None:
+                if not self.store.has(f"{self.name}/videos/frame_label"):
+                    raise ValueError(f"split '{self.name}' was created without frame labels")
+                a("videos/frame_label")[i] = np.asarray(feats.frame_label, dtype=np.int8)
             a("videos/note")[i] = feats.note
             a("videos/error")[i] = ""
             self.store.flush()

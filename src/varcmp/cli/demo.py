@@ -21,6 +21,14 @@ SETTINGS = [
     ("all, no ABW", ("coarse", "fine", "finer"), False),  # ABW: anomaly-biased weighting
 ]
 METRICS = ("r1", "r10", "mdr")
+# the differences the paper's ablations read (Tables 3-5), (A, B): A minus B, R@1 on the same queries
+COMPARISONS = [
+    ("coarse+fine", "coarse"),
+    ("all three", "coarse+fine"),
+    ("all three", "coarse"),
+    ("all three", "all, no ABW"),
+    *((label, "zero-shot") for label, levels, _ in SETTINGS if levels is not None),
+]
 
 
 def _run_name(levels, weighting) -> str:
@@ -55,19 +63,44 @@ def run_demo(out: Path, tasks: tuple[str, ...], videos: int, epochs: int, seed: 
         for task, label, levels, weighting in runs:
             progress.update(overall, description=f"{task}: {label}")
             if levels is None:
-                r = evaluate_split(cache, zero_shot=True, split="test", query=task, metrics=METRICS, device=device)
+                r = evaluate_split(cache, zero_shot=True, split="test", query=task, metrics=METRICS, device=device,
+                                   keep_ranks=True)
             else:
                 run_dir = out / "runs" / task / _run_name(levels, weighting)
                 opts = TrainOptions(query=task, levels=levels, anomaly_weighting=weighting, epochs=epochs, seed=seed)
                 train(cache, run_dir, opts, Runtime(device=device), resume=not fresh, overwrite=fresh,
                       console=hush, quiet=True)
-                r = evaluate_split(cache, checkpoint=run_dir, split="test", metrics=METRICS, device=device)
+                r = evaluate_split(cache, checkpoint=run_dir, split="test", metrics=METRICS, device=device,
+                                   keep_ranks=True)
             results["tasks"].setdefault(task, []).append(
                 {"setting": label, "checkpoint": r["checkpoint"], "metrics": r["metrics"],
-                 "videos": r["counts"]["videos"], "queries": r["counts"]["queries"]})
+                 "videos": r["counts"]["videos"], "queries": r["counts"]["queries"], "ranks": r["ranks"]})
             progress.advance(overall)
+    results["comparisons"] = {task: ablation_differences(task, rows) for task, rows in results["tasks"].items()}
+    for rows in results["tasks"].values():
+        for row in rows:
+            del row["ranks"]  # the comparisons are what results.json keeps of them
     results["seconds"] = time.perf_counter() - t0
     return results
+
+
+def ablation_differences(task: str, rows: list[dict]) -> list[dict]:
+    """R@1 of A minus R@1 of B for each pair of COMPARISONS, in both directions, on the same test
+    queries (videos), with the paired-bootstrap interval of `varcmp-eval --compare` (its default
+    seed, so that it reproduces these) and whether it holds at 95 % (the interval excludes 0).
+    `rows`: the task's results with their ranks."""
+    from ..model.queries import query_kind
+    from ..retrieval.metrics import RESAMPLES, paired_comparison
+
+    by = {row["setting"]: row for row in rows}
+    directions = query_kind(task).directions
+    out = []
+    for a, b in COMPARISONS:
+        if a in by and b in by:
+            ranks = [[by[s]["ranks"][key] for key, _ in directions] for s in (a, b)]
+            diff = paired_comparison(*ranks, directions, ("r1",), RESAMPLES, 0)
+            out.append({"a": a, "b": b, "metric": "r1", **{key: d["r1"] for key, d in diff.items()}})
+    return out
 
 
 def print_tables(results: dict, console) -> None:
@@ -92,6 +125,27 @@ def print_tables(results: dict, console) -> None:
                 cells += [_with_interval(res, "r1"), f"{res['r10']:.1f}", f"{res['mdr']:g}"]
             t.add_row(row["setting"], *cells)
         console.print(t)
+        if results.get("comparisons", {}).get(task):
+            console.print(differences_table(results["comparisons"][task], (q2v, v2q)))
+
+
+def differences_table(diffs: list[dict], keys: tuple[str, str]):
+    """The ablation differences of one task: R@1 of A minus R@1 of B in each direction, with the
+    95 % paired-bootstrap interval, and * where the difference holds (the interval excludes 0)."""
+    from rich.table import Table
+
+    t = Table(title="which differences hold: R@1 of A minus R@1 of B, same test queries (videos), "
+                    "[95 % paired-bootstrap interval]; * holds: the interval excludes 0")
+    t.add_column("A - B", no_wrap=True)
+    for key in keys:
+        t.add_column(f"{key} R@1", justify="right", no_wrap=True)
+    for d in diffs:
+        cells = []
+        for key in keys:
+            lo, hi = (x + 0.0 for x in d[key]["interval"])  # + 0.0: no "-0.0"
+            cells.append(f"{d[key]['difference'] + 0.0:+.1f} [{lo:+.1f}, {hi:+.1f}] {'*' if d[key]['holds'] else ' '}")
+        t.add_row(f"{d['a']} - {d['b']}", *cells)
+    return t
 
 
 def _with_interval(res: dict, m: str) -> str:

@@ -21,12 +21,32 @@ def video_scores(A: Tensor, frame_mask: Tensor) -> Tensor:
     return torch.where(keep, top, 0.0).sum(-1) / k.clamp_min(1).to(top.dtype)
 
 
-def mil_bce(A: Tensor, frame_mask: Tensor, labels: Tensor) -> Tensor:
+def mil_bce(A: Tensor, frame_mask: Tensor, labels: Tensor, pos_weight: float | None = None) -> Tensor:
     """L_bce of eq. 12: binary cross-entropy of video_scores against the video labels (0/1).
-    Written out (log clamped at -100 like F.binary_cross_entropy) so it is autocast-safe."""
+    `pos_weight` (None: 1, the paper's loss) multiplies the anomalous videos' terms, as
+    BCEWithLogitsLoss's pos_weight does: n_normal / n_anomalous of the training split makes both
+    classes weigh the same, so that a split that is mostly anomalous does not teach the head to
+    call everything anomalous. The mean is over the batch's videos. Written out so it is
+    autocast-safe; the scores are clamped to [eps, 1 - eps] (float32 eps) before the log, so that a
+    saturated sigmoid (a score of exactly 0 or 1, confidently wrong) gives a finite loss and a zero
+    gradient instead of NaN (0 x inf in the log's backward)."""
     s = video_scores(A, frame_mask)
+    eps = torch.finfo(s.dtype).eps
+    s = s.clamp(eps, 1 - eps)
     y = labels.to(device=s.device, dtype=s.dtype)
-    return -(y * torch.log(s).clamp_min(-100) + (1 - y) * torch.log1p(-s).clamp_min(-100)).mean()
+    pos = y * torch.log(s)
+    if pos_weight is not None:
+        pos = pos * pos_weight
+    return -(pos + (1 - y) * torch.log1p(-s)).mean()
+
+
+def balance_weight(labels) -> float:
+    """The positive-class weight that balances a split's labels (0/1): n_normal / n_anomalous
+    (1 when either class is absent: nothing to balance)."""
+    labels = torch.as_tensor(labels)
+    pos = int((labels > 0).sum())
+    neg = int(labels.numel() - pos)
+    return neg / pos if pos and neg else 1.0
 
 
 def nce_parts(R: Tensor, logit_scale: float) -> tuple[Tensor, Tensor]:

@@ -214,12 +214,14 @@ class VarCMP(nn.Module):
         return l2_normalize(at_least_f32(q.glob))
 
     # --- training ----------------------------------------------------------------------------
-    def loss(self, v: VideoEmb, q: QueryEmb, labels: Tensor | None = None) -> dict[str, Tensor]:
+    def loss(self, v: VideoEmb, q: QueryEmb, labels: Tensor | None = None,
+             pos_weight: float | None = None) -> dict[str, Tensor]:
         """Eq. 12 on B matching pairs (video i <-> query i): L = L_bce + L_v2q + L_q2v, the
-        InfoNCE on logit_scale * R_total. L_bce (MIL) is 0 when labels is None."""
+        InfoNCE on logit_scale * R_total. L_bce (MIL) is 0 when labels is None; `pos_weight`:
+        the anomalous videos' weight in it (see mil_bce)."""
         sims = self.similarity(v, q)
         v2q, q2v = nce_parts(sims["total"], self.cfg.logit_scale)
-        bce = (mil_bce(v.anomaly, v.frame_mask, labels) if labels is not None
+        bce = (mil_bce(v.anomaly, v.frame_mask, labels, pos_weight) if labels is not None
                else v2q.new_zeros(()))
         return {"loss": bce + v2q + q2v, "v2q": v2q, "q2v": q2v, "bce": bce,
                 **{f"sim_{k}": s.detach().diagonal().mean() for k, s in sims.items()}}

@@ -169,6 +169,25 @@ def paired_difference(ranks_a: np.ndarray, ranks_b: np.ndarray, metrics=METRICS,
                 "interval": _percentiles(np.concatenate(v), level)} for m, v in values.items()}
 
 
+def holds(d: dict) -> bool:
+    """Whether a paired difference holds at its level: its interval excludes 0."""
+    lo, hi = d["interval"]
+    return bool(lo > 0 or hi < 0)
+
+
+def paired_comparison(ranks_a, ranks_b, directions, metrics=METRICS, resamples: int = RESAMPLES,
+                      seed: int = 0) -> dict[str, dict]:
+    """A minus B in each direction, from their rank arrays on the same split (`ranks_a[i]`,
+    `ranks_b[i]`: one direction's ranks; `directions`: its (key, label) pairs, e.g. QueryKind's):
+    {key: {"direction": label, metric: {"difference", "interval", "holds"}}}. What `varcmp-eval
+    --compare` reports and the demo's ablation differences."""
+    out = {}
+    for (key, label), a, b in zip(directions, ranks_a, ranks_b):
+        diff = paired_difference(a, b, metrics, resamples, seed)
+        out[key] = {"direction": label, **{m: {**d, "holds": holds(d)} for m, d in diff.items()}}
+    return out
+
+
 # --------------------------------------------------------------------------
 # Opt-in post-processing (never applied unless asked for; the output says which was used)
 

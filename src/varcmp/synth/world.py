@@ -505,11 +505,14 @@ class World:
         audio = self._audio_features(plan, a0, a1, rng)
         span = plan.span
         note = f"synthetic; anomalous span: sampled frames {span[0]}-{span[1] - 1}" if span else "synthetic; normal"
+        frame_label = np.zeros(p.frames, np.int8)
+        if span:
+            frame_label[span[0]:span[1]] = 1
         return VideoFeatures(
             duration=plan.duration, fps=FPS, frame_time=sample_times(plan.duration, p.frames).astype(np.float32),
             frame_mask=np.ones(p.frames, bool), frame_feat=_unit(frames), patch_feat=_unit(patches),
             audio_feat=_unit(audio), audio_mask=np.ones(p.audio_segments, bool),
-            audio_time=np.stack([a0, a1], axis=1).astype(np.float32), note=note)
+            audio_time=np.stack([a0, a1], axis=1).astype(np.float32), note=note, frame_label=frame_label)
 
     def _frame_features(self, plan: VideoPlan, camera: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """[N, C] frame [CLS] (not normalised): offset, scene and camera, the visible events and the
@@ -633,7 +636,8 @@ def write_world(world: World, out, overwrite: bool = False, progress=False) -> P
             sw = writer.split(split, vids, queries, {
                 "source": "varcmp-synth", "root": None, "annotations": None, "audio": "synthetic",
                 "rejected": [], "missing": [],
-                "normal": int(sum(v.label == 0 for v in plans)), "anomalous": int(sum(v.label == 1 for v in plans))})
+                "normal": int(sum(v.label == 0 for v in plans)), "anomalous": int(sum(v.label == 1 for v in plans))},
+                frame_labels=True)  # the world knows each frame's label: the frame-level AUC's ground truth
             for s in range(0, len(idx), TEXT_CHUNK):
                 sw.write_text(s, *world.text_features(idx[s:s + TEXT_CHUNK]))
             # draw the next video while this one is written (zarr compresses and writes off the GIL)

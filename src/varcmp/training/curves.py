@@ -1,6 +1,7 @@
-"""A run's learning curves as a picture: curves.png beside history.json, drawn from the same
-records after every epoch (training loss and its parts; validation R@1 both ways, with the
-untrained model's as epoch 0)."""
+"""A run's learning curves: curves.png beside history.json, drawn from the same records after every
+epoch (training loss and its parts; validation R@1 both ways, with the untrained model's as epoch
+0, and the R@1 of a training subset of the same size: the memorisation gap), and the same scalars
+as TensorBoard event files in <run>/tensorboard when `tensorboard` is installed."""
 
 from __future__ import annotations
 
@@ -40,12 +41,17 @@ def curves_figure(history: list[dict], keys: tuple[str, str], best_epoch: int | 
     loss_ax.set(title="training loss", xlabel="epoch")
     loss_ax.legend(fontsize="small")
     scored = [r for r in history if r.get("val")]
-    for direction, key, style in (("q2v", keys[0], "o-"), ("v2q", keys[1], "s--")):
-        val_ax.plot([r["epoch"] for r in scored], [r["val"][direction]["r1"] for r in scored], style,
+    fit = [r for r in history if r.get("train_subset")]
+    for (direction, key, style), color in zip((("q2v", keys[0], "o-"), ("v2q", keys[1], "s--")), ("C0", "C1")):
+        val_ax.plot([r["epoch"] for r in scored], [r["val"][direction]["r1"] for r in scored], style, color=color,
                     label=f"{key} R@1")
+        if fit:
+            val_ax.plot([r["epoch"] for r in fit], [r["train_subset"][direction]["r1"] for r in fit], style,
+                        color=color, alpha=0.45, mfc="none", label=f"{key} R@1, training subset")
     if best_epoch:
         val_ax.axvline(best_epoch, color="grey", lw=0.8, ls=":", label=f"best (epoch {best_epoch})")
-    val_ax.set(title="validation R@1 (%; epoch 0: untrained)", xlabel="epoch", ylim=(-2, 102))
+    val_ax.set(title="validation R@1 (%; epoch 0: untrained)" if not fit else
+               "R@1 (%): validation; a training subset (pale)", xlabel="epoch", ylim=(-2, 102))
     if scored:
         val_ax.legend(fontsize="small")
     else:
@@ -54,3 +60,56 @@ def curves_figure(history: list[dict], keys: tuple[str, str], best_epoch: int | 
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+
+EVENTS_DIR = "tensorboard"
+
+
+def tensorboard_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+class EventLog:
+    """The history's scalars as TensorBoard event files in `<out>/tensorboard` (nothing when
+    `tensorboard` is not installed): each record logged once, at its epoch. `resume_from`: the
+    epoch a resumed run restarts logging at; events of that epoch and later from an earlier process
+    are purged (TensorBoard's purge_step), so a killed and resumed run shows each epoch once."""
+
+    def __init__(self, out: Path, keys: tuple[str, str], resume_from: int | None = None):
+        self.dir, self.keys, self.writer = Path(out) / EVENTS_DIR, keys, None
+        self.logged = -1 if resume_from is None else resume_from - 1
+        self.purge = resume_from
+
+    def log(self, history: list[dict]) -> None:
+        """Write the records of `history` not yet logged, and flush."""
+        new = [r for r in history if r["epoch"] > self.logged]
+        if not new or not tensorboard_available():
+            return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.dir), purge_step=self.purge)
+        for rec in new:
+            for tag, value in scalars(rec, self.keys).items():
+                self.writer.add_scalar(tag, value, rec["epoch"])
+            self.logged = rec["epoch"]
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def scalars(rec: dict, keys: tuple[str, str]) -> dict[str, float]:
+    """TensorBoard tag -> value of one history record: the loss and its parts, and R@1 both ways on
+    the validation subset and on the training subset."""
+    out = {f"loss/{part}": rec[part] for part in ("loss", "v2q", "q2v", "bce") if part in rec}
+    for name, subset in (("validation", "val"), ("training_subset", "train_subset")):
+        for direction, key in zip(("q2v", "v2q"), keys):
+            if rec.get(subset):
+                out[f"r1_{name}/{key}"] = rec[subset][direction]["r1"]
+    return out

@@ -46,6 +46,8 @@ class Plan:
     cap_rows: np.ndarray | None = None   # text: query rows grouped by video (ascending video row)
     cap_video: np.ndarray | None = None  # text: the video row of each entry of cap_rows
     notes: list[str] = field(default_factory=list)
+    probe_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # training videos scored like
+    # the validation subset (as many, seeded): training-split R@1, the memorisation gap
 
     def captions_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(start, count) into cap_rows of each video row in `rows`."""
@@ -58,12 +60,13 @@ class Plan:
             return None
         return np.sort(self.cap_rows[np.isin(self.cap_video, self.train_rows)])
 
-    def val_queries(self) -> tuple[np.ndarray, np.ndarray]:
-        """(query rows, their video rows) used as validation queries (every caption of each
-        validation video; audio: the video itself)."""
+    def val_queries(self, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(query rows, their video rows) used as validation queries of video `rows` (default: the
+        validation videos): every caption of each video; audio: the video itself."""
+        rows = self.val_rows if rows is None else rows
         if self.cap_rows is None:
-            return self.val_rows, self.val_rows
-        keep = np.isin(self.cap_video, self.val_rows)
+            return rows, rows
+        keep = np.isin(self.cap_video, rows)
         return self.cap_rows[keep], self.cap_video[keep]
 
     def digest(self) -> str:
@@ -135,6 +138,8 @@ def plan_data(split: Split, query: str, val_fraction: float, seed: int) -> Plan:
     rng = np.random.default_rng([seed, 0x5A11D])  # the validation draw, apart from the batch order
     val_rows = _stratified_pick(paired, labels[paired], n_val, rng) if n_val else np.zeros(0, np.int64)
     train_rows = np.setdiff1d(paired, val_rows)
+    probe_rng = np.random.default_rng([seed, 0x7EA1])  # the training subset that is scored, apart from both
+    probe_rows = _stratified_pick(train_rows, labels[train_rows], min(n_val, len(train_rows)), probe_rng)
     if "test" in split.name.lower():
         notes.append(f"warning: training on split '{split.name}': keep the test split for the final evaluation only")
     kinds = set(labels[train_rows].tolist())
@@ -142,7 +147,7 @@ def plan_data(split: Split, query: str, val_fraction: float, seed: int) -> Plan:
         notes.append("warning: the training videos are all " + ("anomalous" if 1 in kinds else "normal")
                      + "; the anomaly classifier can only learn a constant")
     return Plan(query, paths, labels, train_rows.astype(np.int64), val_rows.astype(np.int64),
-                cap_rows, cap_video, notes)
+                cap_rows, cap_video, notes, probe_rows.astype(np.int64))
 
 
 def epoch_batches(plan: Plan, epoch: int, seed: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -218,14 +223,16 @@ def bytes_needed(split: Split, plan: Plan, cfg: ModelConfig) -> int:
     return total
 
 
-def load_validation(split: Split, plan: Plan, cfg: ModelConfig) -> EvalData | None:
-    """The validation subset as evaluate's EvalData (in memory), read checked like the training data
-    (a corrupt chunk or a NaN is a one-line DamagedCacheError naming the video or caption)."""
-    if len(plan.val_rows) == 0:
+def load_validation(split: Split, plan: Plan, cfg: ModelConfig, rows: np.ndarray | None = None) -> EvalData | None:
+    """The validation subset (or the videos `rows`, e.g. plan.probe_rows, scored the same way) as
+    evaluate's EvalData (in memory), read checked like the training data (a corrupt chunk or a NaN
+    is a one-line DamagedCacheError naming the video or caption)."""
+    rows = plan.val_rows if rows is None else rows
+    if len(rows) == 0:
         return None
-    videos = split.load_videos(index=plan.val_rows, patches="finer" in cfg.levels, audio=cfg.query == "audio")
-    qrows, qvid = plan.val_queries()
-    qv = np.searchsorted(plan.val_rows, qvid).astype(np.int64)
+    videos = split.load_videos(index=rows, patches="finer" in cfg.levels, audio=cfg.query == "audio")
+    qrows, qvid = plan.val_queries(rows)
+    qv = np.searchsorted(rows, qvid).astype(np.int64)
     if cfg.query == "text":
         cdesc = describe_caption(split, plan)
         feats = split.read(TEXT_KEYS, qrows, cdesc)

@@ -62,7 +62,8 @@ def resolve_compute(runtime, dist: DistInfo | None) -> Compute:
 
 @dataclass
 class TrainData:
-    """The training rows (in memory or streamed), the validation subset (process 0) and the labels."""
+    """The training rows (in memory or streamed), the validation subset and the scored training
+    subset (process 0) and the labels."""
 
     videos: Rows
     queries: Rows | None  # text: the captions; audio: the videos' own tracks (in `videos`)
@@ -71,6 +72,7 @@ class TrainData:
     memory: bool
     nbytes: int
     seconds: float
+    probe: EvalData | None = None  # plan.probe_rows: training videos scored as the validation subset is
 
     def fetch(self, vrows: np.ndarray, qrows: np.ndarray, dist: DistInfo | None):
         """(global video rows, this process's rows, sizes, video arrays, query arrays) of one batch."""
@@ -95,7 +97,9 @@ def load_data(split, plan: Plan, cfg, mode: str, device: torch.device, dist: Dis
     queries = (Rows(split, TEXT_KEYS, plan.train_queries, memory, data_device, describe_caption(split, plan))
                if cfg.query == "text" else None)
     val = load_validation(split, plan, cfg) if validation else None  # validation runs in process 0 only
-    return TrainData(videos, queries, val, torch.from_numpy(plan.labels), memory, need, time.perf_counter() - t0)
+    probe = load_validation(split, plan, cfg, plan.probe_rows) if validation else None
+    return TrainData(videos, queries, val, torch.from_numpy(plan.labels), memory, need, time.perf_counter() - t0,
+                     probe)
 
 
 def data_line(data: TrainData, plan: Plan, split: str, compute: Compute, dist: DistInfo | None,
@@ -150,10 +154,11 @@ def init_learner(cfg, opts, compute: Compute) -> Learner:
     return Learner(model, optimizer, torch.amp.GradScaler(compute.device.type, enabled=compute.use_scaler), compute)
 
 
-def make_step(learner: Learner, opts, dist: DistInfo | None, facts: dict, out) -> None:
-    """Give `learner` its training step; under torchrun, once every process is seen to start from the
-    same `facts` (epoch, data plan, cache), wrapped in DistributedDataParallel."""
-    learner.step = TrainStep(learner.model, dist, opts.frame_drop, opts.word_drop)
+def make_step(learner: Learner, opts, dist: DistInfo | None, facts: dict, out, pos_weight: float | None = None) -> None:
+    """Give `learner` its training step (`pos_weight`: the anomalous videos' weight in the MIL loss; the
+    options' frame and word drop); under torchrun, once every process is seen to start from the same
+    `facts` (epoch, data plan, cache), wrapped in DistributedDataParallel."""
+    learner.step = TrainStep(learner.model, dist, pos_weight, opts.frame_drop, opts.word_drop)
     if dist is not None:
         same_start(facts, out)
         learner.step = wrap_ddp(learner.step, dist)
@@ -233,11 +238,17 @@ def prefetch(it, workers: int):
 NO_BEST = {"epoch": None, "score": -math.inf}
 
 
-def validate_epoch(learner: Learner, val: EvalData, rec: dict) -> dict:
-    """Score the validation subset; its metrics, also recorded in `rec` (val, val_r1, val_seconds)."""
+def validate_epoch(learner: Learner, val: EvalData, rec: dict, probe: EvalData | None = None) -> dict:
+    """Score the validation subset; its metrics, also recorded in `rec` (val, val_r1, val_seconds);
+    and `probe`, the training subset of the same size, in the same way (train_subset, train_r1: the
+    memorisation gap is train_r1 - val_r1)."""
     t0 = time.perf_counter()
     metrics = validate(learner.model, val, learner.compute.device, learner.compute.amp_dtype)
-    rec.update(val=metrics, val_r1=val_score(metrics), val_seconds=time.perf_counter() - t0)
+    rec.update(val=metrics, val_r1=val_score(metrics))
+    if probe is not None:
+        fit = validate(learner.model, probe, learner.compute.device, learner.compute.amp_dtype)
+        rec.update(train_subset=fit, train_r1=val_score(fit))
+    rec["val_seconds"] = time.perf_counter() - t0
     return metrics
 
 
@@ -256,4 +267,6 @@ def epoch_line(rec: dict, epochs: int, query: str, metrics: dict | None, best: b
     if metrics is not None:
         q, v = query_kind(query).metric_keys
         line += f"  val R@1 {q} {metrics['q2v']['r1']:.1f} {v} {metrics['v2q']['r1']:.1f}"
+        if "train_r1" in rec:
+            line += f"  (training subset: mean R@1 {rec['train_r1']:.1f})"
     return line + ("  [green]best[/green]" if best and metrics is not None else "")

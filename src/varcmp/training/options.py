@@ -28,6 +28,10 @@ class TrainOptions:
                               "over all B, as in one process.")
     lr: float = setting(1e-4, "AdamW peak learning rate.")
     weight_decay: float = setting(0.01, "AdamW weight decay.")
+    balance_anomaly: bool = setting(True, "MIL loss: weight the anomalous training videos by n_normal / "
+                                    "n_anomalous of the training split, so that a mostly anomalous split does not "
+                                    "teach the anomaly head to flag every video (--no-balance-anomaly: the "
+                                    "paper's unweighted loss).")
     schedule: str = setting("constant", "Learning rate over the run: constant, or cosine (linear warm-up over the "
                             "first --warmup of the steps, then a cosine decay to 0 at --epochs).",
                             choices=("constant", "cosine"))
@@ -86,11 +90,11 @@ class TrainOptions:
 
 
 # The paper's recipe (AdamW, lr 1e-4, batch 8, 15 epochs; weight decay and schedule as the paper gives none: torch's
-# default decay and a constant rate; TS2-Net's perturbed top-k; no augmentation): `--recipe paper` sets these
-# wherever the command line does not; the defaults above are varcmp's own recipe.
+# default decay and a constant rate; TS2-Net's perturbed top-k; the unweighted MIL loss; no augmentation):
+# `--recipe paper` sets these wherever the command line does not; the defaults above are varcmp's own recipe.
 RECIPES = {"varcmp": {},
-           "paper": dict(lr=1e-4, batch_size=8, epochs=15, weight_decay=0.01, schedule="constant", frame_drop=0.0,
-                         word_drop=0.0, topk_relative=False, topk_sigma=0.05)}
+           "paper": dict(lr=1e-4, batch_size=8, epochs=15, weight_decay=0.01, balance_anomaly=False,
+                         schedule="constant", frame_drop=0.0, word_drop=0.0, topk_relative=False, topk_sigma=0.05)}
 
 
 _MODEL_SETTINGS = [f.name for f in dataclasses.fields(TrainOptions)

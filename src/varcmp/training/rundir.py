@@ -18,7 +18,7 @@ from ..errors import first_line
 from ..model.checkpoint import CheckpointError, cache_fingerprint, check_compatible, save
 from ..model.queries import query_kind
 from . import OutputError, TrainError
-from .curves import CURVES_NAME, draw_curves
+from .curves import CURVES_NAME, EVENTS_DIR, EventLog, draw_curves
 from .state import STATE_FORMAT, STATE_NAME, holds_epoch, load_state, save_state
 
 HISTORY_NAME = "history.json"
@@ -90,6 +90,9 @@ def prepare_out(out: Path, remove: list[str]) -> None:
     try:
         for name in remove:
             (out / name).unlink(missing_ok=True)
+        if remove and (out / EVENTS_DIR).is_dir():  # the replaced run's TensorBoard events
+            for events in (out / EVENTS_DIR).glob("events.out.tfevents.*"):
+                events.unlink()
         for stale in stale_temp_files(out, RUN_FILES + (PROBE,)):
             stale.unlink(missing_ok=True)
     except OSError as e:
@@ -105,17 +108,22 @@ class RunDir:
     def __init__(self, out: Path, cache, opts, plan, runtime: dict):
         self.out, self.cache_path, self.opts, self.plan, self.runtime = out, cache.path, opts, plan, runtime
         self.fingerprint = cache_fingerprint(cache)
+        self.events = EventLog(out, query_kind(opts.query).metric_keys)
 
     def commit(self, epoch: int, parts: dict, model, metrics: dict | None, improved: bool, history: list[dict],
-               best: dict) -> None:
+               best: dict, untrained=None) -> None:
         """Write epoch `epoch`. The state first: it commits the epoch (--resume restores the files
-        below from it if they are not written); `parts`: the model, optimiser, GradScaler and RNG states."""
+        below from it if they are not written); `parts`: the model, optimiser, GradScaler and RNG states.
+        `untrained`: the untrained model, written as best (epoch 0) when the first epoch did not beat it
+        (so a run that fails in its first epoch leaves no checkpoint)."""
         st = {"format": STATE_FORMAT, "epoch": epoch, **parts, "history": history, "best": best,
               "train": self.opts.jsonable(), "cache": self.fingerprint, "plan": self.plan.digest()}
         path = self.out / STATE_NAME
         self.write(path, lambda: atomic_write(path, lambda tmp: save_state(st, tmp)), epoch, False)
         if improved:
             self.save_checkpoint("best", model, epoch, metrics)
+        elif untrained is not None:
+            self.save_checkpoint("best", untrained, 0, history[0].get("val"))
         self.save_checkpoint("last", model, epoch, metrics)
         self.write_history(history, best, epoch)
 
@@ -123,6 +131,7 @@ class RunDir:
         """--resume: rewrite from the state (the run's commit point; `model` holds its weights) whatever a
         kill or a full disk kept from being written after it; best is then either on disk or this last epoch."""
         done, history, best = int(state["epoch"]), state["history"], state["best"]
+        self.events = EventLog(self.out, query_kind(self.opts.query).metric_keys, resume_from=done)
         metrics = next((r.get("val") for r in history if r["epoch"] == done), None)
         for name, epoch_of in (("last", done), ("best", best["epoch"])):
             path = self.out / f"{name}.safetensors"
@@ -163,6 +172,11 @@ class RunDir:
         curves = self.out / CURVES_NAME
         keys = query_kind(self.opts.query).metric_keys
         self.write(curves, lambda: draw_curves(history, curves, keys, best["epoch"]), epoch, True)
+        self.write(self.out / EVENTS_DIR, lambda: self.events.log(history), epoch, True)
+
+    def close(self) -> None:
+        """The end of the run: close the TensorBoard event file."""
+        self.events.close()
 
     @staticmethod
     def write(path: Path, fn, epoch: int, committed: bool) -> None:

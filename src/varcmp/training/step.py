@@ -78,9 +78,11 @@ class TrainStep(torch.nn.Module):
     gradient. DDP averages, (1/N) sum_r: so "backward" is N * L, and the averaged gradient is exactly
     one process's on the global batch. With one process "backward" is the loss itself."""
 
-    def __init__(self, model: VarCMP, dist: DistInfo | None = None, frame_drop: float = 0.0, word_drop: float = 0.0):
+    def __init__(self, model: VarCMP, dist: DistInfo | None = None, pos_weight: float | None = None,
+                 frame_drop: float = 0.0, word_drop: float = 0.0):
         super().__init__()
         self.model = model
+        self.pos_weight = pos_weight  # the anomalous videos' weight in the MIL loss (None: 1)
         self.frame_drop, self.word_drop = frame_drop, word_drop
         self.rank = 0 if dist is None else dist.rank
         self.world = 1 if dist is None else dist.world_size
@@ -96,6 +98,6 @@ class TrainStep(torch.nn.Module):
         q = m.encode_queries(qf)
         if sizes is not None:
             v, q = gather_rows(v, sizes, self.rank), gather_rows(q, sizes, self.rank)
-        parts = m.loss(v, q, batch_labels)
+        parts = m.loss(v, q, batch_labels, self.pos_weight)
         parts["backward"] = parts["loss"] if sizes is None else parts["loss"] * self.world
         return parts

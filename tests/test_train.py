@@ -408,9 +408,10 @@ def test_non_finite_loss_stops_with_a_message(planted, tmp_path, monkeypatch):
     run = tmp_path / "run"
     line = error_line(cli(planted, "--out", run, "--epochs", "3", *SMALL_ARGS, code=1), alone=False)
     assert "nan at epoch 2, step 1/" in line
-    assert checkpoint.read_meta(run / "best.safetensors")["epoch"] == 1
+    hist = json.loads((run / "history.json").read_text())
+    assert [r["epoch"] for r in hist["epochs"]] == [0, 1] and hist["best_epoch"] in (0, 1)
+    assert checkpoint.read_meta(run / "best.safetensors")["epoch"] == hist["best_epoch"]  # epoch 0 competes
     assert checkpoint.read_meta(run / "last.safetensors")["epoch"] == 1
-    assert [r["epoch"] for r in json.loads((run / "history.json").read_text())["epochs"]] == [0, 1]
 
 
 def test_validation_is_held_out_of_training_and_never_touches_test(planted, tmp_path, monkeypatch):
@@ -559,3 +560,20 @@ def test_recipe_paper_sets_what_the_command_line_does_not(planted, tmp_path):
     cli(planted, "--out", tmp_path / "own", "--epochs", 1, "--val-fraction", 0, *SMALL_ARGS)
     own = json.loads((tmp_path / "own" / "history.json").read_text())["train"]
     assert all(own[k] == getattr(default, k) for k in paper if k != "epochs")
+
+
+def test_a_run_saved_before_the_new_settings_resumes_with_what_it_was_trained_with(planted, tmp_path):
+    """A resume state written before balance_anomaly, schedule, warmup, frame/word drop and topk_relative
+    existed does not name them: it was trained with the unweighted MIL loss and a constant rate, so a
+    resume with today's defaults is refused, naming the setting, and one with the old ones continues."""
+    out = tmp_path / "run"
+    cli(planted, "--out", out, "--epochs", 1, "--val-fraction", 0, *SMALL_ARGS)
+    path = out / TS.STATE_NAME
+    st = TS.load_state(path)
+    for k in ("balance_anomaly", "schedule", "warmup", "frame_drop", "word_drop", "topk_relative"):
+        del st["train"][k]
+    TS.save_state(st, path)
+    res = cli(planted, "--out", out, "--epochs", 2, "--val-fraction", 0, "--resume", *SMALL_ARGS, code=2)
+    assert "balance_anomaly: False there, True now" in " ".join(res.output.split())
+    cli(planted, "--out", out, "--epochs", 2, "--val-fraction", 0, "--resume", "--no-balance-anomaly", *SMALL_ARGS)
+    assert json.loads((out / "history.json").read_text())["epochs"][-1]["epoch"] == 2

@@ -53,13 +53,18 @@ def open_run(out: Path, cache, opts, plan, resume: bool, overwrite: bool, prepar
     return state
 
 
+# what a run saved before these settings existed was trained with (its state does not name them)
+BEFORE_THEY_EXISTED = {"balance_anomaly": False, "schedule": "constant", "warmup": 0.1, "frame_drop": 0.0,
+                       "word_drop": 0.0, "topk_relative": False}
+
+
 def check_resume(st: dict, path: Path, cache, opts, plan) -> None:
     """Refuse to resume a state of another cache, other settings or another division of the videos."""
     try:
         check_compatible({"cache": st.get("cache")}, cache, path)
     except CheckpointError as e:
         raise TrainError(f"cannot resume: {e}") from None
-    stored, now = st.get("train") or {}, opts.jsonable()
+    stored, now = {**BEFORE_THEY_EXISTED, **(st.get("train") or {})}, opts.jsonable()
     diff = [k for k in sorted(set(stored) | set(now)) if k not in RESUMABLE and stored.get(k) != now.get(k)]
     if diff:
         what = ", ".join(f"{k}: {stored.get(k)!r} there, {now.get(k)!r} now" for k in diff[:5])

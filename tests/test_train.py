@@ -182,7 +182,7 @@ def test_mil_loss_weight_balances_the_training_videos(planted):
     assert T._pos_weight(T.TrainOptions(balance_anomaly=False), plan, console) is None  # the paper's loss
     learner = TL.init_learner(T.TrainOptions(**SMALL).model_config(open_cache(planted).spec), T.TrainOptions(),
                               TL.resolve_compute(T.Runtime(device="cpu"), None))
-    TL.make_step(learner, None, {}, None, weight)
+    TL.make_step(learner, T.TrainOptions(), None, {}, None, weight)
     assert learner.step.pos_weight == weight  # what every step's VarCMP.loss receives
 
 

@@ -16,6 +16,7 @@ class QueryKind:
 
     name: str                     # "text" or "audio"
     features: tuple[str, ...]     # the query features, as the cache stores them and `encode` names them
+    mask: str                     # which of them is the tokens' validity mask (what --word-drop hides)
     encode: str                   # the VarCMP method that encodes them
     fine_on_glob: bool            # the fine level compares frames with the global vector alone (eq. 2), not
                                   # with the tokens (eq. 3); so it has a part linear in the query
@@ -30,9 +31,9 @@ class QueryKind:
         return self.directions[0][0], self.directions[1][0]
 
 
-TEXT = QueryKind("text", ("word_feat", "word_mask", "sentence"), "encode_text", True, "clip", "has_text",
+TEXT = QueryKind("text", ("word_feat", "word_mask", "sentence"), "word_mask", "encode_text", True, "clip", "has_text",
                  (("t2v", "text->video"), ("v2t", "video->text")), "cos(sentence, frame)")
-AUDIO = QueryKind("audio", ("seg_feat", "seg_mask"), "encode_audio", False, "clap", "has_audio",
+AUDIO = QueryKind("audio", ("seg_feat", "seg_mask"), "seg_mask", "encode_audio", False, "clap", "has_audio",
                   (("a2v", "audio->video"), ("v2a", "video->audio")), "max_i cos(audio segment i, frame)")
 QUERY_KINDS = {k.name: k for k in (TEXT, AUDIO)}
 

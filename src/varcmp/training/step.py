@@ -93,8 +93,7 @@ class TrainStep(torch.nn.Module):
         v = m.encode_videos(vb["frame_feat"], drop(vb["frame_mask"], self.frame_drop), vb.get("patch_feat"),
                             labels=labels)
         qf = dict(qb) if qb is not None else {"seg_feat": vb["audio_feat"], "seg_mask": vb["audio_mask"]}
-        key = "word_mask" if "word_mask" in qf else "seg_mask"
-        qf[key] = drop(qf[key], self.word_drop)
+        qf[m.kind.mask] = drop(qf[m.kind.mask], self.word_drop)
         q = m.encode_queries(qf)
         if sizes is not None:
             v, q = gather_rows(v, sizes, self.rank), gather_rows(q, sizes, self.rank)

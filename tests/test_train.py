@@ -577,3 +577,33 @@ def test_a_run_saved_before_the_new_settings_resumes_with_what_it_was_trained_wi
     assert "balance_anomaly: False there, True now" in " ".join(res.output.split())
     cli(planted, "--out", out, "--epochs", 2, "--val-fraction", 0, "--resume", "--no-balance-anomaly", *SMALL_ARGS)
     assert json.loads((out / "history.json").read_text())["epochs"][-1]["epoch"] == 2
+
+
+@pytest.mark.parametrize("query", ["text", "audio"])
+def test_frame_and_word_drop_reach_the_training_step(query):
+    """--frame-drop hides frames of the batch's videos and --word-drop tokens of its queries (words, or
+    audio segments): each changes the loss of the same batch, and neither does at 0."""
+    from varcmp.model import ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(query=query, dim=16, audio_dim=12, num_frames=6, num_patches=5, max_words=7,
+                      audio_segments=6, heads=2, ffn_dim=32, selector_dim=8)
+    model = VarCMP(cfg).eval()  # no dropout: only the drop options draw
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    B = 4
+    vb = {"frame_feat": torch.randn(B, 6, 16), "frame_mask": torch.ones(B, 6, dtype=torch.bool),
+          "patch_feat": torch.randn(B, 6, 5, 16), "audio_feat": torch.randn(B, 6, 12),
+          "audio_mask": torch.ones(B, 6, dtype=torch.bool)}
+    qb = ({"word_feat": torch.randn(B, 7, 16), "word_mask": torch.ones(B, 7, dtype=torch.bool),
+           "sentence": torch.randn(B, 16)} if query == "text" else None)
+    labels = torch.tensor([1, 0, 1, 0])
+
+    def loss(frame_drop, word_drop):
+        torch.manual_seed(1)
+        return TP.TrainStep(model, None, None, frame_drop, word_drop)(vb, qb, labels, None, labels)["loss"].item()
+
+    plain = loss(0.0, 0.0)
+    assert loss(0.0, 0.0) == plain
+    assert loss(0.5, 0.0) != plain and loss(0.0, 0.5) != plain

@@ -19,8 +19,8 @@ Decisions (the paper gives the loss, AdamW, lr 1e-4, batch 8, 15 epochs, M = 4; 
   as queries); the best epoch is the one with the highest mean of the two R@1 (query->video and
   video->query; the earlier epoch wins ties). The untrained model, which is exactly zero-shot
   CLIP, is scored first (epoch 0) and is a candidate: a run none of whose epochs validates above
-  it keeps it as best.safetensors, and says so. The test split is never read. `--val-fraction 0` disables model
-  selection: best.safetensors is then the last epoch.
+  it keeps it as best.safetensors, and says so. The test split is never read. `--val-fraction 0`
+  disables model selection: best.safetensors is then the last epoch.
 - Optimisation: AdamW (weight decay on all parameters, torch's default 0.01: the paper gives
   none) with a constant learning rate (the paper gives no schedule; a constant one also makes a
   run resumable to more epochs). The batch order of epoch e depends only on (seed, e). A trailing

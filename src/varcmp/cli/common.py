@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import warnings
 from contextlib import contextmanager
@@ -69,6 +70,12 @@ class OneLineErrors(click.Command):
         except click.UsageError as e:  # raised by the command itself, after parsing
             raise CommandError(" ".join(e.format_message().split())) from None
         except KeyboardInterrupt as e:
+            with warnings.catch_warnings():
+                # the interrupted frames may hold storage coroutines (zarr) that never started: let
+                # them go now, silently, instead of as "never awaited" warnings when click exits
+                warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+                e.__traceback__ = None
+                gc.collect()
             stop_interrupted(e.line if isinstance(e, Interrupted) else "interrupted")
 
 

@@ -77,11 +77,19 @@ def test_the_index_is_the_model_encoding_of_every_video(planted, ckpt):
         idx, info = open_index(model, c, src, ckpt, "cpu", chunk=8)
         times = c.split("test").read(["videos/frame_time"], src.rows)["frame_time"]
     assert info.built and info.chunks_built == 4 and idx.n == 30
-    got = idx.embed(np.arange(30), "cpu")
-    for f in ("video", "frames", "patches"):
-        a, b = getattr(got, f).numpy(), getattr(v, f).numpy()
-        assert idx.array(f, [0]).dtype == np.float16
-        assert np.allclose(a, b, rtol=1e-3, atol=1e-4), f  # frames and patches: the cache's own float16
+    got, unit = idx.embed(np.arange(30), "cpu"), v.unit_length()
+    assert got.unit and unit.unit
+    for f, stored, rtol in (("video", np.float16, 1e-3), ("frames", np.float16, 1e-3), ("patches", np.int16, 4e-3)):
+        a, b = getattr(got, f).float().numpy(), getattr(unit, f).numpy()
+        assert idx.array(f, [0]).dtype == stored
+        assert np.allclose(a, b, rtol=rtol, atol=1e-4), f  # 16-bit rounding of the unit-length parts
+        norms = np.linalg.norm(b, axis=-1)
+        assert np.allclose(norms[norms > 0], 1.0, atol=1e-5) and np.allclose(b * np.linalg.norm(
+            getattr(v, f).numpy(), axis=-1, keepdims=True), getattr(v, f).numpy(), atol=1e-5), f
+    # the patches are stored as the bits of their bfloat16 rounding, and come back as bfloat16
+    assert got.patches.dtype == torch.bfloat16
+    assert torch.equal(torch.from_numpy(idx.array("patches", np.arange(30))).view(torch.bfloat16),
+                       unit.patches.to(torch.bfloat16))
     for f in ("frame_weights", "anomaly", "video_score", "patch_weights"):
         assert np.allclose(getattr(got, f).numpy(), getattr(v, f).numpy(), atol=1e-6), f
     for f in ("frame_mask", "anomalous", "patch_mask"):

@@ -149,6 +149,32 @@ def test_levels_match_loop_reference(query):
     torch.testing.assert_close(S["total"], (S["coarse"] + S["fine"] + S["finer"]) / 3, **TOL)
 
 
+@pytest.mark.parametrize("query", ["text", "audio"])
+def test_unit_length_embedding_scores_as_the_raw_one(query):
+    """`VideoEmb.unit_length` (the stored index's form: e_v, frames and patches of length 1, marked
+    `unit`, so `similarity` does not normalise them) gives every level of the loop reference of the
+    raw embedding; with the patches in bfloat16 (as the index stores them; the products then run in
+    bfloat16), the finer level within bfloat16 rounding."""
+    model = make_model(query=query)
+    with torch.no_grad():
+        v, q = encode(model, query, labels=torch.tensor([1, 0, 0]))
+        u = v.unit_length()
+        assert u.unit and not v.unit and u.unit_length() is u
+        norms = u.patches.norm(dim=-1)
+        assert torch.allclose(norms[norms > 0], torch.ones(()).double()) and (u.frames.norm(dim=-1)[~v.frame_mask] == 0).all()
+        S = model.similarity(u, q)
+        half = model.similarity(dataclasses.replace(u, patches=u.patches.to(torch.bfloat16)), q)
+    for level in LEVELS:
+        ref = torch.tensor([[ref_level(level, v, q, query, vi, qi) for qi in range(len(WORDS))]
+                            for vi in range(len(FRAMES))], dtype=torch.float64)
+        torch.testing.assert_close(S[level], ref, rtol=0, atol=1e-9, msg=level)
+        if level == "finer":
+            torch.testing.assert_close(half[level].double(), ref, rtol=0, atol=8e-3, msg=level)
+        else:  # only the patches changed precision
+            assert torch.equal(half[level], S[level]), level
+    assert not torch.equal(half["finer"].double(), S["finer"])  # the products really ran in bfloat16
+
+
 @pytest.mark.parametrize("levels", [("coarse",), ("coarse", "fine"), ("fine", "finer"), ("finer",)])
 def test_total_is_mean_over_active_levels(levels):
     query = "text"
@@ -673,7 +699,8 @@ def test_half_inputs_take_cat_to():
     part = v32.take(torch.tensor([2, 0]))
     assert torch.equal(part.patches, v32.patches[[2, 0]]) and torch.equal(part.anomalous, v32.anomalous[[2, 0]])
     both = VideoEmb.cat([v32.take(slice(0, 1)), v32.take(slice(1, 3))])
-    assert all(torch.equal(getattr(both, f.name), getattr(v32, f.name)) for f in dataclasses.fields(VideoEmb))
+    assert all(torch.equal(getattr(both, f.name), getattr(v32, f.name)) for f in dataclasses.fields(VideoEmb)
+               if f.name != "unit") and both.unit is False and v32.unit_length().take([0]).unit is True
     assert len(both) == 3 and both.to("cpu").video.device.type == "cpu"
 
 

@@ -11,6 +11,7 @@ ties count against the model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -30,12 +31,11 @@ from .retrieval.metrics import (LEVEL, METRICS, POST, POST_LABEL, RESAMPLES, SIN
                                 format_metric, metric_label, paired_comparison, parse_metrics, postprocess,
                                 query_to_video_ranks, roc_auc, summarize, video_to_query_ranks)
 from .retrieval.pairs import load_eval_data
-from .retrieval.scoring import (DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, default_chunk, encode_queries, encode_videos,
-                                score_matrix)
+from .retrieval.scoring import (DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, ENCODE_BATCH, default_chunk, encode_queries,
+                                encode_videos, score_matrix)
 
 DEFAULT_METRICS = ("r1", "r5", "r10", "mdr")
 ZERO_SHOT = "zero-shot (untrained heads)"  # what a comparison with the zero-shot model names it
-ENCODE_BATCH = 16           # videos per encode_videos forward in the CLI (memory, not results)
 
 
 # --------------------------------------------------------------------------
@@ -244,6 +244,8 @@ def _score(model: VarCMP, data, dev, levels, weighting: bool, chunk: int, index=
     model.eval()
     if index is not None:  # its positions are the split's done videos in order, as data.videos holds them
         v = index.embed(np.arange(index.n), dev, patches="finer" in levels)
+        if v.patches is not None:  # products in float32, as for fresh encodings (the index's rounding only)
+            v = dataclasses.replace(v, patches=v.patches.float())
     else:
         v = encode_videos(model, data.videos, dev, batch=ENCODE_BATCH, patches="finer" in levels,
                           anomaly_weighting=weighting)

@@ -15,7 +15,7 @@ class _Rows:
     """Row-wise helpers for the dataclasses of tensors below (None fields stay None)."""
 
     def _map(self, fn):
-        return type(self)(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+        return type(self)(**{f.name: fn(x) if isinstance(x := getattr(self, f.name), Tensor) else x
                              for f in dataclasses.fields(self)})
 
     def take(self, index) -> "_Rows":
@@ -33,10 +33,10 @@ class _Rows:
 
     @classmethod
     def cat(cls, parts):
-        """Concatenate embeddings computed block by block (same sequence lengths)."""
+        """Concatenate embeddings computed block by block (same sequence lengths; flags of the first)."""
         parts = list(parts)
-        return cls(**{f.name: None if getattr(parts[0], f.name) is None
-                      else torch.cat([getattr(p, f.name) for p in parts])
+        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts])
+                      if isinstance(x := getattr(parts[0], f.name), Tensor) else x
                       for f in dataclasses.fields(cls)})
 
 
@@ -52,6 +52,18 @@ class VideoEmb(_Rows):
     patches: Tensor | None = None        # selected patches [V, N*M, C], frame-major
     patch_weights: Tensor | None = None  # [V, N*M]; sum 1 over valid, 0 on padded
     patch_mask: Tensor | None = None     # [V, N*M] bool
+    unit: bool = False     # video, frames and patches are unit length already (see `unit_length`)
+
+    def unit_length(self) -> "VideoEmb":
+        """The same embedding with e_v, the frames and the patches scaled to unit length (zero rows
+        stay zero) and marked `unit`: every similarity is unchanged (each part is normalised before
+        any product), and `VarCMP.similarity` skips normalising them again. The stored index keeps
+        this form, so a query costs its products only."""
+        if self.unit:
+            return self
+        scaled = {f: None if (x := getattr(self, f)) is None else l2_normalize(at_least_f32(x)).to(x.dtype)
+                  for f in ("video", "frames", "patches")}
+        return dataclasses.replace(self, **scaled, unit=True)
 
 
 @dataclass
@@ -88,18 +100,26 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return total / mask.sum(-1, keepdim=True).clamp_min(1).to(total.dtype)
 
 
-def token_wise(x: Tensor, x_mask: Tensor, x_w: Tensor, t: Tensor, t_mask: Tensor, t_w: Tensor) -> Tensor:
+def token_wise(x: Tensor, x_mask: Tensor, x_w: Tensor, t: Tensor, t_mask: Tensor, t_w: Tensor,
+               x_unit: bool = False) -> Tensor:
     """Two-sided weighted token-wise similarity of eq. 2-4 (DRL style), for all pairs:
         1/2 ( sum_i u_i max_j cos(t_i, x_j) + sum_j w_j max_i cos(t_i, x_j) )
     video side x [V, J, C] (mask, weights w [V, J]), query side t [Q, L, C] (mask,
     weights u [Q, L]) -> [V, Q]. One matrix product; peak memory about one [V, J, Q, L] tensor.
     Padded tokens of either side are -inf in the similarity, so they never win a max; a row of
-    a padded token gives -2 (below any cosine), multiplied by its weight 0."""
+    a padded token gives -2 (below any cosine), multiplied by its weight 0. x_unit: x is unit
+    length already (`VideoEmb.unit`), so it is not normalised again. The products run in x's
+    precision (the query side is cast to it: bfloat16 patches of the stored index); the maxima
+    and sums in at least float32."""
     V, J, C = x.shape
     Q, L, _ = t.shape
-    sim = (l2_normalize(x).reshape(V * J, C) @ l2_normalize(t).reshape(Q * L, C).T).view(V, J, Q, L)
-    sim = sim.masked_fill(~x_mask[:, :, None, None], float("-inf"))
-    sim.masked_fill_(~t_mask[None, None], float("-inf"))
+    x = x if x_unit else l2_normalize(x)
+    sim = x.reshape(V * J, C) @ l2_normalize(t).to(x.dtype).reshape(Q * L, C).T
+    sim = at_least_f32(sim).view(V, J, Q, L)  # the product's own output (or its copy): filled in place
+    if not bool(x_mask.all()):  # most blocks have no padding on one side or both: no pass over sim
+        sim.masked_fill_(~x_mask[:, :, None, None], float("-inf"))
+    if not bool(t_mask.all()):
+        sim.masked_fill_(~t_mask[None, None], float("-inf"))
     q2v = sim.amax(1).clamp_min(-2.0)  # [V, Q, L]  best video token per query token
     v2q = sim.amax(3).clamp_min(-2.0)  # [V, J, Q]  best query token per video token
     return 0.5 * ((at_least_f32(q2v) * t_w[None]).sum(-1) + (at_least_f32(v2q) * x_w[:, :, None]).sum(1))

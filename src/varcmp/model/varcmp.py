@@ -154,20 +154,21 @@ class VarCMP(nn.Module):
             raise ValueError(f"levels must be a non-empty subset of {LEVELS}, got {levels}")
         out = {}
         if "coarse" in levels:
-            out["coarse"] = at_least_f32(l2_normalize(v.video) @ l2_normalize(q.glob).T)
+            e = v.video if v.unit else l2_normalize(v.video)
+            out["coarse"] = at_least_f32(e @ l2_normalize(q.glob).T)
         if "fine" in levels:
             if self.kind.fine_on_glob:
                 one = at_least_f32(q.glob.new_ones(len(q), 1))
                 out["fine"] = token_wise(v.frames, v.frame_mask, v.frame_weights,
-                                         q.glob[:, None], one.bool(), one)
+                                         q.glob[:, None], one.bool(), one, x_unit=v.unit)
             else:
                 out["fine"] = token_wise(v.frames, v.frame_mask, v.frame_weights,
-                                         q.tokens, q.token_mask, q.token_weights)
+                                         q.tokens, q.token_mask, q.token_weights, x_unit=v.unit)
         if "finer" in levels:
             if v.patches is None:
                 raise ValueError('"finer" needs VideoEmb.patches: encode videos with "finer" in cfg.levels')
             out["finer"] = token_wise(v.patches, v.patch_mask, v.patch_weights,
-                                      q.tokens, q.token_mask, q.token_weights)
+                                      q.tokens, q.token_mask, q.token_weights, x_unit=v.unit)
         out["total"] = sum(out[lv] for lv in levels) / len(levels)
         return out
 

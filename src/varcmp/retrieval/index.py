@@ -8,8 +8,12 @@ vector of two-stage search (`VarCMP.video_vectors`, searched with an exact faiss
 index built from it when the index is opened) and the frame times of the spans. Nothing here
 computes any part of a score: the build calls the scoring engine's `encode_videos`, and search
 and evaluation hand what `VideoIndex.embed` returns to `VarCMP.similarity` as they would a fresh
-encoding. e_v, the frames and the patches are stored as float16 (the scores move by float16
-rounding, ~1e-3, see tests/test_index.py), every weight and mask as float32 / bool.
+encoding. e_v, the frames and the patches are stored unit length (`VideoEmb.unit_length`: the
+similarity normalises them before any product, so a query does not redo it) in 16 bits: e_v and
+the frames as float16, the patches as bfloat16 (their bits in an int16 `.npy`), which the finer
+level's products then run in (`token_wise`: four times faster than float32 on a CPU with
+bfloat16 instructions, and no conversion of the largest array); the scores move by these roundings,
+~1e-3 at most (tests/test_index.py). Every weight and mask is float32 / bool.
 
 Layout: `.varcmp-search/SPLIT.KEY/` inside a Zarr store (which `varcmp-extract --overwrite`
 clears with the rest) or `CACHE.varcmp-search/SPLIT.KEY/` next to an HDF5 file; KEY hashes the
@@ -33,6 +37,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,18 +48,18 @@ from ..atomic import _fsync_dir, atomic_write
 from ..cache.store import fault_point, is_hdf5
 from ..cli.markup import lit
 from ..model import QueryEmb, VarCMP, VideoEmb
-from .scoring import encode_videos
+from .scoring import ENCODE_BATCH, encode_videos
 from .videos import CacheVideos
 
 DEFAULT_CANDIDATES = 1000   # --candidates default: at least this many videos per query are reranked,
 DEFAULT_POOL_SHARE = 0.02   # and at least this share of the split
 INDEX_DIR = ".varcmp-search"
-INDEX_FORMAT = 3
+INDEX_FORMAT = 4            # 4: e_v, frames and patches stored unit length (VideoEmb.unit_length)
 CHUNK_VIDEOS = 256          # videos per chunk folder (the unit of resume)
-ENCODE_BATCH = 32           # videos read and encoded together while building
 INDEX_CHECK = 4             # videos re-encoded from the raw cache when an index is opened
-CHECK_ATOL = 5e-3           # how far a stored float16 part may be from a fresh encoding
-HALF = ("video", "frames", "patches")  # stored as float16; the other float arrays as float32
+CHECK_ATOL = 5e-3           # how far a stored 16-bit part may be from a fresh encoding
+HALF = ("video", "frames")  # stored as float16; the patches as bfloat16 bits; the other float arrays as float32
+BF16 = ("patches",)
 META = "index.json"
 
 
@@ -70,15 +75,26 @@ def _encode_chunk(model: VarCMP, source: CacheVideos, pos: np.ndarray, device, b
         data = source.read(pos[s:s + batch], patches=patches)
         parts.append(encode_videos(model, data, device, batch=batch))
         times.append(data.frame_time)
-    v = VideoEmb.cat(parts)
-    out = {f.name: getattr(v, f.name) for f in dataclasses.fields(v) if getattr(v, f.name) is not None}
+    v = VideoEmb.cat(parts).unit_length()
+    out = {f.name: getattr(v, f.name) for f in dataclasses.fields(v) if isinstance(getattr(v, f.name), torch.Tensor)}
     out["vectors"] = model.video_vectors(v)
-    arrays = {k: t.detach().cpu().numpy() for k, t in out.items()}
-    for k, a in arrays.items():
-        if a.dtype.kind == "f":
-            arrays[k] = a.astype(np.float16 if k in HALF else np.float32)
+    arrays = {k: _stored(k, t.detach()) for k, t in out.items()}
     arrays["frame_time"] = np.concatenate(times).astype(np.float32)
     return arrays
+
+
+def _stored(key: str, t: torch.Tensor) -> np.ndarray:
+    """A part as it is stored: see HALF and BF16 (numpy has no bfloat16: its bits as int16)."""
+    if key in BF16:
+        return t.to(torch.bfloat16).view(torch.int16).cpu().numpy()
+    a = t.cpu().numpy()
+    return a.astype(np.float16 if key in HALF else np.float32) if a.dtype.kind == "f" else a
+
+
+def _tensor(key: str, a: np.ndarray) -> torch.Tensor:
+    """The tensor of a stored array (`_stored`'s inverse for the bfloat16 parts; a view, no copy)."""
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if key in BF16 else t
 
 
 def _write_chunk(folder: Path, i: int, arrays: dict[str, np.ndarray]) -> None:
@@ -127,12 +143,19 @@ def build_chunks(model: VarCMP, source: CacheVideos, folder: Path, device, chunk
     todo = [i for i in range(n_chunks) if not (folder / f"chunk-{i:05d}").is_dir()]
     task = progress.add_task(label, total=source.n, completed=source.n - sum(
         min(chunk, source.n - i * chunk) for i in todo)) if progress is not None else None
-    with torch.inference_mode():
+    done = lambda write, n: (write.result(), task is not None and progress.advance(task, n))  # noqa: E731
+    # one writer thread stores (and fsyncs) chunk i while chunk i + 1 is encoded; leaving the
+    # block, even on an error, waits for the chunk being written
+    with torch.inference_mode(), ThreadPoolExecutor(1, thread_name_prefix="varcmp-index") as writer:
+        pending = None
         for i in todo:
             pos = np.arange(i * chunk, min((i + 1) * chunk, source.n))
-            _write_chunk(folder, i, _encode_chunk(model, source, pos, device, batch))
-            if task is not None:
-                progress.advance(task, len(pos))
+            arrays = _encode_chunk(model, source, pos, device, batch)
+            if pending is not None:
+                done(*pending)
+            pending = (writer.submit(_write_chunk, folder, i, arrays), len(pos))
+        if pending is not None:
+            done(*pending)
     return len(todo)
 
 
@@ -143,14 +166,15 @@ def build_chunks(model: VarCMP, source: CacheVideos, folder: Path, device, chunk
 class VideoIndex:
     """A split's stored video side, by position 0..n-1 (the positions of `CacheVideos`): `embed`
     gives the `VideoEmb` of any positions, `candidates` the first stage's best K per query. The
-    small arrays are held in memory; frames and patches are memory-mapped (`load()` reads them
-    in, as a server does)."""
+    small arrays are held in memory; frames and patches are memory-mapped copy-on-write (reads
+    of consecutive videos are views, never copies; nothing is ever written back), so a warm
+    index is the operating system's page cache, shared by every process that opens it."""
 
     def __init__(self, folder: Path, meta: dict):
         self.folder, self.meta = Path(folder), meta
         self.n, self.chunk, self.name = int(meta["videos"]), int(meta["chunk"]), meta["split"]
         chunks = [self.folder / f"chunk-{i:05d}" for i in range(math.ceil(self.n / self.chunk))]
-        self._parts = {k: [np.load(c / f"{k}.npy", mmap_mode="r") for c in chunks] for k in meta["arrays"]}
+        self._parts = {k: [np.load(c / f"{k}.npy", mmap_mode="c") for c in chunks] for k in meta["arrays"]}
         for k in ("frame_mask", "frame_weights", "anomaly", "video_score", "anomalous", "vectors", "frame_time",
                   "patch_weights", "patch_mask"):
             if k in self._parts:
@@ -158,15 +182,21 @@ class VideoIndex:
         self._faiss = None
 
     def load(self) -> "VideoIndex":
-        """Read every array into memory (a server's warm index)."""
-        self._parts = {k: [np.asarray(p) for p in v] for k, v in self._parts.items()}
+        """Read every array into this process's memory (an index whose files are about to go)."""
+        self._parts = {k: [np.array(p) for p in v] for k, v in self._parts.items()}
         return self
 
     def array(self, key: str, pos: np.ndarray) -> np.ndarray:
-        """Rows `pos` of one stored array, in the order given."""
+        """Rows `pos` of one stored array, in the order given (a view when they are a run of
+        consecutive videos of one chunk, as exhaustive pages are: nothing is copied)."""
         parts = self._parts[key]
         pos = np.asarray(pos, np.int64)
-        if len(parts) == 1 and len(parts[0]) == self.n:
+        whole = len(parts) == 1 and len(parts[0]) == self.n
+        if len(pos) and pos[-1] - pos[0] == len(pos) - 1 and (np.diff(pos) == 1).all():
+            c0, r0 = (0, pos[0]) if whole else divmod(int(pos[0]), self.chunk)
+            if r0 + len(pos) <= len(parts[c0]):
+                return parts[c0][r0:r0 + len(pos)]
+        if whole:
             return np.asarray(parts[0][pos])
         c, r = np.divmod(pos, self.chunk)
         out = np.empty((len(pos), *parts[0].shape[1:]), parts[0].dtype)
@@ -176,13 +206,14 @@ class VideoIndex:
         return out
 
     def embed(self, pos: np.ndarray, device, patches: bool = True) -> VideoEmb:
-        """The `VideoEmb` of the videos at `pos` as `encode_videos` gave it (float16 parts as float32)."""
-        fields = [f.name for f in dataclasses.fields(VideoEmb)]
+        """The `VideoEmb` of the videos at `pos` as `encode_videos` gave it, in its unit-length form
+        (`VideoEmb.unit_length`; float16 parts as float32, the patches in bfloat16)."""
+        fields = [f.name for f in dataclasses.fields(VideoEmb) if f.name != "unit"]
         if not patches:
             fields = [f for f in fields if not f.startswith("patch")]
-        got = {f: torch.from_numpy(self.array(f, pos)).to(device) for f in fields if f in self._parts}
+        got = {f: _tensor(f, self.array(f, pos)).to(device) for f in fields if f in self._parts}
         got = {f: t.float() if t.dtype == torch.float16 else t for f, t in got.items()}
-        return VideoEmb(**got)
+        return VideoEmb(**got, unit=True)
 
     @property
     def frame_time(self) -> np.ndarray:
@@ -324,11 +355,12 @@ def _matches(model: VarCMP, source: CacheVideos, idx: VideoIndex, device) -> boo
     with torch.inference_mode():
         fresh = _encode_chunk(model, source, pos, device, ENCODE_BATCH)
     try:
-        stored = {k: idx.array(k, pos) for k in fresh}
-    except (KeyError, ValueError, IndexError):
+        stored = {k: _tensor(k, idx.array(k, pos)) for k in fresh}
+    except (KeyError, ValueError, IndexError, RuntimeError):
         return False
-    return all(a.shape == stored[k].shape and (np.array_equal(a, stored[k]) if a.dtype == bool else
-               np.allclose(a.astype(np.float32), stored[k].astype(np.float32), atol=CHECK_ATOL))
+    fresh = {k: _tensor(k, a) for k, a in fresh.items()}
+    return all(a.shape == stored[k].shape and (torch.equal(a, stored[k]) if a.dtype == torch.bool else
+               torch.allclose(a.float(), stored[k].float(), atol=CHECK_ATOL))
                for k, a in fresh.items())
 
 

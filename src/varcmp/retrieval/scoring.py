@@ -16,6 +16,9 @@ from ..model import QueryEmb, VarCMP, VideoEmb
 
 DEFAULT_CHUNK = 32          # CPU; see score_matrix for the memory formula and benchmarks/evaluate.py
 DEFAULT_CHUNK_CUDA = 128    # GPUs want bigger blocks (fewer kernel launches)
+INDEX_PAGE = 128            # videos per page of top_k over a stored index (one query: fewest passes)
+ENCODE_BATCH = 16           # videos per encode_videos forward in evaluation and the index build
+                            # (memory, not results; on one CPU core 16 was the fastest of 8-64)
 
 
 def default_chunk(device) -> int:
@@ -214,18 +217,20 @@ def _rank_page(model: VarCMP, page: _Page, q: QueryEmb, member: np.ndarray | Non
 
 def top_k(model: VarCMP, source, q: QueryEmb, top: int, candidates: list[np.ndarray] | None = None,
           chunk: int = DEFAULT_CHUNK, device="cpu", progress=None, stats: dict | None = None,
-          on_page=None) -> Ranked:
+          on_page=None, page: int | None = None) -> Ranked:
     """The `top` best videos of `source` (`.n` videos, and `.read(pos, patches)` of their raw
     features or `.embed(pos, device, patches)` of their stored encoding) for each query by the full
     score (model.cfg.levels).
 
     candidates: None scores every video (exhaustive); else one array of positions per query, and
     only those are read, encoded and scored (two-stage). The videos to score (all, or the union of
-    the candidates), in position order, are taken in pages of `chunk`: a page is read and encoded
-    once, then scored (`score_matrix`) against the queries in groups of `chunk`, each group against
-    the page's videos that are a candidate of one of its queries. With every video a candidate of
-    every query, the computation is that of candidates=None, operation for operation. `stats` (a
-    dict) accumulates the seconds spent reading, encoding and scoring; `on_page(pos, VideoEmb)`
+    the candidates), in position order, are taken in pages of `page` videos (default: `chunk` of
+    raw features; at least INDEX_PAGE of a stored index, whose pages are encoded already): a page
+    is read and encoded once, then scored (`score_matrix`, in blocks of `chunk`) against the
+    queries in groups of `chunk`, each group against the page's videos that are a candidate of one
+    of its queries. With every video a candidate of every query, the computation is that of
+    candidates=None, operation for operation. `stats` (a dict) accumulates the seconds spent
+    reading, encoding and scoring; `on_page(pos, VideoEmb)`
     sees every encoded page."""
     Q, n = len(q), source.n
     keys = (*model.cfg.levels, "total")
@@ -241,7 +246,8 @@ def top_k(model: VarCMP, source, q: QueryEmb, top: int, candidates: list[np.ndar
         stats.setdefault(k, 0.0)
     groups = [slice(g, min(g + chunk, Q)) for g in range(0, Q, chunk)]
     best = [_empty_ranked(g.stop - g.start, keys) for g in groups]
-    pages = [union[s:s + chunk] for s in range(0, len(union), chunk)]
+    page = page or (max(chunk, INDEX_PAGE) if hasattr(source, "embed") else chunk)
+    pages = [union[s:s + page] for s in range(0, len(union), page)]
     task = progress.add_task("scoring", total=len(pages)) if progress is not None else None
     for need in pages:
         member = None if candidates is None else _members(qi, ci, need, Q)

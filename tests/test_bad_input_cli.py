@@ -271,6 +271,38 @@ def test_ctrl_c_in_search_is_one_line_and_exit_130(markup_run, tmp_path):
     assert not js.exists()
 
 
+def test_ctrl_c_in_serve_stops_the_server_in_one_line_and_exit_130(markup_run, tmp_path):
+    """uvicorn shuts down on the signal, then raises it again: the server ends as any command."""
+    import socket
+
+    _, cache, _ = markup_run
+    ckpt = zero_shot_checkpoint(cache, tmp_path / "zs.safetensors")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def listening(lines, pid) -> bool:
+        if not any(" ready in " in x for x in lines):
+            return False
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    code, lines, after = interrupt("varcmp.cli.main", ["serve", cache, "--checkpoint", ckpt, "--device", "cpu",
+                                                       "--port", port], listening)
+    assert one_interrupt_line(code, lines, after) == "interrupted: the server stopped"
+    # a port that is taken is one line too, before anything is loaded
+    from varcmp.cli.main import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        r = CliRunner().invoke(main, ["serve", str(cache), "--checkpoint", str(ckpt), "--device", "cpu",
+                                      "--port", str(taken)])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith(
+        f"error: cannot listen on 127.0.0.1:{taken}: "), r.output
+
+
 def test_ctrl_c_in_extract_is_one_line_saying_what_is_saved(tmp_path, tiny_clip):
     from varcmp.cache_schema import DONE
     from varcmp.cache.reader import open_cache

@@ -10,7 +10,7 @@ import click
 
 from ..errors import UserError
 from ..retrieval.search import MODES
-from .common import OneLineErrors
+from .common import Interrupted, OneLineErrors
 
 
 @click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -52,6 +52,7 @@ def serve(cache, checkpoint, host, port, splits, clip_model, clap_model, mode, c
         raise UserError(f"varcmp serve needs the 'serve' extra ({e.name} is missing): "
                         "pip install 'varcmp[serve]'") from None
     err = Console(stderr=True)
+    _listenable(host, port)
     t0 = time.perf_counter()
     searcher = Searcher(cache, checkpoint, splits, device, None, mode, candidates, err, True)
     try:
@@ -59,6 +60,27 @@ def serve(cache, checkpoint, host, port, splits, clip_model, clap_model, mode, c
         videos = sum(s.n for s in searcher.sources)
         err.print(f"varcmp serve: {videos} videos ready in {time.perf_counter() - t0:.1f} s on "
                   f"http://{host}:{port} (Ctrl-C stops)", highlight=False, markup=False)
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        try:
+            server.run()  # on Ctrl-C uvicorn shuts down, then raises the signal again (uvicorn.run would swallow it)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted: the server stopped") from None
     finally:
         searcher.close()
+
+
+def _listenable(host: str, port: int) -> None:
+    """One line now, rather than uvicorn's log line and exit code 1, when the address is taken."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

@@ -68,19 +68,19 @@ META = "index.json"
 
 
 def _encode_chunk(model: VarCMP, source: CacheVideos, pos: np.ndarray, device, batch: int) -> dict[str, np.ndarray]:
-    """The stored arrays of the videos at `pos`, from `encode_videos` of their raw features."""
+    """The stored arrays of the videos at `pos`, from `encode_videos` of their raw features, batch
+    by batch (each batch's parts are made unit length and 16-bit while they are in the cache)."""
     patches = "finer" in model.cfg.levels
-    parts, times = [], []
+    parts: dict[str, list[np.ndarray]] = {}
     for s in range(0, len(pos), batch):
         data = source.read(pos[s:s + batch], patches=patches)
-        parts.append(encode_videos(model, data, device, batch=batch))
-        times.append(data.frame_time)
-    v = VideoEmb.cat(parts).unit_length()
-    out = {f.name: getattr(v, f.name) for f in dataclasses.fields(v) if isinstance(getattr(v, f.name), torch.Tensor)}
-    out["vectors"] = model.video_vectors(v)
-    arrays = {k: _stored(k, t.detach()) for k, t in out.items()}
-    arrays["frame_time"] = np.concatenate(times).astype(np.float32)
-    return arrays
+        v = encode_videos(model, data, device, batch=batch).unit_length()
+        out = {f.name: getattr(v, f.name) for f in dataclasses.fields(v) if isinstance(getattr(v, f.name), torch.Tensor)}
+        out["vectors"] = model.video_vectors(v)
+        for k, t in out.items():
+            parts.setdefault(k, []).append(_stored(k, t.detach()))
+        parts.setdefault("frame_time", []).append(np.asarray(data.frame_time, np.float32))
+    return {k: np.concatenate(a) for k, a in parts.items()}
 
 
 def _stored(key: str, t: torch.Tensor) -> np.ndarray:

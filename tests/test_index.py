@@ -22,7 +22,7 @@ from varcmp.cache.reader import open_cache
 from varcmp.cli.index import main as index_main
 from varcmp.evaluate import zero_shot_model
 from varcmp.model import VideoEmb, checkpoint
-from varcmp.retrieval.index import INDEX_DIR, open_index
+from varcmp.retrieval.index import INDEX_DIR, fast_bfloat16, open_index
 from varcmp.retrieval.pairs import load_eval_data
 from varcmp.retrieval.scoring import encode_queries, encode_videos, score_matrix
 from varcmp.retrieval.search import search_features
@@ -86,8 +86,9 @@ def test_the_index_is_the_model_encoding_of_every_video(planted, ckpt):
         norms = np.linalg.norm(b, axis=-1)
         assert np.allclose(norms[norms > 0], 1.0, atol=1e-5) and np.allclose(b * np.linalg.norm(
             getattr(v, f).numpy(), axis=-1, keepdims=True), getattr(v, f).numpy(), atol=1e-5), f
-    # the patches are stored as the bits of their bfloat16 rounding, and come back as bfloat16
-    assert got.patches.dtype == torch.bfloat16
+    # the patches are stored as the bits of their bfloat16 rounding, and come back as bfloat16 (on a
+    # device that computes in it fast; see the next test)
+    assert got.patches.dtype == (torch.bfloat16 if fast_bfloat16("cpu") else torch.float32)
     assert torch.equal(torch.from_numpy(idx.array("patches", np.arange(30))).view(torch.bfloat16),
                        unit.patches.to(torch.bfloat16))
     for f in ("frame_weights", "anomaly", "video_score", "patch_weights"):
@@ -99,6 +100,21 @@ def test_the_index_is_the_model_encoding_of_every_video(planted, ckpt):
     # any order of positions, across chunks
     pos = np.array([29, 3, 17, 8, 8])
     assert torch.equal(idx.embed(pos, "cpu").frames, got.frames[pos])
+
+
+def test_patches_come_as_float32_where_bfloat16_is_not_fast(planted, ckpt, monkeypatch):
+    """A CPU without oneDNN bfloat16 kernels (or an MPS device) gets the same patches as float32."""
+    import varcmp.retrieval.index as I
+
+    model, _ = checkpoint.load(ckpt)
+    with open_cache(planted) as c:
+        idx, _ = open_index(model, c, CacheVideos(c.split("test")), ckpt, "cpu")
+    monkeypatch.setattr(I, "fast_bfloat16", lambda device: True)
+    fast = idx.embed(np.arange(30), "cpu")
+    monkeypatch.setattr(I, "fast_bfloat16", lambda device: False)
+    slow = idx.embed(np.arange(30), "cpu")
+    assert fast.patches.dtype == torch.bfloat16 and slow.patches.dtype == torch.float32
+    assert torch.equal(slow.patches, fast.patches.float()) and torch.equal(slow.frames, fast.frames)
 
 
 def test_search_on_the_index_equals_the_exhaustive_ranking_of_fresh_encodings(planted, ckpt):

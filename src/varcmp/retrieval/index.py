@@ -97,6 +97,21 @@ def _tensor(key: str, a: np.ndarray) -> torch.Tensor:
     return t.view(torch.bfloat16) if key in BF16 else t
 
 
+def fast_bfloat16(device) -> bool:
+    """Whether bfloat16 products are fast on `device`: a CUDA GPU that supports them, or a CPU for
+    which PyTorch's oneDNN has bfloat16 kernels (AVX-512 or newer; elsewhere they are emulated,
+    slower than float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
 def _write_chunk(folder: Path, i: int, arrays: dict[str, np.ndarray]) -> None:
     """Chunk i's arrays into a temporary folder, fsynced, then renamed to chunk-i (atomic)."""
     final = folder / f"chunk-{i:05d}"
@@ -207,12 +222,15 @@ class VideoIndex:
 
     def embed(self, pos: np.ndarray, device, patches: bool = True) -> VideoEmb:
         """The `VideoEmb` of the videos at `pos` as `encode_videos` gave it, in its unit-length form
-        (`VideoEmb.unit_length`; float16 parts as float32, the patches in bfloat16)."""
+        (`VideoEmb.unit_length`; float16 parts as float32, the patches in bfloat16 where the
+        device computes in it fast, else float32)."""
         fields = [f.name for f in dataclasses.fields(VideoEmb) if f.name != "unit"]
         if not patches:
             fields = [f for f in fields if not f.startswith("patch")]
         got = {f: _tensor(f, self.array(f, pos)).to(device) for f in fields if f in self._parts}
-        got = {f: t.float() if t.dtype == torch.float16 else t for f, t in got.items()}
+        keep = fast_bfloat16(device)
+        got = {f: t.float() if t.dtype == torch.float16 or (t.dtype == torch.bfloat16 and not keep) else t
+               for f, t in got.items()}
         return VideoEmb(**got, unit=True)
 
     @property

@@ -539,12 +539,17 @@ def test_the_untrained_model_is_kept_when_no_epoch_validates_above_it(planted, t
     torch.testing.assert_close(scores(best, planted), scores(zs, planted))  # the untrained model is zero-shot
     assert checkpoint.read_meta(out / "last.safetensors")["epoch"] == 2
     assert "no epoch validated above the untrained model" in " ".join(res.output.split())
-    # a resumed run to more epochs keeps epoch 0 as best while nothing beats it
-    cli(planted, "--out", out, "--query", "text", "--epochs", 3, "--lr", 0.01, "--val-fraction", 0.25,
-        "--seed", 0, "--resume", *SMALL_ARGS[:-1])
+    # a resumed run to more epochs keeps epoch 0 as best while nothing beats it; killed before
+    # best.safetensors was written, the resume writes it from the seed's untrained model
+    (out / "best.safetensors").unlink()
+    res = cli(planted, "--out", out, "--query", "text", "--epochs", 3, "--lr", 0.01, "--val-fraction", 0.25,
+              "--seed", 0, "--resume", *SMALL_ARGS[:-1])
+    assert "restored" in res.output and "(epoch 0)" in " ".join(res.output.split())
     hist = json.loads((out / "history.json").read_text())
     assert hist["best_epoch"] == (0 if max(r["val_r1"] for r in hist["epochs"][1:]) <= r1[0] else
                                   max(hist["epochs"][1:], key=lambda r: r["val_r1"])["epoch"])
+    if hist["best_epoch"] == 0:
+        torch.testing.assert_close(scores(checkpoint.load(out)[0], planted), scores(zs, planted))
 
 
 def test_recipe_paper_sets_what_the_command_line_does_not(planted, tmp_path):

@@ -140,11 +140,14 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
     learner = init_learner(cfg, opts, compute)
     history, best, start, untrained = [], dict(NO_BEST), 1, None
     if state is not None:
+        # the seed's untrained model, should best.safetensors still have to be written from it (epoch 0)
+        untrained = copy.deepcopy(learner.model) if main_rank and state["best"]["epoch"] == 0 else None
         learner.load(state)
         history, best, start = list(state["history"]), dict(state["best"]), int(state["epoch"]) + 1
         console.print(f"resuming {lit(out)} after epoch {state['epoch']}", highlight=False, soft_wrap=True)
         if main_rank:
-            files.restore(state, learner.model, console)
+            files.restore(state, learner.model, console, untrained)
+        untrained = None
     elif data.val is not None:  # the untrained model (zero-shot) is a candidate: training must beat it
         rec = _validate_untrained(learner, data, opts.query, console)
         rec["best"], best = pick_best(best, 0, rec["val"])

@@ -132,19 +132,21 @@ class RunDir:
         self.save_checkpoint("last", model, epoch, metrics)
         self.write_history(history, best, epoch)
 
-    def restore(self, state: dict, model, console) -> None:
+    def restore(self, state: dict, model, console, untrained=None) -> None:
         """--resume: rewrite from the state (the run's commit point; `model` holds its weights) whatever a
-        kill or a full disk kept from being written after it; best is then either on disk or this last epoch."""
+        kill or a full disk kept from being written after it; best is then either on disk, this last
+        epoch or epoch 0, the untrained model (`untrained`: the run seed's initial weights)."""
         done, history, best = int(state["epoch"]), state["history"], state["best"]
         self.events = EventLog(self.out, query_kind(self.opts.query).metric_keys, resume_from=done)
-        metrics = next((r.get("val") for r in history if r["epoch"] == done), None)
         for name, epoch_of in (("last", done), ("best", best["epoch"])):
             path = self.out / f"{name}.safetensors"
             if holds_epoch(path, epoch_of, self.plan.digest()):
                 continue
-            if epoch_of == done:
-                self.save_checkpoint(name, model, done, metrics)
-                console.print(f"[dim]restored {lit(path)} (epoch {done}) from {STATE_NAME}",
+            source = model if epoch_of == done else untrained if epoch_of == 0 else None
+            if source is not None:
+                metrics = next((r.get("val") for r in history if r["epoch"] == epoch_of), None)
+                self.save_checkpoint(name, source, epoch_of, metrics)
+                console.print(f"[dim]restored {lit(path)} (epoch {epoch_of}) from {STATE_NAME}",
                               highlight=False, soft_wrap=True)
             else:
                 console.print(f"[yellow]warning: {lit(path)} does not hold epoch {epoch_of}, the best "

@@ -39,8 +39,9 @@ What is timed (generation, standing in for reading the raw cache, is excluded an
 - exhaustive, one query alone: `retrieval.scoring.top_k(..., candidates=None)` over the index
   (what `varcmp-search --mode exhaustive` runs), split into reading the index and scoring;
 - two-stage, one query alone: the faiss first stage over the index's vectors for the default pool
-  K, then `top_k` over those K, median over the queries; kept: the share of the exhaustive top 10
-  (all queries in one exhaustive pass) that the two-stage top 10 holds.
+  K (and for K = DEFAULT_CANDIDATES where the default is larger), then `top_k` over those K, median
+  over the queries; kept: the share of the exhaustive top 10 (all queries in one exhaustive pass)
+  that the two-stage top 10 holds.
 
 The index is warm: written by the build just before, so the operating system holds its files
 (as it does for `varcmp serve`, which opens it once).

@@ -278,3 +278,19 @@ def test_a_cache_where_the_index_cannot_be_stored(planted, ckpt, tmp_path):
     assert memory["splits"][0]["index"]["stored"] is False and memory["splits"][0]["index"]["path"] is None
     assert [[h["row"] for h in q["hits"]] for q in memory["queries"]] == \
            [[h["row"] for h in q["hits"]] for q in stored["queries"]]
+
+
+def test_a_chunk_array_written_in_pieces_is_the_npy_of_their_concatenation():
+    """`_save_pieces` (a chunk's per-batch pieces, never concatenated in memory) writes the bytes
+    np.save writes for the whole array, for every dtype the index stores."""
+    import io
+
+    from varcmp.retrieval.index import _save_pieces
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float16, np.int16, np.float32, bool):
+        pieces = [rng.standard_normal((n, 4, 3)).astype(dtype) for n in (16, 16, 5)]
+        got, want = io.BytesIO(), io.BytesIO()
+        _save_pieces(got, pieces)
+        np.save(want, np.concatenate(pieces))
+        assert got.getvalue() == want.getvalue(), dtype

@@ -67,9 +67,11 @@ META = "index.json"
 # Building: encode a chunk of videos, store it whole
 
 
-def _encode_chunk(model: VarCMP, source: CacheVideos, pos: np.ndarray, device, batch: int) -> dict[str, np.ndarray]:
+def _encode_chunk(model: VarCMP, source: CacheVideos, pos: np.ndarray, device,
+                  batch: int) -> dict[str, list[np.ndarray]]:
     """The stored arrays of the videos at `pos`, from `encode_videos` of their raw features, batch
-    by batch (each batch's parts are made unit length and 16-bit while they are in the cache)."""
+    by batch (each batch's parts are made unit length and 16-bit while they are in the cache), as
+    one list of per-batch pieces per array (written one after the other, never concatenated)."""
     patches = "finer" in model.cfg.levels
     parts: dict[str, list[np.ndarray]] = {}
     for s in range(0, len(pos), batch):
@@ -80,7 +82,7 @@ def _encode_chunk(model: VarCMP, source: CacheVideos, pos: np.ndarray, device, b
         for k, t in out.items():
             parts.setdefault(k, []).append(_stored(k, t.detach()))
         parts.setdefault("frame_time", []).append(np.asarray(data.frame_time, np.float32))
-    return {k: np.concatenate(a) for k, a in parts.items()}
+    return parts
 
 
 def _stored(key: str, t: torch.Tensor) -> np.ndarray:
@@ -112,15 +114,27 @@ def fast_bfloat16(device) -> bool:
     return False
 
 
-def _write_chunk(folder: Path, i: int, arrays: dict[str, np.ndarray]) -> None:
-    """Chunk i's arrays into a temporary folder, fsynced, then renamed to chunk-i (atomic)."""
+def _save_pieces(f, pieces: list[np.ndarray]) -> None:
+    """The `.npy` of the pieces' concatenation along the first axis, written piece by piece (a
+    chunk's arrays are never copied into one: at tens of MB that copy cost more than the write)."""
+    first = pieces[0]
+    shape = (sum(len(p) for p in pieces), *first.shape[1:])
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(first.dtype),
+                                             "fortran_order": False, "shape": shape})
+    for p in pieces:
+        f.write(np.ascontiguousarray(p, first.dtype).data)
+
+
+def _write_chunk(folder: Path, i: int, arrays: dict[str, list[np.ndarray]]) -> None:
+    """Chunk i's arrays (each as pieces, see `_save_pieces`) into a temporary folder, fsynced,
+    then renamed to chunk-i (atomic)."""
     final = folder / f"chunk-{i:05d}"
     tmp = folder / f".chunk-{i:05d}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for k, a in arrays.items():
+    for k, pieces in arrays.items():
         with open(tmp / f"{k}.npy", "wb") as f:
-            np.save(f, a)
+            _save_pieces(f, pieces)
             f.flush()
             os.fsync(f.fileno())
     _fsync_dir(tmp)
@@ -371,7 +385,7 @@ def _matches(model: VarCMP, source: CacheVideos, idx: VideoIndex, device) -> boo
     """Whether the index's first videos equal a fresh encoding of their raw features."""
     pos = np.arange(min(INDEX_CHECK, source.n))
     with torch.inference_mode():
-        fresh = _encode_chunk(model, source, pos, device, ENCODE_BATCH)
+        fresh = {k: np.concatenate(a) for k, a in _encode_chunk(model, source, pos, device, ENCODE_BATCH).items()}
     try:
         stored = {k: _tensor(k, idx.array(k, pos)) for k in fresh}
     except (KeyError, ValueError, IndexError, RuntimeError):

@@ -161,8 +161,8 @@ def gather_rows(local, sizes: list[int], rank: int):
     parts = {}
     for f in dataclasses.fields(local):
         t = getattr(local, f.name)
-        if t is None:
-            parts[f.name] = None
+        if not isinstance(t, torch.Tensor):  # None, or a flag such as VideoEmb.unit: the same everywhere
+            parts[f.name] = t
             continue
         send = t.detach()
         send = (send.to(torch.uint8) if t.dtype == torch.bool else send).contiguous()

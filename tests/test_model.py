@@ -568,6 +568,43 @@ def test_eval_patch_selection_is_hard_topk():
     torch.testing.assert_close(v.patches[0], tied[0, 0, :M], **TOL)
 
 
+def test_selector_without_cos_scores_by_the_mlp_alone():
+    """--no-selector-cos: the score is the MLP on [patch, frame CLS] alone (plain implementation), the
+    hard top-k keeps its best M; the MLP's weights are those of the cos rule's selector."""
+    frames, fmask, patches = video_data()
+    with_cos = make_model(seed=6).patch_selector
+    sel = make_model(seed=6, selector_cos=False).patch_selector
+    cls = frames[:, :, None, :].expand_as(patches)
+    w1 = torch.cat([sel.patch_in.weight, sel.frame_in.weight], dim=1)
+    with torch.no_grad():
+        mlp = (F.gelu(torch.cat([patches, cls], -1) @ w1.T + sel.patch_in.bias) @ sel.out.weight.T + sel.out.bias)[..., 0]
+        torch.testing.assert_close(sel.scores(patches, frames), mlp, **TOL)
+        torch.testing.assert_close(with_cos.scores(patches, frames), mlp + F.cosine_similarity(patches, cls, dim=-1),
+                                   **TOL)
+        want = torch.topk(mlp, M, dim=-1).indices.sort(-1).values
+        assert torch.equal(sel.keep(patches, frames), want)
+
+
+@pytest.mark.parametrize("selector_cos", [True, False])
+def test_the_untrained_selector_mlp_gets_a_gradient(selector_cos):
+    """From the zero-initialised last layer (an untrained model), the retrieval loss of a finer-only
+    model reaches the selector's MLP through the perturbed top-k: its last layer's gradient is not zero;
+    the first layer's is (the last layer is 0), until one step has moved the last layer."""
+    torch.manual_seed(3)
+    model = VarCMP(cfg(levels=("finer",), selector_cos=selector_cos)).double().train()
+    frames, fmask, patches = video_data()
+    w, wm, s = text_data()
+    sel = model.patch_selector
+    opt = torch.optim.SGD(sel.parameters(), lr=1.0)
+    for step in range(2):
+        opt.zero_grad()
+        out = model.loss(model.encode_videos(frames, fmask, patches), model.encode_text(w[:3], wm[:3], s[:3]))
+        out["loss"].backward()
+        assert sel.out.weight.grad.abs().sum() > 0
+        assert (sel.patch_in.weight.grad.abs().sum() > 0) == (step == 1)
+        opt.step()
+
+
 def test_training_selection_is_differentiable_and_seeded():
     model = make_model(seed=7).train()
     frames, fmask, patches = video_data()

@@ -61,6 +61,8 @@ class ModelConfig:
     topk_relative: bool = setting(False, "Perturbed top-k noise relative to each frame's spread of selector "
                                   "scores (scores standardised per frame before the noise; training only).")
     topk_samples: int = within(100, 1, 100000, help="Samples of the perturbed top-k (training).")
+    selector_cos: bool = setting(True, "Patch selector score = cos(patch, frame [CLS]) + MLP (an untrained selector "
+                                 "keeps the patches closest to their frame); --no-selector-cos: the MLP alone.")
     logit_scale: float = within(100.0, 0.0, 1e4, "(]", help="Scale of R in the InfoNCE (CLIP's 100).")
 
     def __post_init__(self):

@@ -568,24 +568,39 @@ def test_eval_patch_selection_is_hard_topk():
     torch.testing.assert_close(v.patches[0], tied[0, 0, :M], **TOL)
 
 
-def test_selector_without_cos_scores_by_the_mlp_alone():
-    """--no-selector-cos: the score is the MLP on [patch, frame CLS] alone (plain implementation), the
-    hard top-k keeps its best M; the MLP's weights are those of the cos rule's selector."""
+@pytest.mark.parametrize("weight", [0.0, 0.001, 2.5])
+def test_selector_score_is_the_weighted_cos_plus_the_mlp(weight):
+    """--selector-cos w: the score is w cos(patch, frame CLS) + the MLP on [patch, frame CLS] (plain
+    implementation; w = 0: the MLP alone), and the hard top-k keeps its best M."""
     frames, fmask, patches = video_data()
-    with_cos = make_model(seed=6).patch_selector
-    sel = make_model(seed=6, selector_cos=False).patch_selector
+    sel = make_model(seed=6, selector_cos=weight).patch_selector
     cls = frames[:, :, None, :].expand_as(patches)
     w1 = torch.cat([sel.patch_in.weight, sel.frame_in.weight], dim=1)
     with torch.no_grad():
         mlp = (F.gelu(torch.cat([patches, cls], -1) @ w1.T + sel.patch_in.bias) @ sel.out.weight.T + sel.out.bias)[..., 0]
-        torch.testing.assert_close(sel.scores(patches, frames), mlp, **TOL)
-        torch.testing.assert_close(with_cos.scores(patches, frames), mlp + F.cosine_similarity(patches, cls, dim=-1),
-                                   **TOL)
-        want = torch.topk(mlp, M, dim=-1).indices.sort(-1).values
-        assert torch.equal(sel.keep(patches, frames), want)
+        want = weight * F.cosine_similarity(patches, cls, dim=-1) + mlp
+        torch.testing.assert_close(sel.scores(patches, frames), want, **TOL)
+        assert torch.equal(sel.keep(patches, frames), torch.topk(want, M, dim=-1).indices.sort(-1).values)
 
 
-@pytest.mark.parametrize("selector_cos", [True, False])
+def test_a_small_cos_weight_keeps_the_untrained_choice_and_a_uniform_start():
+    """Untrained (MLP output 0): any weight > 0 keeps the patches closest to their frame, as weight 1
+    does; weight 0 keeps patches 0..M-1. In training, a weight far below sigma selects like weight 0
+    (the perturbed top-k of near-equal scores): the same soft selection up to a small difference."""
+    frames, fmask, patches = video_data()
+    keep = {w: make_model(randomise=False, selector_cos=w).patch_selector.keep(patches, frames)
+            for w in (1.0, 1e-3, 0.0)}
+    assert torch.equal(keep[1e-3], keep[1.0]) and not torch.equal(keep[0.0], keep[1.0])
+    assert torch.equal(keep[0.0], torch.arange(M).expand_as(keep[0.0]))
+    soft = {}
+    for w in (1e-6, 0.0, 1.0):
+        sel = make_model(randomise=False, selector_cos=w, topk_sigma=0.05, topk_samples=2000).patch_selector.train()
+        torch.manual_seed(4)
+        soft[w] = sel(patches, frames)
+    assert (soft[1e-6] - soft[0.0]).abs().max() < 0.01 < (soft[1.0] - soft[0.0]).abs().max()
+
+
+@pytest.mark.parametrize("selector_cos", [1.0, 0.0])
 def test_the_untrained_selector_mlp_gets_a_gradient(selector_cos):
     """From the zero-initialised last layer (an untrained model), the retrieval loss of a finer-only
     model reaches the selector's MLP through the perturbed top-k: its last layer's gradient is not zero;

@@ -49,7 +49,7 @@ class TrainOptions:
     topk_sigma: float = model_setting("topk_sigma")
     topk_samples: int = model_setting("topk_samples")
     topk_relative: bool = model_setting("topk_relative")
-    selector_cos: bool = model_setting("selector_cos")
+    selector_cos: float = model_setting("selector_cos")
     seed: int = setting(0, "Seeds the weights, the batch order and the validation draw.")
 
     def __post_init__(self):

@@ -771,3 +771,25 @@ def test_audio_encoder_by_hand():
     assert torch.equal(qt.glob, s)
     want = ref_softmax([ref_weight_head(text.word_weight, w[0, i]) for i in range(WORDS[0])])
     assert qt.token_weights[0, :WORDS[0]].tolist() == pytest.approx(want, abs=1e-12)
+
+
+def test_a_checkpoint_saved_before_selector_cos_loads_with_the_cos_term(tmp_path):
+    """Checkpoints written before --selector-cos existed do not name it; their selector had the cos
+    term (weight 1), whatever today's default; one that names it keeps its own weight."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from varcmp.model import checkpoint
+
+    for weight in (0.0, 0.25):
+        path = checkpoint.save(tmp_path / "new.safetensors", make_model(selector_cos=weight), {})
+        assert checkpoint.load(path)[0].cfg.selector_cos == weight
+    with safe_open(str(path), framework="pt") as f:
+        state, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()[checkpoint.META_KEY])
+    del meta["model_config"]["selector_cos"]
+    save_file(state, str(tmp_path / "old.safetensors"), metadata={checkpoint.META_KEY: json.dumps(meta)})
+    old, _ = checkpoint.load(tmp_path / "old.safetensors")
+    assert old.cfg.selector_cos == 1.0
+    frames, _, patches = video_data()
+    torch.testing.assert_close(old.patch_selector.scores(patches.float(), frames.float()),
+                               make_model(selector_cos=1.0).float().patch_selector.scores(patches.float(), frames.float()))

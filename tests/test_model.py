@@ -554,7 +554,7 @@ def test_eval_patch_selection_is_hard_topk():
         # the scorer is one MLP on the concatenation [patch, frame CLS]
         w1 = torch.cat([sel.patch_in.weight, sel.frame_in.weight], dim=1)
         h = F.gelu(torch.cat([patches, cls], -1) @ w1.T + sel.patch_in.bias)
-        s = F.cosine_similarity(patches, cls, dim=-1) + (h @ sel.out.weight.T + sel.out.bias)[..., 0]
+        s = sel.cos_weight * F.cosine_similarity(patches, cls, dim=-1) + (h @ sel.out.weight.T + sel.out.bias)[..., 0]
     assert torch.equal(v1.patches, v2.patches)
     idx = torch.topk(s, M, dim=-1).indices.sort(-1).values
     for vi, valid in enumerate(FRAMES):

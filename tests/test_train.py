@@ -576,7 +576,8 @@ def test_a_run_saved_before_the_new_settings_resumes_with_what_it_was_trained_wi
     TS.save_state(st, path)
     res = cli(planted, "--out", out, "--epochs", 2, "--val-fraction", 0, "--resume", *SMALL_ARGS, code=2)
     assert "balance_anomaly: False there, True now" in " ".join(res.output.split())
-    cli(planted, "--out", out, "--epochs", 2, "--val-fraction", 0, "--resume", "--no-balance-anomaly", *SMALL_ARGS)
+    cli(planted, "--out", out, "--epochs", 2, "--val-fraction", 0, "--resume", "--no-balance-anomaly",
+        "--selector-cos", 1, *SMALL_ARGS)
     assert json.loads((out / "history.json").read_text())["epochs"][-1]["epoch"] == 2
 
 

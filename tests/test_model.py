@@ -580,7 +580,7 @@ def test_eval_patch_selection_is_hard_topk():
         # the scorer is one MLP on the concatenation [patch, frame CLS]
         w1 = torch.cat([sel.patch_in.weight, sel.frame_in.weight], dim=1)
         h = F.gelu(torch.cat([patches, cls], -1) @ w1.T + sel.patch_in.bias)
-        s = F.cosine_similarity(patches, cls, dim=-1) + (h @ sel.out.weight.T + sel.out.bias)[..., 0]
+        s = sel.cos_weight * F.cosine_similarity(patches, cls, dim=-1) + (h @ sel.out.weight.T + sel.out.bias)[..., 0]
     assert torch.equal(v1.patches, v2.patches)
     idx = torch.topk(s, M, dim=-1).indices.sort(-1).values
     for vi, valid in enumerate(FRAMES):
@@ -592,6 +592,58 @@ def test_eval_patch_selection_is_hard_topk():
     tied = torch.stack([2.0 ** k * u for k in range(P)])[None, None]
     v = untrained.encode_videos(u[None, None], torch.ones(1, 1, dtype=torch.bool), tied)
     torch.testing.assert_close(v.patches[0], tied[0, 0, :M], **TOL)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.001, 2.5])
+def test_selector_score_is_the_weighted_cos_plus_the_mlp(weight):
+    """--selector-cos w: the score is w cos(patch, frame CLS) + the MLP on [patch, frame CLS] (plain
+    implementation; w = 0: the MLP alone), and the hard top-k keeps its best M."""
+    frames, fmask, patches = video_data()
+    sel = make_model(seed=6, selector_cos=weight).patch_selector
+    cls = frames[:, :, None, :].expand_as(patches)
+    w1 = torch.cat([sel.patch_in.weight, sel.frame_in.weight], dim=1)
+    with torch.no_grad():
+        mlp = (F.gelu(torch.cat([patches, cls], -1) @ w1.T + sel.patch_in.bias) @ sel.out.weight.T + sel.out.bias)[..., 0]
+        want = weight * F.cosine_similarity(patches, cls, dim=-1) + mlp
+        torch.testing.assert_close(sel.scores(patches, frames), want, **TOL)
+        assert torch.equal(sel.keep(patches, frames), torch.topk(want, M, dim=-1).indices.sort(-1).values)
+
+
+def test_a_small_cos_weight_keeps_the_untrained_choice_and_a_uniform_start():
+    """Untrained (MLP output 0): any weight > 0 keeps the patches closest to their frame, as weight 1
+    does; weight 0 keeps patches 0..M-1. In training, a weight far below sigma selects like weight 0
+    (the perturbed top-k of near-equal scores): the same soft selection up to a small difference."""
+    frames, fmask, patches = video_data()
+    keep = {w: make_model(randomise=False, selector_cos=w).patch_selector.keep(patches, frames)
+            for w in (1.0, 1e-3, 0.0)}
+    assert torch.equal(keep[1e-3], keep[1.0]) and not torch.equal(keep[0.0], keep[1.0])
+    assert torch.equal(keep[0.0], torch.arange(M).expand_as(keep[0.0]))
+    soft = {}
+    for w in (1e-6, 0.0, 1.0):
+        sel = make_model(randomise=False, selector_cos=w, topk_sigma=0.05, topk_samples=2000).patch_selector.train()
+        torch.manual_seed(4)
+        soft[w] = sel(patches, frames)
+    assert (soft[1e-6] - soft[0.0]).abs().max() < 0.01 < (soft[1.0] - soft[0.0]).abs().max()
+
+
+@pytest.mark.parametrize("selector_cos", [1.0, 0.0])
+def test_the_untrained_selector_mlp_gets_a_gradient(selector_cos):
+    """From the zero-initialised last layer (an untrained model), the retrieval loss of a finer-only
+    model reaches the selector's MLP through the perturbed top-k: its last layer's gradient is not zero;
+    the first layer's is (the last layer is 0), until one step has moved the last layer."""
+    torch.manual_seed(3)
+    model = VarCMP(cfg(levels=("finer",), selector_cos=selector_cos)).double().train()
+    frames, fmask, patches = video_data()
+    w, wm, s = text_data()
+    sel = model.patch_selector
+    opt = torch.optim.SGD(sel.parameters(), lr=1.0)
+    for step in range(2):
+        opt.zero_grad()
+        out = model.loss(model.encode_videos(frames, fmask, patches), model.encode_text(w[:3], wm[:3], s[:3]))
+        out["loss"].backward()
+        assert sel.out.weight.grad.abs().sum() > 0
+        assert (sel.patch_in.weight.grad.abs().sum() > 0) == (step == 1)
+        opt.step()
 
 
 def test_training_selection_is_differentiable_and_seeded():
@@ -746,3 +798,25 @@ def test_audio_encoder_by_hand():
     assert torch.equal(qt.glob, s)
     want = ref_softmax([ref_weight_head(text.word_weight, w[0, i]) for i in range(WORDS[0])])
     assert qt.token_weights[0, :WORDS[0]].tolist() == pytest.approx(want, abs=1e-12)
+
+
+def test_a_checkpoint_saved_before_selector_cos_loads_with_the_cos_term(tmp_path):
+    """Checkpoints written before --selector-cos existed do not name it; their selector had the cos
+    term (weight 1), whatever today's default; one that names it keeps its own weight."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from varcmp.model import checkpoint
+
+    for weight in (0.0, 0.25):
+        path = checkpoint.save(tmp_path / "new.safetensors", make_model(selector_cos=weight), {})
+        assert checkpoint.load(path)[0].cfg.selector_cos == weight
+    with safe_open(str(path), framework="pt") as f:
+        state, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()[checkpoint.META_KEY])
+    del meta["model_config"]["selector_cos"]
+    save_file(state, str(tmp_path / "old.safetensors"), metadata={checkpoint.META_KEY: json.dumps(meta)})
+    old, _ = checkpoint.load(tmp_path / "old.safetensors")
+    assert old.cfg.selector_cos == 1.0
+    frames, _, patches = video_data()
+    torch.testing.assert_close(old.patch_selector.scores(patches.float(), frames.float()),
+                               make_model(selector_cos=1.0).float().patch_selector.scores(patches.float(), frames.float()))

@@ -361,20 +361,28 @@ def test_selector_hits_by_hand(small_cache):
                            heads=2, ffn_dim=64))
     got = selector_hits(m, c, "test", batch=7)
     w, sp = world_of(c), c.split("test")
-    hits = {0: [0, 0], 1: [0, 0]}
+    per_row = []  # (label, hits, possible) of each video of the split
     for row, i in enumerate(w.split_indices("test")):
         f = np.asarray(sp.array("videos/frame_feat")[row], np.float64)
         p = np.asarray(sp.array("videos/patch_feat")[row], np.float64)
         cos = np.einsum("npc,nc->np", p, f) / np.linalg.norm(p, axis=-1) / np.linalg.norm(f, axis=-1)[:, None]
         ev = w.evidence_patches(i)
-        for n in np.flatnonzero(ev.any(1)):
-            kept = np.argsort(-cos[n], kind="stable")[:3]
-            hits[w.videos[i].label][0] += ev[n, kept].sum()
-            hits[w.videos[i].label][1] += min(3, ev[n].sum())
-    assert got["normal"] == pytest.approx(hits[0][0] / hits[0][1])
-    assert got["anomalous"] == pytest.approx(hits[1][0] / hits[1][1])
-    assert got["hit_rate"] == pytest.approx((hits[0][0] + hits[1][0]) / (hits[0][1] + hits[1][1]))
+        shown = np.flatnonzero(ev.any(1))
+        kept = [np.argsort(-cos[n], kind="stable")[:3] for n in shown]
+        per_row.append((w.videos[i].label, sum(ev[n, k].sum() for n, k in zip(shown, kept)),
+                        sum(min(3, ev[n].sum()) for n in shown)))
+
+    def rate(rows, label=None):
+        picked = [per_row[r] for r in rows if label is None or per_row[r][0] == label]
+        return sum(h for _, h, _ in picked) / sum(n for _, _, n in picked)
+    every = range(len(per_row))
+    assert got["normal"] == pytest.approx(rate(every, 0))
+    assert got["anomalous"] == pytest.approx(rate(every, 1))
+    assert got["hit_rate"] == pytest.approx(rate(every))
     assert got["chance"] == 3 / 16
+    some = [len(per_row) - 1, 0, 2]  # rows: only those videos, in any order
+    assert selector_hits(m, c, "test", batch=2, rows=some)["hit_rate"] == pytest.approx(rate(some))
+    assert rate(some) != pytest.approx(rate(every))
     with pytest.raises(ValueError, match="not a varcmp-synth cache"):
         world_of(open_cache(write_tiny_extracted(small_cache.parent)))
 

@@ -64,7 +64,8 @@ def zero_shot_model(spec, query: str) -> VarCMP:
     heads = next(h for h in (8, 4, 2, 1) if spec.dim % h == 0)
     cfg = ModelConfig(query=query, dim=spec.dim, audio_dim=spec.audio_dim, num_frames=spec.num_frames,
                       num_patches=spec.num_patches, max_words=spec.max_words,
-                      audio_segments=max(1, spec.audio_segments), top_patches=min(4, spec.num_patches), heads=heads)
+                      audio_segments=max(1, spec.audio_segments), top_patches=min(4, spec.num_patches), heads=heads,
+                      selector_cos=1.0)
     return VarCMP(cfg).eval()
 
 

@@ -110,11 +110,15 @@ def _json_type(value) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
+# what a checkpoint saved before these settings existed was made with (its metadata does not name them)
+BEFORE_THEY_EXISTED = {"selector_cos": 1.0}
+
+
 def model_config(path: Path, meta: dict) -> ModelConfig:
     """The ModelConfig that checked metadata describes; a one-line CheckpointError names the setting."""
     from dataclasses import fields
 
-    settings = meta["model_config"]
+    settings = {**BEFORE_THEY_EXISTED, **meta["model_config"]}
     known = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(settings) - known)
     if unknown:

@@ -61,6 +61,12 @@ class ModelConfig:
     topk_relative: bool = setting(False, "Perturbed top-k noise relative to each frame's spread of selector "
                                   "scores (scores standardised per frame before the noise; training only).")
     topk_samples: int = within(100, 1, 100000, help="Samples of the perturbed top-k (training).")
+    selector_cos: float = within(0.001, 0.0, 1e4, help="Weight of cos(patch, frame [CLS]) in the patch selector's "
+                                 "score (+ MLP). 0.001: training starts from a uniformly random selection (the noise "
+                                 "swamps the cos term) while an untrained selector keeps the patches closest to their "
+                                 "frame (zero-shot CLIP); 0: the MLP alone (TS2-Net; untrained: patches 0..M-1); 1: "
+                                 "varcmp's earlier score, which starts training on those closest patches and, in our "
+                                 "study, never leaves them (benchmarks/selector-study.md).")
     logit_scale: float = within(100.0, 0.0, 1e4, "(]", help="Scale of R in the InfoNCE (CLIP's 100).")
 
     def __post_init__(self):

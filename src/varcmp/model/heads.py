@@ -114,24 +114,30 @@ class PatchSelector(nn.Module):
     Linear(2C, H) -> GELU -> Linear(H, 1), H = selector_dim. Its first layer is applied as
     W_p p + W_f f, so the frame half is computed once per frame rather than once per patch
     (the same function, a fraction of the cost). The last layer starts at zero, so an
-    untrained selector keeps the patches closest to their frame's [CLS].
+    untrained selector keeps the patches closest to their frame's [CLS]. The cos term is weighted
+    by selector_cos: at 0 the score is the MLP alone (TS2-Net's); untrained, every score is then 0,
+    so training starts from a uniformly random perturbed selection (and inference keeps patches
+    0..M-1); a weight far below topk_sigma starts training the same way while an untrained
+    selector still keeps the patches closest to their frame.
     Training: perturbed top-k (soft, differentiable); eval: hard top-k, ties to the lower index."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.k, self.sigma, self.samples = cfg.top_patches, cfg.topk_sigma, cfg.topk_samples
-        self.relative = cfg.topk_relative
+        self.relative, self.cos_weight = cfg.topk_relative, cfg.selector_cos
         self.patch_in = nn.Linear(cfg.dim, cfg.selector_dim)
         self.frame_in = nn.Linear(cfg.dim, cfg.selector_dim, bias=False)
         self.out = _zero_init(nn.Linear(cfg.selector_dim, 1))
 
     def scores(self, patches: Tensor, cls: Tensor) -> Tensor:
         """patches [V, N, P, C], frame [CLS] features cls [V, N, C] -> [V, N, P] (float32)."""
+        hidden = F.gelu(self.patch_in(patches) + self.frame_in(cls)[:, :, None, :])
+        mlp = at_least_f32(self.out(hidden).squeeze(-1))
+        if self.cos_weight == 0:
+            return mlp
         # cos(p, f) as a dot product over the two norms: no normalised copy of every patch
         norms = patches.norm(dim=-1).clamp_min(1e-12) * cls.norm(dim=-1).clamp_min(1e-12)[..., None]
-        cos = torch.einsum("vnpc,vnc->vnp", patches, cls) / norms
-        hidden = F.gelu(self.patch_in(patches) + self.frame_in(cls)[:, :, None, :])
-        return at_least_f32(cos) + at_least_f32(self.out(hidden).squeeze(-1))
+        return self.cos_weight * at_least_f32(torch.einsum("vnpc,vnc->vnp", patches, cls) / norms) + mlp
 
     def forward(self, patches: Tensor, cls: Tensor) -> Tensor:
         """-> selected patches [V, N*M, C], frame-major (frame 0's M patches, then frame 1's...)."""

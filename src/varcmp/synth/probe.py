@@ -20,8 +20,9 @@ def world_of(cache: Cache) -> World:
 
 
 @torch.no_grad()
-def selector_hits(model, cache: Cache, split: str = "test", batch: int = 16) -> dict:
-    """The patch selector's recall of the planted evidence on `split`, at inference (hard top-M).
+def selector_hits(model, cache: Cache, split: str = "test", batch: int = 16, rows=None) -> dict:
+    """The patch selector's recall of the planted evidence on `split` (`rows`: only those videos of
+    it), at inference (hard top-M).
     In each frame that shows the described event, a hit is an evidence patch among the M kept; the
     rate is hits / min(M, evidence patches of the frame), over all such frames of the split, also
     per label (normal videos: their background event, in every frame; anomalous: the anomaly, in its
@@ -33,8 +34,9 @@ def selector_hits(model, cache: Cache, split: str = "test", batch: int = 16) -> 
     model.eval()
     hits = {0: [0, 0], 1: [0, 0]}  # label -> [hits, possible]
     try:
-        for s in range(0, sp.num_videos, batch):
-            rows = np.arange(s, min(s + batch, sp.num_videos))
+        todo = np.arange(sp.num_videos) if rows is None else np.asarray(rows, np.int64)
+        for s in range(0, len(todo), batch):
+            rows = todo[s:s + batch]
             got = sp.read(["videos/frame_feat", "videos/frame_mask", "videos/patch_feat"], rows)
             f = torch.from_numpy(got["frame_feat"]).float()
             p = torch.from_numpy(got["patch_feat"]).float()

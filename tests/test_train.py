@@ -186,6 +186,30 @@ def test_mil_loss_weight_balances_the_training_videos(planted):
     assert learner.step.pos_weight == weight  # what every step's VarCMP.loss receives
 
 
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_anomaly_lr_scale_gives_the_anomaly_head_its_own_rate(planted, scale):
+    """--anomaly-lr-scale s: AdamW's first step moves every weight by its group's rate (whatever the
+    gradient's size), so the anomaly head's weights move s times as far as the others', through
+    the schedule's rate of the step; at 1 the optimiser keeps one group (old states resume)."""
+    opts = T.TrainOptions(anomaly_lr_scale=scale, weight_decay=0.0, schedule="cosine", epochs=4)
+    learner = TL.init_learner(T.TrainOptions(**SMALL).model_config(open_cache(planted).spec), opts,
+                              TL.resolve_compute(T.Runtime(device="cpu"), None))
+    model, opt = learner.model, learner.optimizer
+    assert len(opt.param_groups) == (1 if scale == 1.0 else 2)
+    TL.set_learning_rate(opt, opts, 1.5)
+    rate = TL.learning_rate(opts, 1.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g) * 10 ** torch.randint(-1, 2, (), generator=g).item()
+    opt.step()
+    for n, p in model.named_parameters():
+        want = rate * (scale if n.startswith("anomaly_head.") else 1.0)
+        moved = (p.detach().double() - before[n].double()).abs()
+        sure = p.grad.abs() > 1e-3  # Adam's eps (1e-8) is negligible against these gradients
+        assert sure.float().mean() > 0.9 and torch.allclose(moved[sure], torch.tensor(want).double(), rtol=1e-2), n
+
+
 def test_events_only_with_tensorboard_and_replaced_with_the_run(tmp_path, monkeypatch):
     import varcmp.training.curves as C
     from varcmp.training.rundir import prepare_out
@@ -568,21 +592,23 @@ def test_recipe_paper_sets_what_the_command_line_does_not(planted, tmp_path):
 
 
 def test_a_run_saved_before_the_new_settings_resumes_with_what_it_was_trained_with(planted, tmp_path):
-    """A resume state written before balance_anomaly, schedule, warmup, frame/word drop, topk_relative and
-    selector_cos existed does not name them: it was trained with the unweighted MIL loss, a constant rate
-    and the selector's cos term, so a resume with today's defaults is refused, naming the setting, and
+    """A resume state written before balance_anomaly, schedule, warmup, frame/word drop, topk_relative,
+    selector_cos and anomaly_lr_scale existed does not name them: it was trained with the unweighted MIL
+    loss, a constant rate, the selector's cos term and one learning rate, so a resume with today's defaults is refused, naming the setting, and
     one with the old ones continues."""
     out = tmp_path / "run"
-    cli(planted, "--out", out, "--epochs", 1, "--val-fraction", 0, *SMALL_ARGS)
+    # an old run's optimiser had one group: the anomaly head's rate was the others'
+    cli(planted, "--out", out, "--epochs", 1, "--val-fraction", 0, "--anomaly-lr-scale", 1, *SMALL_ARGS)
     path = out / TS.STATE_NAME
     st = TS.load_state(path)
-    for k in ("balance_anomaly", "schedule", "warmup", "frame_drop", "word_drop", "topk_relative", "selector_cos"):
+    for k in ("balance_anomaly", "schedule", "warmup", "frame_drop", "word_drop", "topk_relative", "selector_cos",
+              "anomaly_lr_scale"):
         del st["train"][k]
     TS.save_state(st, path)
     res = cli(planted, "--out", out, "--epochs", 2, "--val-fraction", 0, "--resume", *SMALL_ARGS, code=2)
     assert "balance_anomaly: False there, True now" in " ".join(res.output.split())
     cli(planted, "--out", out, "--epochs", 2, "--val-fraction", 0, "--resume", "--no-balance-anomaly",
-        "--selector-cos", 1, *SMALL_ARGS)
+        "--selector-cos", 1, "--anomaly-lr-scale", 1, *SMALL_ARGS)
     assert json.loads((out / "history.json").read_text())["epochs"][-1]["epoch"] == 2
 
 

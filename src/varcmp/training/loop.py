@@ -145,12 +145,20 @@ class Learner:
 
 
 def init_learner(cfg, opts, compute: Compute) -> Learner:
-    """A new model seeded by --seed, AdamW (constant lr) and the GradScaler (enabled for fp16 only)."""
+    """A new model seeded by --seed, AdamW (the anomaly head in a group of its own when
+    --anomaly-lr-scale is not 1) and the GradScaler (enabled for fp16 only)."""
     torch.manual_seed(opts.seed)
     np.random.seed(opts.seed % 2**32)
     random.seed(opts.seed)
     model = VarCMP(cfg).to(compute.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    groups = [{"params": list(model.parameters())}]
+    if opts.anomaly_lr_scale != 1.0:  # a group of its own only then: a state of one group resumes as before
+        head = {id(p) for p in model.anomaly_head.parameters()}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in head]},
+                  {"params": list(model.anomaly_head.parameters()), "lr_scale": opts.anomaly_lr_scale}]
+    for g in groups:
+        g["lr"] = opts.lr * g.get("lr_scale", 1.0)
+    optimizer = torch.optim.AdamW(groups, lr=opts.lr, weight_decay=opts.weight_decay)
     return Learner(model, optimizer, torch.amp.GradScaler(compute.device.type, enabled=compute.use_scaler), compute)
 
 
@@ -180,8 +188,7 @@ def train_epoch(learner: Learner, data: TrainData, plan: Plan, opts, epoch: int,
     sums = torch.zeros(len(PARTS), dtype=torch.float64)
     t0 = time.perf_counter()
     for step, batch in enumerate(batch_data, 1):
-        for group in learner.optimizer.param_groups:
-            group["lr"] = learning_rate(opts, epoch - 1 + (step - 1) / len(batches))
+        set_learning_rate(learner.optimizer, opts, epoch - 1 + (step - 1) / len(batches))
         parts = forward(learner, data.labels, *batch)
         vals = torch.stack([parts[k].detach().float() for k in PARTS]).cpu()  # one sync per step
         if not torch.isfinite(vals[0]):  # the same value in every process: all stop here
@@ -196,6 +203,13 @@ def train_epoch(learner: Learner, data: TrainData, plan: Plan, opts, epoch: int,
         progress.update(task, advance=1, loss=float(sums[0]) / step, rate=step / max(time.perf_counter() - t0, 1e-9))
     mean = (sums / len(batches)).tolist()
     return {"epoch": epoch, **dict(zip(PARTS, mean)), "steps": len(batches), "seconds": time.perf_counter() - t0}
+
+
+def set_learning_rate(optimizer, opts, done: float) -> None:
+    """Every parameter group's rate after `done` epochs: `learning_rate`, times the group's own
+    scale (the anomaly head's group: --anomaly-lr-scale)."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(opts, done) * group.get("lr_scale", 1.0)
 
 
 def learning_rate(opts, done: float) -> float:

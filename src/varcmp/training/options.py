@@ -8,7 +8,7 @@ import dataclasses
 import json
 from dataclasses import asdict, dataclass
 
-from ..model.config import QUERIES, ModelConfig, model_setting, setting
+from ..model.config import QUERIES, ModelConfig, model_setting, setting, within
 from . import TrainError
 
 
@@ -32,6 +32,10 @@ class TrainOptions:
                                     "n_anomalous of the training split, so that a mostly anomalous split does not "
                                     "teach the anomaly head to flag every video (--no-balance-anomaly: the "
                                     "paper's unweighted loss).")
+    anomaly_lr_scale: float = within(10.0, 0.0, 1e4, "(]", help="The anomaly classifier's learning rate as a "
+                                     "multiple of --lr: its MIL loss is one scalar per video, and at the shared rate "
+                                     "it had not separated the classes by the end of a run (1: the paper's single "
+                                     "rate; README, 'Does training beat frozen CLIP?').")
     schedule: str = setting("constant", "Learning rate over the run: constant, or cosine (linear warm-up over the "
                             "first --warmup of the steps, then a cosine decay to 0 at --epochs).",
                             choices=("constant", "cosine"))
@@ -97,7 +101,7 @@ class TrainOptions:
 RECIPES = {"varcmp": {},
            "paper": dict(lr=1e-4, batch_size=8, epochs=15, weight_decay=0.01, balance_anomaly=False,
                          schedule="constant", frame_drop=0.0, word_drop=0.0, topk_relative=False, topk_sigma=0.05,
-                         selector_cos=0.0)}
+                         selector_cos=0.0, anomaly_lr_scale=1.0)}
 
 
 _MODEL_SETTINGS = [f.name for f in dataclasses.fields(TrainOptions)

@@ -156,9 +156,8 @@ def init_learner(cfg, opts, compute: Compute) -> Learner:
         head = {id(p) for p in model.anomaly_head.parameters()}
         groups = [{"params": [p for p in model.parameters() if id(p) not in head]},
                   {"params": list(model.anomaly_head.parameters()), "lr_scale": opts.anomaly_lr_scale}]
-    for g in groups:
-        g["lr"] = opts.lr * g.get("lr_scale", 1.0)
     optimizer = torch.optim.AdamW(groups, lr=opts.lr, weight_decay=opts.weight_decay)
+    set_learning_rate(optimizer, opts, 0.0)
     return Learner(model, optimizer, torch.amp.GradScaler(compute.device.type, enabled=compute.use_scaler), compute)
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 # ----------------------------------------------------------------------------- embeddings
 
 class _Rows:
-    """Row-wise helpers for the dataclasses of tensors below (None fields stay None)."""
+    """Row-wise helpers for the dataclasses of tensors below (None fields and flags stay as they are)."""
 
     def _map(self, fn):
         return type(self)(**{f.name: fn(x) if isinstance(x := getattr(self, f.name), Tensor) else x

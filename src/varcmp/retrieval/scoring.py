@@ -230,8 +230,7 @@ def top_k(model: VarCMP, source, q: QueryEmb, top: int, candidates: list[np.ndar
     queries in groups of `chunk`, each group against the page's videos that are a candidate of one
     of its queries. With every video a candidate of every query, the computation is that of
     candidates=None, operation for operation. `stats` (a dict) accumulates the seconds spent
-    reading, encoding and scoring; `on_page(pos, VideoEmb)`
-    sees every encoded page."""
+    reading, encoding and scoring; `on_page(pos, VideoEmb)` sees every encoded page."""
     Q, n = len(q), source.n
     keys = (*model.cfg.levels, "total")
     if Q == 0 or n == 0:

@@ -172,6 +172,23 @@ def test_postprocessing_definitions():
         postprocess(sim, "qb-norm")
 
 
+def test_querybank_normalisation_is_the_inverted_softmax_over_the_bank():
+    rng = np.random.default_rng(0)
+    sim, bank = rng.uniform(-1, 1, (5, 4)), rng.uniform(-1, 1, (5, 7))
+    q2v, v2q = postprocess(sim, "qb", scale=10.0, bank=bank)
+    assert np.array_equal(v2q, sim)  # one correction per video: the queries of a video keep their order
+    for v in range(5):  # plain: log( exp(10 sim) / sum_b exp(10 bank) ) / 10, video by video
+        inverted = np.exp(10 * sim[v]) / sum(np.exp(10 * b) for b in bank[v])
+        assert np.allclose(q2v[v], np.log(inverted) / 10, atol=1e-12)
+    # a hub: video 0 gains +0.5 with every query, the bank's included: query->video ranks do not move
+    hub = np.array([0.5, 0, 0, 0, 0])[:, None]
+    again, _ = postprocess(sim + hub, "qb", scale=10.0, bank=bank + hub)
+    assert np.allclose(again, q2v, atol=1e-12)
+    assert not np.array_equal(np.argsort(-(sim + hub), 0), np.argsort(-sim, 0))  # the raw ranks did move
+    with pytest.raises(ValueError, match="bank"):
+        postprocess(sim, "qb")
+
+
 # ----------------------------------------------------------------------------- scoring
 
 def planted_model(query="text", seed=0, levels=("coarse", "fine", "finer")):
@@ -335,6 +352,31 @@ def test_cli_post_processing_is_labelled(cache, tmp_path, post, label):
     assert res["post"] == post and res["raw_similarities"] is False
     assert f"post-processing: {label}" in rp.output and "(not raw similarities)" in rp.output
     assert "post-processing: none" not in rp.output
+
+
+def test_cli_querybank_normalisation_uses_the_training_queries(cache, ckpt, tmp_path):
+    out = tmp_path / "qb.json"
+    r = run(cache, "--checkpoint", ckpt, "--post", "qb", "--json", out)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["post"] == "qb" and res["raw_similarities"] is False and "post-processing: QB-Norm" in r.output
+    assert res["query_bank"] == {"split": "train", "queries": 18}  # 20 training videos, 2 failed: 18 captions
+    raw = evaluate_split(cache, checkpoint=ckpt, bootstrap=0)
+    assert res["metrics"]["v2t"]["r1"] == raw["metrics"]["v2t"]["r1"]  # video->text is not changed
+    # by hand: each test video's score minus its log-sum-exp over the training captions, at the logit scale
+    model = checkpoint.load(ckpt)[0].eval()
+    c = open_cache(cache)
+    test, train = load_eval_data(c.split("test"), "text"), load_eval_data(c.split("train"), "text")
+    torch.manual_seed(0)
+    v = encode_videos(model, test.videos, "cpu")
+    s = score_matrix(model, v, encode_queries(model, test.query_feats, "cpu"))["total"].astype(np.float64)
+    b = score_matrix(model, v, encode_queries(model, train.query_feats, "cpu"))["total"].astype(np.float64)
+    hub = np.log(np.exp(100 * b).sum(1, keepdims=True)) / 100
+    ranks = query_to_video_ranks(s - hub, test.query_video)
+    assert res["metrics"]["t2v"]["r1"] == pytest.approx(100 * np.mean(ranks == 1))
+    for bad, says in ((("--bank-split", "test"), "another split"), (("--bank-split", "val"), "no split 'val'")):
+        e = run(cache, "--checkpoint", ckpt, "--post", "qb", *bad)
+        assert e.exit_code == 2 and says in e.output and "Traceback" not in e.output
 
 
 def test_cli_reports_captions_of_failed_videos(cache, tmp_path):

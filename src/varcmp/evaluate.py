@@ -27,7 +27,7 @@ from .errors import UserError
 from .model import VarCMP
 from .model.queries import AUDIO, QUERY_KINDS, check_segments
 from .retrieval.frame_labels import annotation_frame_labels, frame_auc, read_temporal_annotations
-from .retrieval.metrics import (LEVEL, METRICS, POST, POST_LABEL, RESAMPLES, SINKHORN_ITERS, bootstrap_intervals,
+from .retrieval.metrics import (LEVEL, METRICS, POST, POST_LABEL, QB_BANK, RESAMPLES, SINKHORN_ITERS, bootstrap_intervals,
                                 format_metric, metric_label, paired_comparison, parse_metrics, postprocess,
                                 query_to_video_ranks, roc_auc, summarize, video_to_query_ranks)
 from .retrieval.pairs import load_eval_data
@@ -88,7 +88,7 @@ def evaluate_split(cache, checkpoint=None, split: str = "test", query: str | Non
                    zero_shot: bool = False, levels=None, anomaly_weighting: bool | None = None,
                    chunk: int | None = None, device: str = "auto", post: str | None = None,
                    bootstrap: int = RESAMPLES, seed: int = 0, compare=None, compare_zero_shot: bool = False,
-                   keep_ranks: bool = False, temporal_annotations=None) -> dict:
+                   keep_ranks: bool = False, temporal_annotations=None, bank_split: str = "train") -> dict:
     """Everything `varcmp-eval` reports, as a JSON-ready dict: each metric with its 95 % bootstrap
     interval over `bootstrap` resamples (seeded by `seed`; 0: none) and, with `compare` (a second
     checkpoint) or `compare_zero_shot`, each metric's difference to it on the same queries with its
@@ -96,6 +96,7 @@ def evaluate_split(cache, checkpoint=None, split: str = "test", query: str | Non
     direction), to compare with other results later (`retrieval.metrics.paired_comparison`).
     The anomaly head's frame-level AUC uses the split's stored frame labels, or those of
     `temporal_annotations` (UCF-Crime's temporal annotation file; `retrieval.frame_labels`).
+    `post="qb"` draws its query bank from `bank_split` (never the evaluated split).
     Raises UserError, CacheError or CheckpointError (one-line messages) for what cannot be
     evaluated."""
     from .cache.reader import open_cache
@@ -104,14 +105,14 @@ def evaluate_split(cache, checkpoint=None, split: str = "test", query: str | Non
     try:
         return _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, anomaly_weighting,
                                chunk, device, post, bootstrap, seed, compare, compare_zero_shot, keep_ranks,
-                               temporal_annotations)
+                               temporal_annotations, bank_split)
     finally:
         c.close()
 
 
 def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, anomaly_weighting, chunk, device,
                     post, bootstrap=RESAMPLES, seed=0, compare=None, compare_zero_shot=False,
-                    keep_ranks=False, temporal_annotations=None) -> dict:
+                    keep_ranks=False, temporal_annotations=None, bank_split="train") -> dict:
     """evaluate_split on an open cache: check the request, rank both directions, summarise (and
     compare)."""
     metrics = parse_metrics(metrics)
@@ -128,7 +129,8 @@ def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, ano
     dev = pick_device(device)
     chunk = chunk or default_chunk(dev)
     sp = c.split(split)
-    run = _ranked(c, sp, checkpoint, query, levels, anomaly_weighting, post, dev, chunk)
+    bank = _bank_split(c, sp, bank_split) if post == "qb" else None
+    run = _ranked(c, sp, checkpoint, query, levels, anomaly_weighting, post, dev, chunk, bank)
     frame_labels = _frame_labels(sp, run.data.videos, spans, temporal_annotations)
     kind = run.model.kind
     result = {**_settings(c, split, kind.name, run.ckpt, zero_shot, run.levels, run.weighting, post),
@@ -143,6 +145,8 @@ def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, ano
               "chunk": chunk,
               "device": str(dev),
               "index": None if run.index is None else str(run.index.folder)}
+    if bank is not None:
+        result["query_bank"] = {"split": bank.name, "queries": run.bank_size}
     if bootstrap:
         for res, r in zip(result["metrics"].values(), run.ranks):
             res["interval"] = bootstrap_intervals(r, metrics, bootstrap, seed)
@@ -150,7 +154,7 @@ def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, ano
         result["ranks"] = {key: r.tolist() for (key, _), r in zip(kind.directions, run.ranks)}
     if comparing:
         result["compare"] = _compare(c, sp, compare, run, levels, anomaly_weighting, post, dev, chunk, metrics,
-                                     bootstrap, seed)
+                                     bootstrap, seed, bank)
     return result
 
 
@@ -164,10 +168,12 @@ class _Ranked:
     v: object
     ranks: tuple  # query->video per query, video->query per video with queries
     index: object = None  # the stored index the videos were read from (None: encoded here)
+    bank_size: int = 0  # queries in the query bank (--post qb)
 
 
-def _ranked(c, sp, checkpoint, query, levels, anomaly_weighting, post, dev, chunk) -> _Ranked:
-    """Load the model and the split's pairs, score every pair, rank both directions."""
+def _ranked(c, sp, checkpoint, query, levels, anomaly_weighting, post, dev, chunk, bank=None) -> _Ranked:
+    """Load the model and the split's pairs, score every pair, rank both directions (`bank`: the
+    split whose queries form the query bank of --post qb)."""
     model, ckpt = _model(c, sp, checkpoint, query, dev)
     kind = model.kind
     levels = _levels(levels, model.cfg.levels)  # ablations: same weights, other levels or weighting
@@ -179,17 +185,42 @@ def _ranked(c, sp, checkpoint, query, levels, anomaly_weighting, post, dev, chun
         raise UserError(f"{c.path}: split '{sp.name}' has no {kind.name} query whose video was extracted"
                         + (f" ({len(data.dropped)} dropped)" if data.dropped else ""))
     v, sims = _score(model, data, dev, levels, weighting, chunk, index)
-    m_q2v, m_v2q = postprocess(sims["total"], post, model.cfg.logit_scale)
+    bank_sims = None if bank is None else _bank_similarities(model, bank, v, dev, levels, chunk)
+    m_q2v, m_v2q = postprocess(sims["total"], post, model.cfg.logit_scale, bank_sims)
     ranks = (query_to_video_ranks(m_q2v, data.query_video), video_to_query_ranks(m_v2q, data.query_video)[0])
-    return _Ranked(model, ckpt, levels, weighting, data, v, ranks, index)
+    return _Ranked(model, ckpt, levels, weighting, data, v, ranks, index,
+                   0 if bank_sims is None else bank_sims.shape[1])
+
+
+def _bank_split(c, sp, name: str):
+    """The split whose queries are --post qb's query bank: another split than the evaluated one."""
+    if name == sp.name:
+        raise UserError(f"--bank-split {name}: the query bank must come from another split than the one "
+                        "evaluated (its queries would normalise themselves)")
+    if name not in c.splits:
+        raise UserError(f"{c.path}: no split '{name}' for the query bank of --post qb (splits: "
+                        f"{', '.join(c.splits)}); name one with --bank-split")
+    return c.split(name)
+
+
+def _bank_similarities(model: VarCMP, bank, v, dev, levels, chunk: int) -> np.ndarray:
+    """Each video's total similarity to the query bank [V, B]: up to QB_BANK queries of split `bank`
+    (a seeded draw when it has more), encoded by the same model."""
+    data = load_eval_data(bank, model.kind.name, patches=False)
+    n = len(data.query_video)
+    if n == 0:
+        raise UserError(f"split '{bank.name}' has no {model.kind.name} queries for the query bank of --post qb")
+    keep = np.sort(np.random.default_rng(0).choice(n, QB_BANK, replace=False)) if n > QB_BANK else np.arange(n)
+    q = encode_queries(model, {k: x[keep] for k, x in data.query_feats.items()}, dev)
+    return np.asarray(score_matrix(model, v, q, levels, chunk=chunk)["total"])
 
 
 def _compare(c, sp, checkpoint, run: _Ranked, levels, anomaly_weighting, post, dev, chunk, metrics, bootstrap,
-             seed) -> dict:
+             seed, bank=None) -> dict:
     """The model evaluated first minus `checkpoint` (None: zero-shot) on the same split, queries
     and overrides, per metric, with paired-bootstrap intervals: the same queries (videos) are
     drawn for both."""
-    other = _ranked(c, sp, checkpoint, run.model.cfg.query, levels, anomaly_weighting, post, dev, chunk)
+    other = _ranked(c, sp, checkpoint, run.model.cfg.query, levels, anomaly_weighting, post, dev, chunk, bank)
     return {"checkpoint": ZERO_SHOT if other.ckpt is None else str(other.ckpt), "zero_shot": other.ckpt is None,
             "levels": list(other.levels), "anomaly_weighting": other.weighting,
             "metrics": paired_comparison(run.ranks, other.ranks, run.model.kind.directions, metrics, bootstrap, seed)}
@@ -444,8 +475,13 @@ def _main(**kw):
 @click.option("--post", type=click.Choice(list(POST)), default=None,
               help="Opt-in post-processing, labelled in the output: dsl = dual softmax (CAMoE): sim * "
                    "softmax(logit_scale * sim) over the other axis; sinkhorn = "
-                   f"{SINKHORN_ITERS} log-domain row/column normalisations of exp(logit_scale * sim). "
+                   f"{SINKHORN_ITERS} log-domain row/column normalisations of exp(logit_scale * sim) (both "
+                   "use all the test queries); qb = querybank normalisation (QB-Norm, inverted softmax): each "
+                   "video's score minus its log-sum-exp over queries of --bank-split, which lowers videos that "
+                   "match every query (hubs); it uses no test query, and video->query stays raw. "
                    "[default: raw similarities]")
+@click.option("--bank-split", default="train", show_default=True,
+              help=f"--post qb: the split whose queries form the query bank (up to {QB_BANK}, a seeded draw).")
 def main(**kw):
     """Retrieval metrics of a checkpoint (or of zero-shot CLIP) on one split of a feature cache:
     R@K, median and mean rank, in both directions (text->video and video->text, or audio->video

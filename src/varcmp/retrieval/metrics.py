@@ -9,7 +9,8 @@ import numpy as np
 from ..errors import UserError
 
 METRICS = ("r1", "r5", "r10", "r50", "mdr", "mnr")
-POST = ("dsl", "sinkhorn")
+POST = ("dsl", "sinkhorn", "qb")
+QB_BANK = 4096  # at most this many training queries in the query bank of --post qb (a seeded draw)
 SINKHORN_ITERS = 4          # alternating row/column normalisations (log domain)
 
 
@@ -203,7 +204,8 @@ def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
     return m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
 
 
-def postprocess(sim: np.ndarray, method: str | None, scale: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
+def postprocess(sim: np.ndarray, method: str | None, scale: float = 100.0,
+                bank: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Matrices ranked in each direction, (for query->video, for video->query), from raw sim [V, Q].
 
     None: the raw similarities for both.
@@ -214,10 +216,22 @@ def postprocess(sim: np.ndarray, method: str | None, scale: float = 100.0) -> tu
         normalising the rows (videos), then the columns (queries); the same matrix is ranked in
         both directions.
     Both use the statistics of the whole test collection (transductive): they are not raw
-    similarities and are labelled as such in every output. scale: the model's logit scale."""
+    similarities and are labelled as such in every output.
+    "qb": querybank normalisation with the inverted softmax (QB-Norm, Bogolin et al. 2022), inductive:
+        `bank` [V, B] holds each video's raw similarity to B queries of the training split, and
+        query->video ranks sim - logsumexp_b(scale * bank) / scale, the log of the inverted softmax
+        exp(scale * sim) / sum_b exp(scale * bank). The correction is one number per video (how much
+        it matches any query: a "hub"), so video->query, which ranks the queries of one video,
+        keeps the raw similarities.
+    scale: the model's logit scale."""
     sim = np.asarray(sim, dtype=np.float64)
     if method is None:
         return sim, sim
+    if method == "qb":
+        if bank is None or len(bank) != len(sim):
+            raise ValueError("qb needs bank: each video's similarities to the query bank, one row per video")
+        hub = _logsumexp(scale * np.asarray(bank, dtype=np.float64), axis=1) / scale  # [V, 1]
+        return sim - hub, sim
     if method == "dsl":
         z = scale * sim
         return sim * _softmax(z, axis=1), sim * _softmax(z, axis=0)
@@ -231,7 +245,8 @@ def postprocess(sim: np.ndarray, method: str | None, scale: float = 100.0) -> tu
 
 
 POST_LABEL = {None: "none (raw similarities)", "dsl": "DSL, dual softmax (not raw similarities)",
-              "sinkhorn": f"Sinkhorn, {SINKHORN_ITERS} iterations (not raw similarities)"}
+              "sinkhorn": f"Sinkhorn, {SINKHORN_ITERS} iterations (not raw similarities)",
+              "qb": "QB-Norm, inverted softmax over training queries (not raw similarities; video->query raw)"}
 
 
 def parse_metrics(text) -> tuple[str, ...]:

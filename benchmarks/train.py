@@ -24,6 +24,7 @@ import torch
 from varcmp.cache.writer import CacheWriter
 from varcmp.cache_schema import DONE, CacheSpec, QueryEntry, VideoEntry
 from varcmp.train import Runtime, TrainOptions, train
+from varcmp.training.data import validation_size
 
 
 def write_cache(path: Path, n: int, spec: CacheSpec, seed: int = 0, block: int = 64) -> float:
@@ -101,7 +102,7 @@ def one_run(cache: Path, run: Path, args, precision: str) -> float:
     print(f"read into memory: {s.load_seconds:.1f} s")
     print(f"train steps: {ep['steps']} in {ep['seconds']:.1f} s = {ep['steps'] / ep['seconds']:.2f} steps/s "
           f"({ep['seconds'] / ep['steps'] * 1000:.0f} ms/step)")
-    print(f"validation pass ({int(round(args.videos * opts.val_fraction))} videos): "
+    print(f"validation pass ({validation_size(args.videos, opts.val_fraction, opts.val_min)} videos): "
           f"{ep['val_seconds']:.1f} s (untrained pass {untrained:.1f} s)")
     epoch = total - s.load_seconds - untrained  # one epoch + validation + checkpoints (+ setup)
     print(f"one epoch incl. validation and checkpoint writing: {epoch:.1f} s; whole 1-epoch run {total:.1f} s")

@@ -171,7 +171,7 @@ from varcmp.cache.reader import open_cache
 from varcmp.model import VarCMP
 
 cache, out = sys.argv[1], Path(sys.argv[2])
-opts = dict(query="text", lr=1e-3, val_fraction=0.2, heads=2, ffn_dim=64, topk_samples=20)
+opts = dict(query="text", lr=1e-3, val_fraction=0.2, val_min=0, heads=2, ffn_dim=64, topk_samples=20)
 runtime = T.Runtime(device="cpu")
 with D.distributed("cpu") as dist:
     assert dist is not None and dist.world_size == 2 and dist.backend == "gloo"

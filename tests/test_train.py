@@ -438,6 +438,18 @@ def test_non_finite_loss_stops_with_a_message(planted, tmp_path, monkeypatch):
     assert checkpoint.read_meta(run / "last.safetensors")["epoch"] == 1
 
 
+def test_validation_size_has_a_floor_of_val_min_up_to_a_quarter():
+    assert TD.validation_size(320, 0.1, 80) == 80      # the demo's 320 training videos: 80, not 32
+    assert TD.validation_size(804, 0.1, 80) == 80      # the larger world: the fraction alone gives 80 too
+    assert TD.validation_size(2000, 0.1, 80) == 200    # the fraction rules above the floor
+    assert TD.validation_size(100, 0.1, 80) == 25      # the floor stops at a quarter
+    assert TD.validation_size(320, 0.1, 0) == 32       # --val-min 0: the fraction alone
+    assert TD.validation_size(10, 0.1, 0) == 2         # never fewer than 2
+    assert TD.validation_size(320, 0.0, 80) == 0       # --val-fraction 0: none
+    with pytest.raises(TR.TrainError, match="val-min"):
+        T.TrainOptions(val_min=-1)
+
+
 def test_validation_is_held_out_of_training_and_never_touches_test(planted, tmp_path, monkeypatch):
     opened, batched = [], []
     split, batches = Cache.split, TD.epoch_batches

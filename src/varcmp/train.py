@@ -124,7 +124,7 @@ def train(cache_path, out, opts: TrainOptions = TrainOptions(), runtime: Runtime
     cache = open_cache(cache_path)
     split = cache.split(opts.split)
     compute = resolve_compute(runtime, dist)
-    plan = plan_data(split, opts.query, opts.val_fraction, opts.seed)
+    plan = plan_data(split, opts.query, opts.val_fraction, opts.seed, opts.val_min)
     cfg = _model_config(opts, cache)
 
     # ---- the run directory (new, resumed or replaced), then the data

@@ -89,8 +89,18 @@ def _stratified_pick(rows: np.ndarray, labels: np.ndarray, n: int, rng: np.rando
     return np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)
 
 
-def plan_data(split: Split, query: str, val_fraction: float, seed: int) -> Plan:
-    """Pairs of the split (done videos with a query) divided into training and validation."""
+def validation_size(n: int, val_fraction: float, val_min: int = 0) -> int:
+    """How many of n paired videos validate: 0 when val_fraction is 0, else round(val_fraction * n) but at
+    least 2, and at least val_min while that is at most a quarter of the n (a subset of 32 videos chose
+    epochs by noise; README, 'Does training beat frozen CLIP?')."""
+    if val_fraction <= 0:
+        return 0
+    return max(2, int(round(val_fraction * n)), min(int(val_min), n // 4))
+
+
+def plan_data(split: Split, query: str, val_fraction: float, seed: int, val_min: int = 0) -> Plan:
+    """Pairs of the split (done videos with a query) divided into training and validation
+    (`validation_size` of them validate)."""
     where = f"{split.cache.path}: split '{split.name}'"
     status = split.status
     done = status == DONE
@@ -131,7 +141,7 @@ def plan_data(split: Split, query: str, val_fraction: float, seed: int) -> Plan:
     if (done.sum() - len(paired)) > 0 and query == "text":
         notes.append(f"{int(done.sum() - len(paired))} extracted videos have no caption: left out")
 
-    n_val = 0 if val_fraction <= 0 else max(2, int(round(val_fraction * len(paired))))
+    n_val = validation_size(len(paired), val_fraction, val_min)
     if len(paired) - n_val < 2:
         raise TrainError(f"{where} has {len(paired)} usable {query} pairs: too few to train"
                          + (f" and hold out {n_val} for validation (lower --val-fraction)" if n_val else ""))

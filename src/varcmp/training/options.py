@@ -20,6 +20,9 @@ class TrainOptions:
     query: str = model_setting("query")
     val_fraction: float = setting(0.1, "Share of the training videos held out for model selection (0: none, "
                                   "best = last).")
+    val_min: int = setting(80, "Hold out at least this many videos for validation, up to a quarter of the training "
+                           "videos (with --val-fraction > 0): model selection on 32 videos followed the noise "
+                           "(README, 'Does training beat frozen CLIP?'; 0: the fraction alone).")
     levels: tuple = model_setting("levels")
     anomaly_weighting: bool = model_setting("anomaly_weighting")
     epochs: int = setting(15, "Total epochs (with --resume: train up to this many).")
@@ -63,6 +66,8 @@ class TrainOptions:
             raise TrainError(f"--query must be one of {', '.join(QUERIES)}, got {self.query!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise TrainError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_min < 0:
+            raise TrainError(f"--val-min must be >= 0, got {self.val_min}")
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

@@ -27,9 +27,9 @@ from .errors import UserError
 from .model import VarCMP
 from .model.queries import AUDIO, QUERY_KINDS, check_segments
 from .retrieval.frame_labels import annotation_frame_labels, frame_auc, read_temporal_annotations
-from .retrieval.metrics import (LEVEL, METRICS, POST, POST_LABEL, QB_BANK, RESAMPLES, SINKHORN_ITERS, bootstrap_intervals,
-                                format_metric, metric_label, paired_comparison, parse_metrics, postprocess,
-                                query_to_video_ranks, roc_auc, summarize, video_to_query_ranks)
+from .retrieval.metrics import (LEVEL, METRICS, POST, POST_LABEL, QB_BANK, RESAMPLES, SINKHORN_ITERS,
+                                bootstrap_intervals, format_metric, metric_label, paired_comparison, parse_metrics,
+                                postprocess, query_to_video_ranks, roc_auc, summarize, video_to_query_ranks)
 from .retrieval.pairs import load_eval_data
 from .retrieval.scoring import (DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, ENCODE_BATCH, default_chunk, encode_queries,
                                 encode_videos, score_matrix)

@@ -117,8 +117,8 @@ def print_tables(results: dict, console) -> None:
         t = Table(title=f"{task} queries ({'UCFCrime-AR' if task == 'text' else 'XDViolence-AR'}-like): "
                         f"synthetic test split, {n} videos", caption="all three = coarse+fine+finer; "
                         "ABW = anomaly-biased weighting; QB-Norm = all three's run ranked with varcmp-eval "
-                        "--post qb (query->video only; not the paper's); cf. the paper's Tables 3-5; below R@1: its 95 % "
-                        "bootstrap interval over the test queries (videos)")
+                        "--post qb (query->video only; not the paper's); cf. the paper's Tables 3-5; below "
+                        "R@1: its 95 % bootstrap interval over the test queries (videos)")
         t.add_column("setting", no_wrap=True)
         for d in (q2v, v2q):
             for m in ("R@1", "R@10", "MdR"):  # R@1 holds its interval: never cut
@@ -204,8 +204,9 @@ def demo(out, task, videos, epochs, seed, device):
     Generates a synthetic video anomaly retrieval benchmark (long videos whose captioned event
     fills a short span and a few patches; see varcmp-synth --help), trains VarCMP with each
     setting of the paper's ablations, evaluates every run on the test split (the full model also
-    with querybank normalisation, varcmp-eval --post qb), and prints one table per query type, also saved as results.json and results.png in --out. Running it
-    again with the same options reuses what is finished.
+    with querybank normalisation, varcmp-eval --post qb), and prints one table per query type,
+    also saved as results.json and results.png in --out. Running it again with the same options
+    reuses what is finished.
 
     \b
     Examples:

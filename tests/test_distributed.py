@@ -30,7 +30,7 @@ from varcmp.retrieval.scoring import encode_queries, encode_videos, score_matrix
 needs_gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="this torch build has no torch.distributed / gloo")
 
-SMALL = ["--heads", "2", "--ffn-dim", "64", "--topk-samples", "20", "--device", "cpu", "-q"]
+SMALL = ["--heads", "2", "--ffn-dim", "64", "--topk-samples", "20", "--device", "cpu", "-q", "--val-min", "0"]
 BIN = Path(sys.executable).parent
 
 
@@ -88,7 +88,7 @@ def test_ddp_matches_one_process_with_the_same_global_batch(planted, tmp_path):
     # top-k's noise) are drawn per process over its own rows and cannot equal one process's draws over the
     # whole batch; with them off, training is deterministic and the two runs must agree
     args = [planted, *SMALL, "--epochs", "3", "--lr", "1e-3", "--val-fraction", "0.2", "--dropout", "0",
-            "--levels", "coarse,fine"]
+            "--levels", "coarse,fine", "--batch-size", "8"]
     cli(*args, "--out", tmp_path / "one")
     res = torchrun("-m", "varcmp.train", *args, "--out", tmp_path / "ddp")
     # process 0 alone prints, and says how the batch is split
@@ -269,7 +269,7 @@ def test_one_process_encodes_the_whole_batch():
 
 def test_ddp_setting_errors_are_one_line(planted, tmp_path, monkeypatch):
     dist = D.DistInfo(0, 3, 0, torch.device("cpu"), "gloo")
-    with pytest.raises(TR.TrainError, match="--batch-size 8 is the global batch and must be divisible by the 3"):
+    with pytest.raises(TR.TrainError, match="--batch-size 32 is the global batch and must be divisible by the 3"):
         T.train(planted, tmp_path / "run", T.TrainOptions(epochs=1), dist=dist)
     assert not (tmp_path / "run").exists()
     with pytest.raises(D.DistSetupError, match="CUDA_VISIBLE_DEVICES"):

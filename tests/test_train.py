@@ -326,7 +326,7 @@ def test_refuses_other_encoders_and_other_settings(planted, other_encoders, tmp_
         checkpoint.check_compatible(checkpoint.read_meta(run), open_cache(other_encoders), run)
     res = cli(planted, "--out", run, "--epochs", "2", "--resume", *SMALL_ARGS, "--lr", "5e-4", "--tau", "0.2", code=2)
     line = error_line(res)
-    assert "lr: 0.0001 there, 0.0005 now" in line and "tau: 0.1 there, 0.2 now" in line
+    assert "lr: 0.0002 there, 0.0005 now" in line and "tau: 0.1 there, 0.2 now" in line
     res = cli(planted, "--out", run, "--epochs", "2", "--resume", *SMALL_ARGS, "--val-fraction", "0.3", code=2)
     assert "val_fraction" in error_line(res)
     # nothing was written by the refused runs

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .cache.reader import read_rows
-from .cli.common import OneLineErrors, OutputFile
+from .cli.common import OneLineErrors, OutputFile, report_console
 from .errors import UserError
 from .model import VarCMP
 from .model.queries import AUDIO, QUERY_KINDS, check_segments
@@ -418,8 +418,6 @@ def _delta(d: dict) -> str:
 
 
 def _main(**kw):
-    from rich.console import Console
-
     from .atomic import atomic_write
 
     json_out = kw.pop("json_out")
@@ -432,7 +430,7 @@ def _main(**kw):
         except OSError as e:
             click.echo(f"error: --json {json_out}: {e.strerror or e}", err=True)
             sys.exit(2)
-    print_report(result, Console())
+    print_report(result, report_console())
 
 
 @click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True},

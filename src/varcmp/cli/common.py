@@ -1,4 +1,5 @@
-"""What every varcmp command shares: one-line errors with their exit codes, Ctrl-C, output file paths."""
+"""What every varcmp command shares: one-line errors with their exit codes, Ctrl-C, output file paths,
+the console its result tables go to."""
 
 from __future__ import annotations
 
@@ -119,3 +120,15 @@ class OutputFile(click.Path):
             self.fail(f"{path}: folder {folder} {'is not a folder' if folder.exists() else 'does not exist'}",
                       param, ctx)
         return path
+
+
+REPORT_WIDTH = 160  # columns of a result table written to a file or a pipe (rich would cut them at 80)
+
+
+def report_console():
+    """The console a command prints its result tables on: stdout, at the terminal's width, or
+    REPORT_WIDTH columns when stdout is a file or a pipe, so that a saved log keeps every column."""
+    from rich.console import Console
+
+    out = Console()
+    return out if out.is_terminal else Console(width=REPORT_WIDTH)

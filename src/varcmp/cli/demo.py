@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .common import CommandError, Interrupted, OneLineErrors
+from .common import CommandError, Interrupted, OneLineErrors, report_console
 from .progress import progress_bar
 
 # (row label, levels, anomaly weighting, post-processing); None levels = zero-shot
@@ -227,7 +227,7 @@ def demo(out, task, videos, epochs, seed, device):
         raise CommandError(str(e)) from None
     except KeyboardInterrupt:
         raise Interrupted("interrupted: run the same command again to continue") from None
-    print_tables(results, Console())
+    print_tables(results, report_console())
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     save_chart(results, out / "results.png")
     console.print(f"{sum(len(r) for r in results['tasks'].values())} settings in {results['seconds'] / 60:.1f} min; "

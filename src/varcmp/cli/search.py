@@ -12,7 +12,7 @@ from ..retrieval.report import print_results, write_html, write_json
 from ..retrieval.scoring import DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA
 from ..retrieval.search import AUTO_TWO_STAGE, MODES, run_search
 from ..retrieval.spans import SPAN_THRESHOLD
-from .common import CommandError, OneLineErrors, OutputFile
+from .common import CommandError, OneLineErrors, OutputFile, report_console
 
 # --------------------------------------------------------------------------
 # The command
@@ -86,8 +86,7 @@ def main(cache, query, checkpoint, audio, queries_file, splits, top, json_out, h
                 write(result, path)
             except OSError as e:
                 raise CommandError(f"{flag} {path}: {e.strerror or e}") from None
-    out = Console()
-    print_results(result, out if out.is_terminal else Console(width=160))
+    print_results(result, report_console())
 
 
 if __name__ == "__main__":

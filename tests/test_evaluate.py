@@ -18,7 +18,7 @@ from varcmp.cache.writer import CacheWriter
 from varcmp.cache_schema import VideoEntry, VideoFeatures
 from varcmp.cache.reader import open_cache
 from varcmp.evaluate import DEFAULT_METRICS, evaluate_split, main, zero_shot_model
-from varcmp.retrieval.metrics import METRICS, bootstrap_intervals, paired_difference, roc_auc, format_metric, metric_label, postprocess, query_to_video_ranks, retrieval_metrics, summarize, video_to_query_ranks
+from varcmp.retrieval.metrics import METRICS, bootstrap_intervals, mean_r1_gain, paired_difference, r1_units, roc_auc, format_metric, metric_label, postprocess, query_to_video_ranks, retrieval_metrics, summarize, video_to_query_ranks
 from varcmp.retrieval.frame_labels import annotation_frame_labels, frame_auc, read_temporal_annotations
 from varcmp.retrieval.pairs import load_eval_data
 from varcmp.model import QUERIES, ModelConfig, VarCMP
@@ -561,6 +561,53 @@ def test_paired_difference():
     assert shift["difference"] == pytest.approx(2.0) and shift["interval"] == pytest.approx([2.0, 2.0])
     with pytest.raises(ValueError, match="same units"):
         paired_difference(ranks, ranks[:-1])
+
+
+def test_r1_units_count_each_videos_hits_by_hand():
+    # 3 videos; video 0 has two captions (q0, q1), video 2 one (q3), video 1 one (q2)
+    sim = np.array([[0.9, 0.2, 0.1, 0.3],
+                    [0.1, 0.8, 0.7, 0.0],
+                    [0.0, 0.1, 0.2, 0.6]])
+    qv = np.array([0, 0, 1, 2])
+    # q2v: q0 first (0.9), q1 not (video 1 scores 0.8 > 0.2), q2 first (0.7), q3 first (0.6 > 0.3)
+    # v2q: video 0's best own query q0 (0.9) tops its row; video 1's q2 (0.7) is below q1 (0.8); video 2's q3 tops
+    assert r1_units(sim, qv).tolist() == [[1, 2, 1], [1, 1, 0], [1, 1, 1]]
+    units = np.array(r1_units(sim, qv))
+    m = retrieval_metrics(sim, qv, ("r1",))
+    assert 50 * (units[:, 0].sum() / units[:, 1].sum() + units[:, 2].mean()) == pytest.approx(
+        0.5 * (m["q2v"]["r1"] + m["v2q"]["r1"]))
+
+
+def test_mean_r1_gain_is_a_paired_bootstrap_over_videos():
+    rng = np.random.default_rng(3)
+    n = 80
+    base = np.stack([rng.integers(0, 2, n), np.ones(n, int), rng.integers(0, 2, n)], 1)
+    assert mean_r1_gain(base, base) == (0.0, 0.0)  # a model against itself: no gain, and it does not hold
+    one = base.copy()
+    one[np.flatnonzero(base[:, 0] == 0)[0], 0] = 1  # one more query ranked first of 80: 1.25 / 2 points
+    gain, lower = mean_r1_gain(one, base)
+    assert gain == pytest.approx(1.25 / 2) and lower <= 0
+    many = base.copy()
+    many[np.flatnonzero(base[:, 0] == 0)[:20], 0] = 1  # 20 more in each direction: +25 points
+    many[np.flatnonzero(base[:, 2] == 0)[:20], 2] = 1
+    gain, lower = mean_r1_gain(many, base)
+    assert gain == pytest.approx(25.0) and lower > 0
+    # the same bound from a plain loop over the same draws (a video is drawn with its queries)
+    qs = base.copy()
+    qs[:, 1] = rng.integers(1, 4, n)
+    qs[:, 0] = np.minimum(qs[:, 0] * qs[:, 1], rng.integers(0, 4, n))
+    better = qs.copy()
+    better[:, 0] = np.minimum(qs[:, 0] + 1, qs[:, 1])  # one more hit where a video had a miss
+    draws = np.random.default_rng(7).integers(0, n, size=(500, n))
+    plain = []
+    for idx in draws:
+        def score(u):
+            return 50 * (sum(u[i][0] for i in idx) / sum(u[i][1] for i in idx) + sum(u[i][2] for i in idx) / n)
+        plain.append(score(better.tolist()) - score(qs.tolist()))
+    got = mean_r1_gain(better, qs, resamples=500, seed=7)
+    assert got[1] == pytest.approx(float(np.quantile(plain, 0.05)))
+    with pytest.raises(ValueError, match="same"):
+        mean_r1_gain(base, base[:-1])
 
 
 def test_cli_intervals_and_comparison(cache, ckpt, tmp_path):

@@ -189,6 +189,34 @@ def paired_comparison(ranks_a, ranks_b, directions, metrics=METRICS, resamples: 
     return out
 
 
+def r1_units(sim: np.ndarray, query_video: np.ndarray) -> np.ndarray:
+    """Per video with queries (the rows `video_to_query_ranks` returns, in its order): [its queries
+    ranked first for query->video, its number of queries, 1 if video->query ranks it first]. The
+    units that `mean_r1_gain` resamples: a video is drawn with its queries."""
+    q2v = query_to_video_ranks(sim, query_video) == 1
+    v2q, rows = video_to_query_ranks(sim, query_video)
+    query_video = np.asarray(query_video, dtype=np.int64)
+    hits = np.bincount(query_video, weights=q2v, minlength=sim.shape[0])[rows]
+    return np.stack([hits, np.bincount(query_video, minlength=sim.shape[0])[rows], v2q == 1], 1).astype(np.int64)
+
+
+def _mean_r1(units: np.ndarray) -> np.ndarray:
+    """The mean of the two R@1 (model selection's score) of [..., n, 3] units (`r1_units`)."""
+    return 50.0 * (units[..., 0].sum(-1) / units[..., 1].sum(-1) + units[..., 2].mean(-1))
+
+
+def mean_r1_gain(units_a: np.ndarray, units_b: np.ndarray, resamples: int = RESAMPLES, seed: int = 0,
+                 level: float = LEVEL) -> tuple[float, float]:
+    """(mean R@1 of A minus that of B on the same videos, the one-sided `level` lower bound of that
+    gain): a paired bootstrap over the videos, each drawn with its queries in both directions.
+    The gain holds at `level` when the bound is above 0."""
+    a, b = np.asarray(units_a, dtype=np.float64), np.asarray(units_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2 or a.shape[1] != 3 or not len(a):
+        raise ValueError(f"paired units must be the same [videos, 3] arrays, got {a.shape} and {b.shape}")
+    draws = np.concatenate([_mean_r1(a[idx]) - _mean_r1(b[idx]) for idx in _resampled(len(a), resamples, seed)])
+    return float(_mean_r1(a) - _mean_r1(b)), float(np.quantile(draws, 1 - level))
+
+
 # --------------------------------------------------------------------------
 # Opt-in post-processing (never applied unless asked for; the output says which was used)
 

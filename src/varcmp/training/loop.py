@@ -17,13 +17,14 @@ from ..cli.markup import lit
 from ..encoders.frozen import resolve_device
 from ..model import VarCMP
 from ..model.queries import query_kind
+from ..retrieval.metrics import mean_r1_gain, r1_units, retrieval_metrics
 from ..retrieval.pairs import EvalData
 from . import NonFiniteLoss, TrainError
 from .data import (TEXT_KEYS, Plan, Rows, available_memory, bytes_needed, describe_caption, epoch_batches,
                    load_validation, video_keys)
 from .distributed import DistInfo, local_rows, rank_seed, same_start, wrap_ddp
 from .state import rng_state, set_rng_state
-from .step import TrainStep, autocast, resolve_precision, val_score, validate
+from .step import TrainStep, autocast, resolve_precision, val_score, validate, validation_scores
 
 PARTS = ("loss", "v2q", "q2v", "bce", "sim_total")  # loss parts averaged per epoch
 
@@ -252,12 +253,13 @@ NO_BEST = {"epoch": None, "score": -math.inf}
 
 
 def validate_epoch(learner: Learner, val: EvalData, rec: dict, probe: EvalData | None = None) -> dict:
-    """Score the validation subset; its metrics, also recorded in `rec` (val, val_r1, val_seconds);
-    and `probe`, the training subset of the same size, in the same way (train_subset, train_r1: the
-    memorisation gap is train_r1 - val_r1)."""
+    """Score the validation subset; its metrics, also recorded in `rec` (val, val_r1, val_seconds, and
+    val_units: each validation video's R@1 hits, see `r1_units`); and `probe`, the training subset of
+    the same size, in the same way (train_subset, train_r1: the memorisation gap is train_r1 - val_r1)."""
     t0 = time.perf_counter()
-    metrics = validate(learner.model, val, learner.compute.device, learner.compute.amp_dtype)
-    rec.update(val=metrics, val_r1=val_score(metrics))
+    sim = validation_scores(learner.model, val, learner.compute.device, learner.compute.amp_dtype)
+    metrics = retrieval_metrics(sim, val.query_video)
+    rec.update(val=metrics, val_r1=val_score(metrics), val_units=r1_units(sim, val.query_video).tolist())
     if probe is not None:
         fit = validate(learner.model, probe, learner.compute.device, learner.compute.amp_dtype)
         rec.update(train_subset=fit, train_r1=val_score(fit))
@@ -265,11 +267,20 @@ def validate_epoch(learner: Learner, val: EvalData, rec: dict, probe: EvalData |
     return metrics
 
 
-def pick_best(best: dict, epoch: int, metrics: dict | None) -> tuple[bool, dict]:
-    """(whether `epoch` is the new best, the best so far): the highest mean R@1, the earlier epoch on a
+def beyond_untrained(rec: dict, untrained: dict) -> dict:
+    """The zero-shot guard: the epoch's mean validation R@1 minus the untrained model's (epoch 0), on
+    the same videos, with the one-sided 95 % lower bound of a paired bootstrap over them (seed 0);
+    `holds` when the bound is above 0. Recorded in the epoch's history as `over_untrained`."""
+    gain, lower = mean_r1_gain(np.array(rec["val_units"]), np.array(untrained["val_units"]))
+    return {"gain": gain, "lower": lower, "holds": lower > 0}
+
+
+def pick_best(best: dict, epoch: int, metrics: dict | None, eligible: bool = True) -> tuple[bool, dict]:
+    """(whether `epoch` is the new best, the best so far): the highest mean R@1 among the eligible
+    epochs (with the zero-shot guard, those beyond the untrained model's noise), the earlier epoch on a
     tie; without validation (metrics None) every epoch is the best."""
     score = val_score(metrics)
-    if metrics is not None and not score > best["score"]:
+    if metrics is not None and not (eligible and score > best["score"]):
         return False, best
     return True, {"epoch": epoch, "score": score if metrics is not None else -math.inf}
 
@@ -282,4 +293,7 @@ def epoch_line(rec: dict, epochs: int, query: str, metrics: dict | None, best: b
         line += f"  val R@1 {q} {metrics['q2v']['r1']:.1f} {v} {metrics['v2q']['r1']:.1f}"
         if "train_r1" in rec:
             line += f"  (training subset: mean R@1 {rec['train_r1']:.1f})"
+        guard = rec.get("over_untrained")
+        if guard and not guard["holds"]:
+            line += f"  not beyond the untrained model's noise ({guard['gain']:+.1f}, bound {guard['lower']:+.1f})"
     return line + ("  [green]best[/green]" if best and metrics is not None else "")

@@ -23,6 +23,11 @@ class TrainOptions:
     val_min: int = setting(80, "Hold out at least this many videos for validation, up to a quarter of the training "
                            "videos (with --val-fraction > 0): model selection on 32 videos followed the noise "
                            "(README, 'Does training beat frozen CLIP?'; 0: the fraction alone).")
+    zero_shot_guard: bool = setting(True, "Model selection keeps the untrained model (epoch 0, exactly "
+                                    "zero-shot) unless an epoch beats it on the validation subset beyond the "
+                                    "noise: the one-sided 95 % paired-bootstrap lower bound of its mean-R@1 gain "
+                                    "is above 0 (--no-zero-shot-guard: the highest mean R@1 wins; README, 'Does "
+                                    "training beat frozen CLIP?').")
     levels: tuple = model_setting("levels")
     anomaly_weighting: bool = model_setting("anomaly_weighting")
     epochs: int = setting(15, "Total epochs (with --resume: train up to this many).")
@@ -107,7 +112,7 @@ class TrainOptions:
 RECIPES = {"varcmp": {},
            "paper": dict(lr=1e-4, batch_size=8, epochs=15, weight_decay=0.01, balance_anomaly=False,
                          schedule="constant", frame_drop=0.0, word_drop=0.0, topk_relative=False, topk_sigma=0.05,
-                         selector_cos=0.0, anomaly_lr_scale=1.0)}
+                         selector_cos=0.0, anomaly_lr_scale=1.0, zero_shot_guard=False)}
 
 
 _MODEL_SETTINGS = [f.name for f in dataclasses.fields(TrainOptions)

@@ -36,18 +36,22 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def validate(model: VarCMP, ev: EvalData, device: torch.device, amp_dtype=None) -> dict:
-    """Retrieval metrics of the validation subset (both directions), with evaluate's scorer."""
+def validation_scores(model: VarCMP, ev: EvalData, device: torch.device, amp_dtype=None):
+    """The [videos, queries] similarity of the validation subset, with evaluate's scorer."""
     was = model.training
     model.eval()
     try:
         with autocast(device, amp_dtype):
             v = encode_videos(model, ev.videos, device, batch=32)  # bounds the float32 patch copies
             q = encode_queries(model, ev.query_feats, device)
-            sims = score_matrix(model, v, q)
+            return score_matrix(model, v, q)["total"]
     finally:
         model.train(was)
-    return retrieval_metrics(sims["total"], ev.query_video)
+
+
+def validate(model: VarCMP, ev: EvalData, device: torch.device, amp_dtype=None) -> dict:
+    """Retrieval metrics of the validation subset (both directions)."""
+    return retrieval_metrics(validation_scores(model, ev, device, amp_dtype), ev.query_video)
 
 
 def val_score(metrics: dict | None) -> float:

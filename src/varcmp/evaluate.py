@@ -219,7 +219,10 @@ def _compare(c, sp, checkpoint, run: _Ranked, levels, anomaly_weighting, post, d
              seed, bank=None) -> dict:
     """The model evaluated first minus `checkpoint` (None: zero-shot) on the same split, queries
     and overrides, per metric, with paired-bootstrap intervals: the same queries (videos) are
-    drawn for both."""
+    drawn for both. Zero-shot takes the evaluated model's levels and weighting (its counterpart: a
+    coarse-only run against zero-shot coarse)."""
+    if checkpoint is None:
+        levels, anomaly_weighting = run.levels, run.weighting
     other = _ranked(c, sp, checkpoint, run.model.cfg.query, levels, anomaly_weighting, post, dev, chunk, bank)
     return {"checkpoint": ZERO_SHOT if other.ckpt is None else str(other.ckpt), "zero_shot": other.ckpt is None,
             "levels": list(other.levels), "anomaly_weighting": other.weighting,
@@ -465,7 +468,8 @@ def _main(**kw):
               help="A second run directory or checkpoint: print each metric's difference (first minus this one) on "
                    "the same queries, with its paired-bootstrap interval.")
 @click.option("--compare-zero-shot", is_flag=True,
-              help="As --compare, against the zero-shot model (untrained heads: the frozen-CLIP baseline).")
+              help="As --compare, against the zero-shot model (untrained heads: the frozen-CLIP baseline) with "
+                   "the evaluated model's levels: a coarse-only run against zero-shot coarse.")
 @click.option("--temporal-annotations", type=click.Path(path_type=Path, dir_okay=False), default=None,
               metavar="FILE", help="UCF-Crime's Temporal_Anomaly_Annotation.txt (name class start1 end1 start2 end2, "
               "frames, -1 for none): frame labels for the anomaly head's frame-level AUC, matched to the videos by "

@@ -286,8 +286,7 @@ def report(summary: RunSummary, console) -> None:
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default="varcmp",
               help="paper: the paper's recipe (constant lr 1e-4 for every head, batch 8, 15 epochs, the unweighted "
                    "MIL loss, no augmentation, TS2-Net's patch selector and top-k noise, no zero-shot guard) for "
-                   "the settings not given "
-                   "on the command line; varcmp: the defaults shown here.")
+                   "the settings not given on the command line; varcmp: the defaults shown here.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace the run in --out.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")

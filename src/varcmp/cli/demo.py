@@ -34,11 +34,8 @@ COMPARISONS = [
     ("all three", "coarse"),
     ("all three", "all, no ABW"),
     ("all three, QB-Norm", "all three"),
-    ("coarse", "zero-shot, coarse"),
-    ("coarse+fine", "zero-shot, coarse+fine"),
-    ("all three", "zero-shot"),
-    ("all, no ABW", "zero-shot"),
-    ("all three, QB-Norm", "zero-shot"),
+    *((label, next(z for z, z_levels, _, _, z_trained in SETTINGS if not z_trained and z_levels == levels))
+      for label, levels, _, _, trained in SETTINGS if trained),
 ]
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from varcmp.cli.demo import COMPARISONS, SETTINGS
+from varcmp.cli.common import report_console
+from varcmp.cli.demo import COMPARISONS, SETTINGS, differences_table
 from varcmp.cli.main import main
 from varcmp.evaluate import evaluate_split
 
@@ -58,6 +59,16 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     assert again.exit_code == 0, again.output
     assert (out / "synthetic.zarr" / "zarr.json").stat().st_mtime_ns == mtime
     assert json.loads((out / "results.json").read_text())["tasks"] == results["tasks"]
+
+
+def test_a_saved_log_keeps_every_cell_of_the_differences(capsys):
+    """Printed to a pipe or a file (here pytest's capture), the result tables are 160 columns wide:
+    at rich's 80 the demo's difference cells lost their intervals and * marks to an ellipsis."""
+    cell = {"difference": 38.75, "interval": [25.0, 52.5], "holds": True}
+    report_console().print(differences_table([{"a": "all three, QB-Norm", "b": "zero-shot, coarse+fine",
+                                               "t2v": cell, "v2t": cell}], ("t2v", "v2t")))
+    out = capsys.readouterr().out
+    assert "│ all three, QB-Norm - zero-shot, coarse+fine │" in out and out.count("+38.8 [+25.0, +52.5] *") == 2
 
 
 def test_readme_commands_and_ci_agree():

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from varcmp.model.losses import balance_weight
 from varcmp.model import LEVELS, ModelConfig, PerturbedTopK, QueryEmb, VarCMP, VideoEmb, info_nce, mil_bce, video_scores
+from varcmp.model.losses import balance_weight
+from varcmp.retrieval.metrics import roc_auc
 
 C, N, P, M = 16, 6, 5, 2
 FRAMES = [[0, 1, 2, 3, 4, 5], [0, 1, 2], [1, 3, 4]]      # valid frames per video (one with holes)
@@ -443,19 +444,23 @@ def test_video_scores_and_mil_bce_by_hand():
     mask[2, :2] = True           # 2 valid frames: k = 1
     mask[3, :] = True            # 17 valid frames: k = 2
     want = [(0.9 + 0.8) / 2, 0.4, 0.6, (0.6 + 0.3) / 2]
-    assert video_scores(A, mask).tolist() == pytest.approx(want, abs=1e-6)
+    assert video_scores(A, mask, "vadclip").tolist() == pytest.approx(want, abs=1e-6)
+    assert video_scores(A, mask).tolist() == pytest.approx([0.9, 0.4, 0.6, 0.6], abs=1e-6)  # max: the top valid
+    with pytest.raises(ValueError, match="k_rule must be one of max, vadclip, got 'top3'"):
+        video_scores(A, mask, "top3")
     # a short video among full ones: k follows its own valid frames, not the padded N_v
     B = torch.linspace(0.0, 1.0, 40).repeat(3, 1)
     m = torch.zeros(3, 40, dtype=torch.bool)
     m[0, :] = True               # 40 valid: k = 3, the three highest
     m[1, :8] = True              # 8 valid (a short video): k = 1, its highest valid score
-    assert video_scores(B, m).tolist() == pytest.approx(
+    assert video_scores(B, m, "vadclip").tolist() == pytest.approx(
         [(B[0, 39] + B[0, 38] + B[0, 37]).item() / 3, B[1, 7].item(), 0.0], abs=1e-6)  # no valid frame: 0
+    assert video_scores(B, m).tolist() == pytest.approx([B[0, 39].item(), B[1, 7].item(), 0.0], abs=1e-6)
     A, mask = A[:3], mask[:3]
-    want3 = want[:3]
     labels = torch.tensor([1, 0, 1])
-    bce = -(math.log(want3[0]) + math.log(1 - want3[1]) + math.log(want3[2])) / 3
-    assert mil_bce(A, mask, labels).item() == pytest.approx(bce, abs=1e-6)
+    for rule, s in (("vadclip", want[:3]), ("max", [0.9, 0.4, 0.6])):
+        bce = -(math.log(s[0]) + math.log(1 - s[1]) + math.log(s[2])) / 3
+        assert mil_bce(A, mask, labels, None, rule).item() == pytest.approx(bce, abs=1e-6)
 
 
 def test_weighted_mil_bce_by_hand():
@@ -521,6 +526,47 @@ def test_balanced_mil_loss_stops_the_head_flagging_every_normal_video(seed):
     assert flagged[False][0] >= 0.95           # measured: 1.0 (every normal video flagged)
     assert flagged[True][0] <= 0.5             # measured: 0.21-0.28 (seeds 0-2)
     assert flagged[True][1] >= 0.8             # measured: 0.92-0.99 of the anomalous videos still flagged
+
+
+def _camera_world(n: int, g: torch.Generator, dim: int = 16, frames: int = 32):
+    """Half the videos anomalous; every video has a camera of its own in all its frames (a vector it
+    can be told apart by) and an anomalous one carries a fixed direction in ONE of its 32 frames."""
+    y = (torch.rand(n, generator=g) < 0.5).long()
+    f = torch.randn(n, 1, dim, generator=g) + 0.3 * torch.randn(n, frames, dim, generator=g)
+    start = torch.randint(0, frames, (n,), generator=g)
+    for i in torch.nonzero(y).flatten().tolist():
+        f[i, start[i], 0] += 3.0
+    return f, torch.ones(n, frames, dtype=torch.bool), y
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("seed", range(2))
+def test_a_top_k_longer_than_the_anomaly_makes_the_head_memorise_and_max_does_not(seed):
+    """The anomaly fills 1 frame of 32. Under VadCLIP's k (3 of 32) the MIL loss asks for two normal
+    frames of each anomalous training video to score high, which the head can only do by learning
+    those videos' cameras: it fits the training videos and not new ones. Under max it learns the
+    anomaly itself."""
+    from varcmp.model.heads import AnomalyHead
+
+    g = torch.Generator().manual_seed(seed)
+    f, m, y = _camera_world(400, g)
+    ft, mt, yt = _camera_world(200, g)
+    auc = {}
+    for rule in ("max", "vadclip"):
+        torch.manual_seed(seed)
+        head = AnomalyHead(ModelConfig(dim=16, ffn_dim=32, heads=2))
+        opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+        for _ in range(60):
+            loss = mil_bce(head(f), m, y, None, rule)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            auc[rule] = [roc_auc(video_scores(head(x), k, rule).numpy(), z.numpy())
+                         for x, k, z in ((f, m, y), (ft, mt, yt))]
+    assert min(auc["max"][0], auc["vadclip"][0]) >= 0.95  # both fit the training videos (measured 0.99-1.0)
+    assert auc["max"][1] >= 0.75                          # measured 0.81-0.89 (seeds 0-3)
+    assert auc["vadclip"][1] <= 0.70                      # measured 0.53-0.63: the cameras, not the anomaly
 
 
 def test_info_nce_by_hand():
@@ -820,3 +866,26 @@ def test_a_checkpoint_saved_before_selector_cos_loads_with_the_cos_term(tmp_path
     frames, _, patches = video_data()
     torch.testing.assert_close(old.patch_selector.scores(patches.float(), frames.float()),
                                make_model(selector_cos=1.0).float().patch_selector.scores(patches.float(), frames.float()))
+
+
+def test_a_checkpoint_saved_before_mil_k_scores_videos_by_vadclips_top_k(tmp_path):
+    """Checkpoints written before --mil-k existed scored a video by VadCLIP's top-k (their eq. 6 y-hat
+    at test time); one that names its rule keeps it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from varcmp.model import checkpoint
+
+    for rule in ("max", "vadclip"):
+        path = checkpoint.save(tmp_path / "new.safetensors", make_model(mil_k=rule), {})
+        assert checkpoint.load(path)[0].cfg.mil_k == rule
+    with safe_open(str(path), framework="pt") as f:
+        state, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()[checkpoint.META_KEY])
+    del meta["model_config"]["mil_k"]
+    save_file(state, str(tmp_path / "old.safetensors"), metadata={checkpoint.META_KEY: json.dumps(meta)})
+    old, _ = checkpoint.load(tmp_path / "old.safetensors")
+    assert old.cfg.mil_k == "vadclip"
+    meta["model_config"]["mil_k"] = "top3"
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata={checkpoint.META_KEY: json.dumps(meta)})
+    with pytest.raises(checkpoint.CheckpointError, match="mil_k must be one of max, vadclip, got 'top3'"):
+        checkpoint.load(tmp_path / "bad.safetensors")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 LEVELS = ("coarse", "fine", "finer")
 QUERIES = ("text", "audio")
+MIL_K = ("max", "vadclip")  # the anomaly score's top-k rule (losses.video_scores)
 
 
 def setting(default, help: str | None = None, *, choices: tuple | None = None, flag: str | None = None, **metadata):
@@ -68,12 +69,20 @@ class ModelConfig:
                                  "varcmp's earlier score, which starts training on those closest patches and, in our "
                                  "study, never leaves them (benchmarks/selector-study.md).")
     logit_scale: float = within(100.0, 0.0, 1e4, "(]", help="Scale of R in the InfoNCE (CLIP's 100).")
+    mil_k: str = setting("max", "Frames a video's anomaly score averages (the MIL top-k of eq. 12 and of the "
+                         "test-time y-hat of eq. 6): max, the highest frame; vadclip, the top valid // 16 + 1 of "
+                         "its valid frames (VadCLIP's rule, 3 of 32). A k above the frames an anomaly fills makes "
+                         "the head score normal frames of anomalous videos up, which it can only do by memorising "
+                         "those videos (README, 'Does training beat frozen CLIP?').", choices=MIL_K)
 
     def __post_init__(self):
         levels = self.levels.split(",") if isinstance(self.levels, str) else self.levels
         object.__setattr__(self, "levels", levels)
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _checked(f, getattr(self, f.name)))
+            if "choices" in f.metadata and getattr(self, f.name) not in f.metadata["choices"]:
+                raise ValueError(f"{f.name} must be one of {', '.join(f.metadata['choices'])}, got "
+                                 f"{_shown(getattr(self, f.name))}")
         if not self.levels:
             raise ValueError("levels must name at least one of %s" % (LEVELS,))
         for lv in self.levels:
@@ -81,8 +90,6 @@ class ModelConfig:
                 raise ValueError(f"unknown level {lv!r}; choose from {LEVELS}")
         if len(set(self.levels)) != len(self.levels):
             raise ValueError(f"duplicate level in {self.levels}")
-        if self.query not in QUERIES:
-            raise ValueError(f"query must be one of {QUERIES}, got {self.query!r}")
         if self.top_patches > self.num_patches:
             raise ValueError(f"top_patches ({self.top_patches}) > num_patches ({self.num_patches})")
         if self.dim % self.heads:

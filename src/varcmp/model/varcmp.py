@@ -83,7 +83,7 @@ class VarCMP(nn.Module):
         video = self.temporal(f, mask)
         frame_w = self.frame_weight(f, mask)
         A = self.anomaly_head(f)                                                     # eq. 5
-        score = video_scores(A, mask)
+        score = video_scores(A, mask, cfg.mil_k)
         anomalous = score > 0.5 if labels is None else torch.as_tensor(labels, device=score.device).reshape(V) > 0.5
 
         patches = patch_w = patch_mask = None
@@ -222,7 +222,7 @@ class VarCMP(nn.Module):
         the anomalous videos' weight in it (see mil_bce)."""
         sims = self.similarity(v, q)
         v2q, q2v = nce_parts(sims["total"], self.cfg.logit_scale)
-        bce = (mil_bce(v.anomaly, v.frame_mask, labels, pos_weight) if labels is not None
+        bce = (mil_bce(v.anomaly, v.frame_mask, labels, pos_weight, self.cfg.mil_k) if labels is not None
                else v2q.new_zeros(()))
         return {"loss": bce + v2q + q2v, "v2q": v2q, "q2v": q2v, "bce": bce,
                 **{f"sim_{k}": s.detach().diagonal().mean() for k, s in sims.items()}}

@@ -63,6 +63,7 @@ class TrainOptions:
     topk_samples: int = model_setting("topk_samples")
     topk_relative: bool = model_setting("topk_relative")
     selector_cos: float = model_setting("selector_cos")
+    mil_k: str = model_setting("mil_k")
     seed: int = setting(0, "Seeds the weights, the batch order and the validation draw.")
 
     def __post_init__(self):
@@ -107,12 +108,13 @@ class TrainOptions:
 
 # The paper's recipe (AdamW, lr 1e-4, batch 8, 15 epochs; weight decay and schedule as the paper gives none: torch's
 # default decay and a constant rate; TS2-Net's patch selector: the MLP's score alone, its perturbed top-k; the
-# unweighted MIL loss; no augmentation):
+# unweighted MIL loss over VadCLIP's top-k; no augmentation):
 # `--recipe paper` sets these wherever the command line does not; the defaults above are varcmp's own recipe.
 RECIPES = {"varcmp": {},
            "paper": dict(lr=1e-4, batch_size=8, epochs=15, weight_decay=0.01, balance_anomaly=False,
                          schedule="constant", frame_drop=0.0, word_drop=0.0, topk_relative=False, topk_sigma=0.05,
-                         selector_cos=0.0, anomaly_lr_scale=1.0, zero_shot_guard=False)}
+                         selector_cos=0.0, anomaly_lr_scale=1.0, zero_shot_guard=False,
+                         mil_k="vadclip")}
 
 
 _MODEL_SETTINGS = [f.name for f in dataclasses.fields(TrainOptions)

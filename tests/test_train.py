@@ -156,7 +156,7 @@ def test_training_lowers_the_loss_and_raises_validation_r1(planted, tmp_path):
     assert again == h[s.best_epoch]["val"]
     hist = json.loads((tmp_path / "run" / "history.json").read_text())
     assert hist["best_epoch"] == s.best_epoch and len(hist["epochs"]) == 6
-    assert png_size(tmp_path / "run" / "curves.png") == (1000, 360)
+    assert png_size(tmp_path / "run" / "curves.png") == (1500, 360)
     # the memorisation gap: as many training videos as validation videos, drawn by label, scored the same way
     assert len(plan.probe_rows) == len(plan.val_rows) and set(plan.probe_rows) <= set(plan.train_rows)
     share = plan.labels[plan.train_rows].mean() * len(plan.probe_rows)  # the training videos' share of each label
@@ -168,11 +168,24 @@ def test_training_lowers_the_loss_and_raises_validation_r1(planted, tmp_path):
     assert TP.validate(model, probe, torch.device("cpu")) == rec["train_subset"]
     assert rec["train_r1"] == 0.5 * (rec["train_subset"]["q2v"]["r1"] + rec["train_subset"]["v2q"]["r1"])
     assert all("train_subset" in r for r in h)  # the untrained epoch 0 too
+    # the anomaly head's video AUC on both subsets: the untrained head scores every video 0.5 (chance), and
+    # the best epoch's is the AUC of the reloaded model's MIL video scores, ranked here by hand
+    assert h[0]["val_auc"] == 0.5 and h[0]["train_auc"] == 0.5
+    for data, key in ((TD.load_validation(cache.split("train"), plan, model.cfg), "val_auc"), (probe, "train_auc")):
+        with torch.no_grad():
+            score = model.encode_videos(torch.from_numpy(data.videos.frame_feat),
+                                        torch.from_numpy(data.videos.frame_mask), patches=False).video_score.tolist()
+        y = data.videos.labels
+        pairs = [(a, n) for a in range(len(y)) if y[a] for n in range(len(y)) if not y[n]]
+        want = sum(1.0 if score[a] > score[n] else 0.5 if score[a] == score[n] else 0.0 for a, n in pairs) / len(pairs)
+        assert rec[key] == pytest.approx(want, abs=1e-9), key
     # the same scalars as TensorBoard events
     ev = events(tmp_path / "run")
     assert ev["r1_validation/a2v"] == [(r["epoch"], pytest.approx(r["val"]["q2v"]["r1"])) for r in h]
     assert ev["r1_training_subset/v2a"] == [(r["epoch"], pytest.approx(r["train_subset"]["v2q"]["r1"])) for r in h]
     assert ev["loss/bce"] == [(r["epoch"], pytest.approx(r["bce"])) for r in h[1:]]
+    assert ev["anomaly_auc/validation"] == [(r["epoch"], pytest.approx(r["val_auc"])) for r in h]
+    assert ev["anomaly_auc/training_subset"] == [(r["epoch"], pytest.approx(r["train_auc"])) for r in h]
 
 
 def events(run) -> dict[str, list]:
@@ -196,13 +209,16 @@ def test_curves_draw_the_history():
     from varcmp.training.curves import curves_figure
 
     val = lambda a, b: {"q2v": {"r1": a}, "v2q": {"r1": b}}  # noqa: E731
-    history = [{"epoch": 0, "val": val(10.0, 12.0), "train_subset": val(11.0, 13.0)},
+    history = [{"epoch": 0, "val": val(10.0, 12.0), "train_subset": val(11.0, 13.0), "val_auc": 0.5, "train_auc": 0.5},
                {"epoch": 1, "loss": 3.0, "v2q": 1.0, "q2v": 1.5, "bce": 0.5, "val": val(20.0, 25.0),
-                "train_subset": val(40.0, 45.0)},
+                "train_subset": val(40.0, 45.0), "val_auc": 0.75, "train_auc": 0.8},
                {"epoch": 2, "loss": 2.0, "v2q": 0.75, "q2v": 0.75, "bce": 0.5, "val": val(30.0, 28.0),
-                "train_subset": val(70.0, 66.0)}]
+                "train_subset": val(70.0, 66.0), "val_auc": 0.7, "train_auc": 0.95}]
     fig = curves_figure(history, ("t2v", "v2t"), 2)
-    loss_ax, val_ax = fig.axes
+    loss_ax, val_ax, auc_ax = fig.axes
+    assert {ln.get_label() for ln in auc_ax.lines} >= {"validation", "training subset"}
+    auc = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in auc_ax.lines}
+    assert auc["validation"] == ([0, 1, 2], [0.5, 0.75, 0.7]) and auc["training subset"] == ([0, 1, 2], [0.5, 0.8, 0.95])
     lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ax in fig.axes for ln in ax.lines}
     assert lines["total"] == ([1, 2], [3.0, 2.0])
     assert lines["retrieval (InfoNCE)"] == ([1, 2], [2.5, 1.5]) and lines["anomaly (MIL BCE)"] == ([1, 2], [0.5, 0.5])
@@ -382,7 +398,7 @@ def test_without_validation_best_is_last(planted, tmp_path):
     assert [r["epoch"] for r in s.history] == [1, 2] and s.best_epoch == 2
     assert checkpoint.read_meta(tmp_path / "run" / "best.safetensors")["epoch"] == 2
     assert json.loads((tmp_path / "run" / "history.json").read_text())["validation_videos"] == []
-    assert png_size(tmp_path / "run" / "curves.png") == (1000, 360)  # the loss alone, and a note
+    assert png_size(tmp_path / "run" / "curves.png") == (1500, 360)  # the loss alone, and notes
 
 
 def test_existing_run_needs_resume_or_overwrite(planted, tmp_path):
@@ -649,8 +665,8 @@ def test_recipe_paper_sets_what_the_command_line_does_not(planted, tmp_path):
 
 def test_a_run_saved_before_the_new_settings_resumes_with_what_it_was_trained_with(planted, tmp_path):
     """A resume state written before balance_anomaly, schedule, warmup, frame/word drop, topk_relative,
-    selector_cos and anomaly_lr_scale existed does not name them: it was trained with the unweighted MIL
-    loss, a constant rate, the selector's cos term and one learning rate, so a resume with today's defaults is refused, naming the setting, and
+    selector_cos, anomaly_lr_scale and mil_k existed does not name them: it was trained with the unweighted MIL
+    loss over VadCLIP's top-k, a constant rate, the selector's cos term and one learning rate, so a resume with today's defaults is refused, naming the setting, and
     one with the old ones continues."""
     out = tmp_path / "run"
     # an old run's optimiser had one group: the anomaly head's rate was the others'
@@ -658,13 +674,13 @@ def test_a_run_saved_before_the_new_settings_resumes_with_what_it_was_trained_wi
     path = out / TS.STATE_NAME
     st = TS.load_state(path)
     for k in ("balance_anomaly", "schedule", "warmup", "frame_drop", "word_drop", "topk_relative", "selector_cos",
-              "anomaly_lr_scale"):
+              "anomaly_lr_scale", "mil_k"):
         del st["train"][k]
     TS.save_state(st, path)
     res = cli(planted, "--out", out, "--epochs", 2, "--val-fraction", 0, "--resume", *SMALL_ARGS, code=2)
     assert "balance_anomaly: False there, True now" in " ".join(res.output.split())
     cli(planted, "--out", out, "--epochs", 2, "--val-fraction", 0, "--resume", "--no-balance-anomaly",
-        "--selector-cos", 1, "--anomaly-lr-scale", 1, *SMALL_ARGS)
+        "--selector-cos", 1, "--anomaly-lr-scale", 1, "--mil-k", "vadclip", *SMALL_ARGS)
     assert json.loads((out / "history.json").read_text())["epochs"][-1]["epoch"] == 2
 
 

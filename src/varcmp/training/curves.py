@@ -1,6 +1,7 @@
 """A run's learning curves: curves.png beside history.json, drawn from the same records after every
 epoch (training loss and its parts; validation R@1 both ways, with the untrained model's as epoch
-0, and the R@1 of a training subset of the same size: the memorisation gap), and the same scalars
+0, and the R@1 of a training subset of the same size: the memorisation gap; the anomaly head's
+video-level AUC on both subsets), and the same scalars
 as TensorBoard event files in <run>/tensorboard when `tensorboard` is installed."""
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def draw_curves(history: list[dict], path: Path, keys: tuple[str, str], best_epo
 
 
 def curves_figure(history: list[dict], keys: tuple[str, str], best_epoch: int | None):
-    """The figure: training loss (total, retrieval, anomaly) and validation R@1 both ways, by epoch."""
+    """The figure: training loss (total, retrieval, anomaly), validation R@1 both ways and the anomaly
+    head's video AUC, by epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,7 +35,7 @@ def curves_figure(history: list[dict], keys: tuple[str, str], best_epoch: int | 
     from matplotlib.ticker import MaxNLocator
 
     trained = [r for r in history if r["epoch"] > 0]
-    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+    fig, (loss_ax, val_ax, auc_ax) = plt.subplots(1, 3, figsize=(15, 3.6), layout="constrained")
     epochs = [r["epoch"] for r in trained]
     loss_ax.plot(epochs, [r["loss"] for r in trained], "o-", label="total")
     loss_ax.plot(epochs, [r["v2q"] + r["q2v"] for r in trained], "s--", label="retrieval (InfoNCE)")
@@ -56,7 +58,19 @@ def curves_figure(history: list[dict], keys: tuple[str, str], best_epoch: int | 
         val_ax.legend(fontsize="small")
     else:
         val_ax.text(0.5, 0.5, "no validation subset", ha="center", va="center", transform=val_ax.transAxes)
-    for ax in (loss_ax, val_ax):
+    for subset, name, style in (("val_auc", "validation", "o-"), ("train_auc", "training subset", "o-")):
+        points = [(r["epoch"], r[subset]) for r in history if r.get(subset) is not None]
+        if points:
+            auc_ax.plot(*zip(*points), style, color="C2", alpha=1.0 if subset == "val_auc" else 0.45,
+                        mfc=None if subset == "val_auc" else "none", label=name)
+    auc_ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    auc_ax.set(title="anomaly head: video AUC (0.5: chance)", xlabel="epoch", ylim=(0.0, 1.02))
+    if any(r.get("val_auc") is not None for r in history):
+        auc_ax.legend(fontsize="small")
+    else:
+        auc_ax.text(0.5, 0.5, "no validation subset with both classes", ha="center", va="center",
+                    transform=auc_ax.transAxes)
+    for ax in (loss_ax, val_ax, auc_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
@@ -105,11 +119,14 @@ class EventLog:
 
 
 def scalars(rec: dict, keys: tuple[str, str]) -> dict[str, float]:
-    """TensorBoard tag -> value of one history record: the loss and its parts, and R@1 both ways on
-    the validation subset and on the training subset."""
+    """TensorBoard tag -> value of one history record: the loss and its parts, R@1 both ways and the
+    anomaly head's video AUC on the validation subset and on the training subset."""
     out = {f"loss/{part}": rec[part] for part in ("loss", "v2q", "q2v", "bce") if part in rec}
     for name, subset in (("validation", "val"), ("training_subset", "train_subset")):
         for direction, key in zip(("q2v", "v2q"), keys):
             if rec.get(subset):
                 out[f"r1_{name}/{key}"] = rec[subset][direction]["r1"]
+    for name, auc in (("validation", "val_auc"), ("training_subset", "train_auc")):
+        if rec.get(auc) is not None:
+            out[f"anomaly_auc/{name}"] = rec[auc]
     return out

@@ -17,14 +17,14 @@ from ..cli.markup import lit
 from ..encoders.frozen import resolve_device
 from ..model import VarCMP
 from ..model.queries import query_kind
-from ..retrieval.metrics import mean_r1_gain, r1_units, retrieval_metrics
+from ..retrieval.metrics import mean_r1_gain, r1_units, retrieval_metrics, roc_auc
 from ..retrieval.pairs import EvalData
 from . import NonFiniteLoss, TrainError
 from .data import (TEXT_KEYS, Plan, Rows, available_memory, bytes_needed, describe_caption, epoch_batches,
                    load_validation, video_keys)
 from .distributed import DistInfo, local_rows, rank_seed, same_start, wrap_ddp
 from .state import rng_state, set_rng_state
-from .step import TrainStep, autocast, resolve_precision, val_score, validate, validation_scores
+from .step import TrainStep, autocast, resolve_precision, val_score, validation_scores
 
 PARTS = ("loss", "v2q", "q2v", "bce", "sim_total")  # loss parts averaged per epoch
 
@@ -253,16 +253,20 @@ NO_BEST = {"epoch": None, "score": -math.inf}
 
 
 def validate_epoch(learner: Learner, val: EvalData, rec: dict, probe: EvalData | None = None) -> dict:
-    """Score the validation subset; its metrics, also recorded in `rec` (val, val_r1, val_seconds, and
-    val_units: each validation video's R@1 hits, see `r1_units`); and `probe`, the training subset of
-    the same size, in the same way (train_subset, train_r1: the memorisation gap is train_r1 - val_r1)."""
+    """Score the validation subset; its metrics, also recorded in `rec` (val, val_r1, val_seconds,
+    val_units: each validation video's R@1 hits, see `r1_units`, and val_auc: the anomaly head's
+    video-level AUC, None with one class); and `probe`, the training subset of the same size, in the
+    same way (train_subset, train_r1, train_auc: the memorisation gap is train_r1 - val_r1)."""
     t0 = time.perf_counter()
-    sim = validation_scores(learner.model, val, learner.compute.device, learner.compute.amp_dtype)
+    device, amp = learner.compute.device, learner.compute.amp_dtype
+    sim, anomaly = validation_scores(learner.model, val, device, amp)
     metrics = retrieval_metrics(sim, val.query_video)
-    rec.update(val=metrics, val_r1=val_score(metrics), val_units=r1_units(sim, val.query_video).tolist())
+    rec.update(val=metrics, val_r1=val_score(metrics), val_units=r1_units(sim, val.query_video).tolist(),
+               val_auc=roc_auc(anomaly, val.videos.labels))
     if probe is not None:
-        fit = validate(learner.model, probe, learner.compute.device, learner.compute.amp_dtype)
-        rec.update(train_subset=fit, train_r1=val_score(fit))
+        sim, anomaly = validation_scores(learner.model, probe, device, amp)
+        fit = retrieval_metrics(sim, probe.query_video)
+        rec.update(train_subset=fit, train_r1=val_score(fit), train_auc=roc_auc(anomaly, probe.videos.labels))
     rec["val_seconds"] = time.perf_counter() - t0
     return metrics
 
@@ -293,6 +297,8 @@ def epoch_line(rec: dict, epochs: int, query: str, metrics: dict | None, best: b
         line += f"  val R@1 {q} {metrics['q2v']['r1']:.1f} {v} {metrics['v2q']['r1']:.1f}"
         if "train_r1" in rec:
             line += f"  (training subset: mean R@1 {rec['train_r1']:.1f})"
+        if rec.get("val_auc") is not None:
+            line += f"  anomaly AUC {rec['val_auc']:.2f}"
         guard = rec.get("over_untrained")
         if guard and not guard["holds"]:
             line += f"  not beyond the untrained model's noise ({guard['gain']:+.1f}, bound {guard['lower']:+.1f})"

@@ -37,21 +37,22 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def validation_scores(model: VarCMP, ev: EvalData, device: torch.device, amp_dtype=None):
-    """The [videos, queries] similarity of the validation subset, with evaluate's scorer."""
+    """(the [videos, queries] similarity of the validation subset, with evaluate's scorer; each of its
+    videos' anomaly score, the MIL video score as a numpy array)."""
     was = model.training
     model.eval()
     try:
         with autocast(device, amp_dtype):
             v = encode_videos(model, ev.videos, device, batch=32)  # bounds the float32 patch copies
             q = encode_queries(model, ev.query_feats, device)
-            return score_matrix(model, v, q)["total"]
+            return score_matrix(model, v, q)["total"], v.video_score.float().cpu().numpy()
     finally:
         model.train(was)
 
 
 def validate(model: VarCMP, ev: EvalData, device: torch.device, amp_dtype=None) -> dict:
     """Retrieval metrics of the validation subset (both directions)."""
-    return retrieval_metrics(validation_scores(model, ev, device, amp_dtype), ev.query_video)
+    return retrieval_metrics(validation_scores(model, ev, device, amp_dtype)[0], ev.query_video)
 
 
 def val_score(metrics: dict | None) -> float:

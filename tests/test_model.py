@@ -846,22 +846,34 @@ def test_audio_encoder_by_hand():
     assert qt.token_weights[0, :WORDS[0]].tolist() == pytest.approx(want, abs=1e-12)
 
 
-def test_a_checkpoint_saved_before_selector_cos_loads_with_the_cos_term(tmp_path):
-    """Checkpoints written before --selector-cos existed do not name it; their selector had the cos
-    term (weight 1), whatever today's default; one that names it keeps its own weight."""
+def resaved(path, out, **settings):
+    """A copy of checkpoint `path` at `out` whose metadata's model_config has `settings` (None: the
+    setting left out, as a checkpoint written before it existed)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from varcmp.model import checkpoint
 
+    with safe_open(str(path), framework="pt") as f:
+        state, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()[checkpoint.META_KEY])
+    for name, value in settings.items():
+        if value is None:
+            del meta["model_config"][name]
+        else:
+            meta["model_config"][name] = value
+    save_file(state, str(out), metadata={checkpoint.META_KEY: json.dumps(meta)})
+    return out
+
+
+def test_a_checkpoint_saved_before_selector_cos_loads_with_the_cos_term(tmp_path):
+    """Checkpoints written before --selector-cos existed do not name it; their selector had the cos
+    term (weight 1), whatever today's default; one that names it keeps its own weight."""
+    from varcmp.model import checkpoint
+
     for weight in (0.0, 0.25):
         path = checkpoint.save(tmp_path / "new.safetensors", make_model(selector_cos=weight), {})
         assert checkpoint.load(path)[0].cfg.selector_cos == weight
-    with safe_open(str(path), framework="pt") as f:
-        state, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()[checkpoint.META_KEY])
-    del meta["model_config"]["selector_cos"]
-    save_file(state, str(tmp_path / "old.safetensors"), metadata={checkpoint.META_KEY: json.dumps(meta)})
-    old, _ = checkpoint.load(tmp_path / "old.safetensors")
+    old, _ = checkpoint.load(resaved(path, tmp_path / "old.safetensors", selector_cos=None))
     assert old.cfg.selector_cos == 1.0
     frames, _, patches = video_data()
     torch.testing.assert_close(old.patch_selector.scores(patches.float(), frames.float()),
@@ -871,21 +883,11 @@ def test_a_checkpoint_saved_before_selector_cos_loads_with_the_cos_term(tmp_path
 def test_a_checkpoint_saved_before_mil_k_scores_videos_by_vadclips_top_k(tmp_path):
     """Checkpoints written before --mil-k existed scored a video by VadCLIP's top-k (their eq. 6 y-hat
     at test time); one that names its rule keeps it."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     from varcmp.model import checkpoint
 
     for rule in ("max", "vadclip"):
         path = checkpoint.save(tmp_path / "new.safetensors", make_model(mil_k=rule), {})
         assert checkpoint.load(path)[0].cfg.mil_k == rule
-    with safe_open(str(path), framework="pt") as f:
-        state, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()[checkpoint.META_KEY])
-    del meta["model_config"]["mil_k"]
-    save_file(state, str(tmp_path / "old.safetensors"), metadata={checkpoint.META_KEY: json.dumps(meta)})
-    old, _ = checkpoint.load(tmp_path / "old.safetensors")
-    assert old.cfg.mil_k == "vadclip"
-    meta["model_config"]["mil_k"] = "top3"
-    save_file(state, str(tmp_path / "bad.safetensors"), metadata={checkpoint.META_KEY: json.dumps(meta)})
+    assert checkpoint.load(resaved(path, tmp_path / "old.safetensors", mil_k=None))[0].cfg.mil_k == "vadclip"
     with pytest.raises(checkpoint.CheckpointError, match="mil_k must be one of max, vadclip, got 'top3'"):
-        checkpoint.load(tmp_path / "bad.safetensors")
+        checkpoint.load(resaved(path, tmp_path / "bad.safetensors", mil_k="top3"))

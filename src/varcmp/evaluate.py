@@ -27,7 +27,7 @@ from .errors import UserError
 from .model import VarCMP
 from .model.queries import AUDIO, QUERY_KINDS, check_segments
 from .retrieval.frame_labels import annotation_frame_labels, frame_auc, read_temporal_annotations
-from .retrieval.metrics import (LEVEL, METRICS, POST, POST_LABEL, QB_BANK, RESAMPLES, SINKHORN_ITERS,
+from .retrieval.metrics import (LEVEL, METRICS, POST, POST_LABEL, QB_BANK, RESAMPLES, SINKHORN_ITERS, auc_interval,
                                 bootstrap_intervals, format_metric, metric_label, paired_comparison, parse_metrics,
                                 postprocess, query_to_video_ranks, roc_auc, summarize, video_to_query_ranks)
 from .retrieval.pairs import load_eval_data
@@ -150,6 +150,8 @@ def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, ano
     if bootstrap:
         for res, r in zip(result["metrics"].values(), run.ranks):
             res["interval"] = bootstrap_intervals(r, metrics, bootstrap, seed)
+        result["anomaly"]["video_auc_interval"] = auc_interval(run.v.video_score.float().cpu().numpy(),
+                                                               run.data.videos.labels, bootstrap, seed)
     if keep_ranks:
         result["ranks"] = {key: r.tolist() for (key, _), r in zip(kind.directions, run.ranks)}
     if comparing:
@@ -347,8 +349,11 @@ def print_report(r: dict, console) -> None:
         say(f"videos read from the stored index {r['index']} (varcmp-index), not encoded again")
     a = r["anomaly"]
     if a["video_auc"] is not None:
-        say(f"anomaly head: video-level AUC {a['video_auc']:.3f} on {a['anomalous']} anomalous and {a['normal']} normal "
-            f"videos (labels from the paths); {a['predicted_anomalous']} predicted anomalous")
+        iv = a.get("video_auc_interval")
+        within = (f" ({100 * LEVEL:g}% interval {iv[0]:.3f}-{iv[1]:.3f}, videos resampled within each class)"
+                  if iv else "")
+        say(f"anomaly head: video-level AUC {a['video_auc']:.3f}{within} on {a['anomalous']} anomalous and "
+            f"{a['normal']} normal videos (labels from the paths); {a['predicted_anomalous']} predicted anomalous")
     fl = a["frame_labels"]
     if a["frame_auc"] is not None:
         say(f"anomaly head: frame-level AUC {a['frame_auc']:.3f} over {fl['frames']} sampled frames of {fl['videos']} "

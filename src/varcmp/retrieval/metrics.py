@@ -152,6 +152,23 @@ def bootstrap_intervals(ranks: np.ndarray, metrics=METRICS, resamples: int = RES
     return {m: _percentiles(np.concatenate(v), level) for m, v in values.items()}
 
 
+def auc_interval(scores: np.ndarray, labels: np.ndarray, resamples: int = RESAMPLES, seed: int = 0,
+                 level: float = LEVEL) -> list[float] | None:
+    """The `level` percentile-bootstrap interval [lo, hi] of `roc_auc(scores, labels)`: the AUC of
+    `resamples` resamples of the videos, each class drawn with replacement within itself (so every
+    resample keeps the split's counts of anomalous and normal videos and has an AUC). None when a
+    class is absent (no AUC)."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels) > 0
+    pos, neg = np.flatnonzero(labels), np.flatnonzero(~labels)
+    if not len(pos) or not len(neg):
+        return None
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)]
+    values = [roc_auc(scores[np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]], y)
+              for _ in range(resamples)]
+    return _percentiles(np.array(values), level)
+
+
 def paired_difference(ranks_a: np.ndarray, ranks_b: np.ndarray, metrics=METRICS, resamples: int = RESAMPLES,
                       seed: int = 0, level: float = LEVEL) -> dict[str, dict]:
     """Metric of A minus metric of B on the same units (ranks_a[i] and ranks_b[i] rank the same

@@ -31,6 +31,10 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
                 assert d["interval"]["r1"][0] <= d["r1"] <= d["interval"]["r1"][1]  # shown in the table and chart
         for r, (_, levels, _, _, trained) in zip(rows, SETTINGS):  # zero-shot rows: no checkpoint
             assert (r["checkpoint"] is None) if not trained else Path(r["checkpoint"]).is_file()
+            a = r["anomaly"]  # the anomaly head's video AUC with its interval; untrained: every score 0.5
+            assert a["video_auc_interval"][0] <= a["video_auc"] <= a["video_auc_interval"][1]
+            if not trained:
+                assert a == {"video_auc": 0.5, "video_auc_interval": [0.5, 0.5]}
     for task, rows in results["tasks"].items():  # the ablation differences, as varcmp-eval --compare has them
         r1 = {r["setting"]: r["metrics"] for r in rows}
         diffs = results["comparisons"][task]
@@ -49,6 +53,8 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
         cmp = evaluate_split(out / "synthetic.zarr", checkpoint=ckpt, metrics="r1", **kw)["compare"]["metrics"]
         assert all(cmp[key]["r1"] == d[key] for key in ("t2v", "v2t"))
     assert res.output.count("which differences hold") == 2
+    # the zero-shot rows show their untrained anomaly head's AUC in both tables
+    assert len(re.findall(r"│ zero-shot +│.*│ +0\.50 │", res.output)) == 2
     assert len(re.findall(r"│ all three - zero-shot +│", res.output)) == 2
     for label, *_ in SETTINGS:  # every row of both tables is printed
         assert len(re.findall(rf"│ {re.escape(label)} +│", res.output)) == 2, label

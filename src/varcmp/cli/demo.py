@@ -83,6 +83,7 @@ def run_demo(out: Path, tasks: tuple[str, ...], videos: int, epochs: int, seed: 
                                    keep_ranks=True, post=post)
             results["tasks"].setdefault(task, []).append(
                 {"setting": label, "checkpoint": r["checkpoint"], "metrics": r["metrics"],
+                 "anomaly": {k: r["anomaly"][k] for k in ("video_auc", "video_auc_interval")},
                  "videos": r["counts"]["videos"], "queries": r["counts"]["queries"], "ranks": r["ranks"]})
             progress.advance(overall)
     results["comparisons"] = {task: ablation_differences(task, rows) for task, rows in results["tasks"].items()}
@@ -125,16 +126,18 @@ def print_tables(results: dict, console) -> None:
                         "ABW = anomaly-biased weighting; zero-shot: frozen CLIP (untrained heads) with all "
                         "three levels, or those named; QB-Norm = all three's run ranked with varcmp-eval "
                         "--post qb (query->video only; not the paper's); cf. the paper's Tables 3-5; below "
-                        "R@1: its 95 % bootstrap interval over the test queries (videos)")
+                        "R@1: its 95 % bootstrap interval over the test queries (videos); AUC: the anomaly "
+                        "head's video-level AUC (0.5: untrained), below it its 95 % interval")
         t.add_column("setting", no_wrap=True)
         for d in (q2v, v2q):
             for m in ("R@1", "R@10", "MdR"):  # R@1 holds its interval: never cut
                 t.add_column(f"{d}\n{m}", justify="right", min_width=9 if m == "R@1" else None)
+        t.add_column("video\nAUC", justify="right", min_width=9)
         for row in rows:
             cells = []
             for res in row["metrics"].values():
                 cells += [_with_interval(res, "r1"), f"{res['r10']:.1f}", f"{res['mdr']:g}"]
-            t.add_row(row["setting"], *cells)
+            t.add_row(row["setting"], *cells, _auc(row.get("anomaly")))
         console.print(t)
         if results.get("comparisons", {}).get(task):
             console.print(differences_table(results["comparisons"][task], (q2v, v2q)))
@@ -163,6 +166,15 @@ def _with_interval(res: dict, m: str) -> str:
     """The value, and below it its bootstrap interval when the result has one (older results do not)."""
     iv = res.get("interval", {}).get(m)
     return f"{res[m]:.1f}" if iv is None else f"{res[m]:.1f}\n[dim]{iv[0]:.1f}–{iv[1]:.1f}[/dim]"
+
+
+def _auc(anomaly: dict | None) -> str:
+    """The anomaly head's video AUC, and below it its interval (older results have neither)."""
+    if not anomaly or anomaly.get("video_auc") is None:
+        return "-"
+    iv = anomaly.get("video_auc_interval")
+    auc = f"{anomaly['video_auc']:.2f}"
+    return auc if iv is None else f"{auc}\n[dim]{iv[0]:.2f}–{iv[1]:.2f}[/dim]"
 
 
 def save_chart(results: dict, path: Path) -> None:

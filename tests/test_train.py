@@ -152,7 +152,7 @@ def test_training_lowers_the_loss_and_raises_validation_r1(planted, tmp_path):
     model, _ = checkpoint.load(tmp_path / "run")
     cache = open_cache(planted)
     plan = TD.plan_data(cache.split("train"), "audio", 0.25, 0)
-    again = TP.validate(model, TD.load_validation(cache.split("train"), plan, model.cfg), torch.device("cpu"))
+    again = TP.validate(model, TD.load_validation(cache.split("train"), plan, model.cfg), torch.device("cpu"))[1]
     assert again == h[s.best_epoch]["val"]
     hist = json.loads((tmp_path / "run" / "history.json").read_text())
     assert hist["best_epoch"] == s.best_epoch and len(hist["epochs"]) == 6
@@ -165,7 +165,7 @@ def test_training_lowers_the_loss_and_raises_validation_r1(planted, tmp_path):
     probe = TD.load_validation(cache.split("train"), plan, model.cfg, plan.probe_rows)
     assert len(probe.query_video) == len(plan.probe_rows)
     rec = h[s.best_epoch]
-    assert TP.validate(model, probe, torch.device("cpu")) == rec["train_subset"]
+    assert TP.validate(model, probe, torch.device("cpu"))[1] == rec["train_subset"]
     assert rec["train_r1"] == 0.5 * (rec["train_subset"]["q2v"]["r1"] + rec["train_subset"]["v2q"]["r1"])
     assert all("train_subset" in r for r in h)  # the untrained epoch 0 too
     # the anomaly head's video AUC on both subsets: the untrained head scores every video 0.5 (chance), and

@@ -140,7 +140,7 @@ def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, ano
               "bootstrap": {"resamples": bootstrap, "seed": seed, "level": LEVEL,
                             "units": f"{kind.name} queries ({kind.metric_keys[0]}), videos ({kind.metric_keys[1]})"},
               "counts": _counts(run.data, run.v),
-              "anomaly": _anomaly(run.data, run.v, *frame_labels),
+              "anomaly": _anomaly(run.data, run.v, *frame_labels, bootstrap=bootstrap, seed=seed),
               "dropped": list(run.data.dropped),
               "chunk": chunk,
               "device": str(dev),
@@ -150,8 +150,6 @@ def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, ano
     if bootstrap:
         for res, r in zip(result["metrics"].values(), run.ranks):
             res["interval"] = bootstrap_intervals(r, metrics, bootstrap, seed)
-        result["anomaly"]["video_auc_interval"] = auc_interval(run.v.video_score.float().cpu().numpy(),
-                                                               run.data.videos.labels, bootstrap, seed)
     if keep_ranks:
         result["ranks"] = {key: r.tolist() for (key, _), r in zip(kind.directions, run.ranks)}
     if comparing:
@@ -321,15 +319,20 @@ def _frame_labels(sp, videos, spans, annotations) -> tuple[np.ndarray | None, st
     return None, None
 
 
-def _anomaly(data, v, frame_labels=None, source=None) -> dict:
+def _anomaly(data, v, frame_labels=None, source=None, bootstrap: int = 0, seed: int = 0) -> dict:
     """How the anomaly head separates the split's videos by their labels (video-level ROC AUC of
-    the MIL video score; None when the split holds one class only) and, where frame labels exist,
-    its frames (frame-level ROC AUC of the frame scores A over the labelled valid frames)."""
+    the MIL video score, None when the split holds one class only, and with `bootstrap` resamples
+    its interval) and, where frame labels exist, its frames (frame-level ROC AUC of the frame
+    scores A over the labelled valid frames)."""
     labels = np.asarray(data.videos.labels) > 0
+    scores = v.video_score.float().cpu().numpy()
     frames = frame_auc(v.anomaly.float().cpu().numpy(), data.videos.frame_mask, frame_labels)
-    return {"video_auc": roc_auc(v.video_score.float().cpu().numpy(), labels), "anomalous": int(labels.sum()),
-            "normal": int((~labels).sum()), "predicted_anomalous": int(v.anomalous.sum()),
-            "frame_auc": frames.pop("auc"), "frame_labels": {"source": source, **frames}}
+    out = {"video_auc": roc_auc(scores, labels), "anomalous": int(labels.sum()),
+           "normal": int((~labels).sum()), "predicted_anomalous": int(v.anomalous.sum()),
+           "frame_auc": frames.pop("auc"), "frame_labels": {"source": source, **frames}}
+    if bootstrap:
+        out["video_auc_interval"] = auc_interval(scores, labels, bootstrap, seed)
+    return out
 
 
 def print_report(r: dict, console) -> None:

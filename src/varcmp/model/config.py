@@ -80,9 +80,6 @@ class ModelConfig:
         object.__setattr__(self, "levels", levels)
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _checked(f, getattr(self, f.name)))
-            if "choices" in f.metadata and getattr(self, f.name) not in f.metadata["choices"]:
-                raise ValueError(f"{f.name} must be one of {', '.join(f.metadata['choices'])}, got "
-                                 f"{_shown(getattr(self, f.name))}")
         if not self.levels:
             raise ValueError("levels must name at least one of %s" % (LEVELS,))
         for lv in self.levels:
@@ -115,6 +112,8 @@ def _checked(f: dataclasses.Field, value):
         lo, hi, ends = f.metadata["range"]
         if not ((lo <= value if ends[0] == "[" else lo < value) and (value <= hi if ends[1] == "]" else value < hi)):
             raise ValueError(f"{f.name} must be in {ends[0]}{lo:g}, {hi:g}{ends[1]}, got {_shown(value)}")
+    if "choices" in f.metadata and value not in f.metadata["choices"]:
+        raise ValueError(f"{f.name} must be one of {', '.join(f.metadata['choices'])}, got {_shown(value)}")
     return value
 
 

@@ -58,11 +58,11 @@ def curves_figure(history: list[dict], keys: tuple[str, str], best_epoch: int | 
         val_ax.legend(fontsize="small")
     else:
         val_ax.text(0.5, 0.5, "no validation subset", ha="center", va="center", transform=val_ax.transAxes)
-    for subset, name, style in (("val_auc", "validation", "o-"), ("train_auc", "training subset", "o-")):
+    for subset, name, pale in (("val_auc", "validation", False), ("train_auc", "training subset", True)):
         points = [(r["epoch"], r[subset]) for r in history if r.get(subset) is not None]
         if points:
-            auc_ax.plot(*zip(*points), style, color="C2", alpha=1.0 if subset == "val_auc" else 0.45,
-                        mfc=None if subset == "val_auc" else "none", label=name)
+            auc_ax.plot(*zip(*points), "o-", color="C2", alpha=0.45 if pale else 1.0, mfc="none" if pale else None,
+                        label=name)
     auc_ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     auc_ax.set(title="anomaly head: video AUC (0.5: chance)", xlabel="epoch", ylim=(0.0, 1.02))
     if any(r.get("val_auc") is not None for r in history):

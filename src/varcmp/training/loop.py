@@ -17,14 +17,14 @@ from ..cli.markup import lit
 from ..encoders.frozen import resolve_device
 from ..model import VarCMP
 from ..model.queries import query_kind
-from ..retrieval.metrics import mean_r1_gain, r1_units, retrieval_metrics, roc_auc
+from ..retrieval.metrics import mean_r1_gain, r1_units
 from ..retrieval.pairs import EvalData
 from . import NonFiniteLoss, TrainError
 from .data import (TEXT_KEYS, Plan, Rows, available_memory, bytes_needed, describe_caption, epoch_batches,
                    load_validation, video_keys)
 from .distributed import DistInfo, local_rows, rank_seed, same_start, wrap_ddp
 from .state import rng_state, set_rng_state
-from .step import TrainStep, autocast, resolve_precision, val_score, validation_scores
+from .step import TrainStep, autocast, resolve_precision, val_score, validate
 
 PARTS = ("loss", "v2q", "q2v", "bce", "sim_total")  # loss parts averaged per epoch
 
@@ -259,14 +259,12 @@ def validate_epoch(learner: Learner, val: EvalData, rec: dict, probe: EvalData |
     same way (train_subset, train_r1, train_auc: the memorisation gap is train_r1 - val_r1)."""
     t0 = time.perf_counter()
     device, amp = learner.compute.device, learner.compute.amp_dtype
-    sim, anomaly = validation_scores(learner.model, val, device, amp)
-    metrics = retrieval_metrics(sim, val.query_video)
+    sim, metrics, auc = validate(learner.model, val, device, amp)
     rec.update(val=metrics, val_r1=val_score(metrics), val_units=r1_units(sim, val.query_video).tolist(),
-               val_auc=roc_auc(anomaly, val.videos.labels))
+               val_auc=auc)
     if probe is not None:
-        sim, anomaly = validation_scores(learner.model, probe, device, amp)
-        fit = retrieval_metrics(sim, probe.query_video)
-        rec.update(train_subset=fit, train_r1=val_score(fit), train_auc=roc_auc(anomaly, probe.videos.labels))
+        _, fit, auc = validate(learner.model, probe, device, amp)
+        rec.update(train_subset=fit, train_r1=val_score(fit), train_auc=auc)
     rec["val_seconds"] = time.perf_counter() - t0
     return metrics
 

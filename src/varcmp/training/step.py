@@ -7,7 +7,7 @@ from contextlib import nullcontext
 import torch
 
 from ..model import VarCMP
-from ..retrieval.metrics import retrieval_metrics
+from ..retrieval.metrics import retrieval_metrics, roc_auc
 from ..retrieval.pairs import EvalData
 from ..retrieval.scoring import encode_queries, encode_videos, score_matrix
 from . import TrainError
@@ -50,9 +50,11 @@ def validation_scores(model: VarCMP, ev: EvalData, device: torch.device, amp_dty
         model.train(was)
 
 
-def validate(model: VarCMP, ev: EvalData, device: torch.device, amp_dtype=None) -> dict:
-    """Retrieval metrics of the validation subset (both directions)."""
-    return retrieval_metrics(validation_scores(model, ev, device, amp_dtype)[0], ev.query_video)
+def validate(model: VarCMP, ev: EvalData, device: torch.device, amp_dtype=None):
+    """(the similarity of the validation subset, its retrieval metrics both directions, the anomaly
+    head's video-level AUC on its videos: None when they hold one class)."""
+    sim, anomaly = validation_scores(model, ev, device, amp_dtype)
+    return sim, retrieval_metrics(sim, ev.query_video), roc_auc(anomaly, ev.videos.labels)
 
 
 def val_score(metrics: dict | None) -> float:

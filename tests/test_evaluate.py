@@ -19,7 +19,7 @@ from varcmp.cache.writer import CacheWriter
 from varcmp.cache_schema import VideoEntry, VideoFeatures
 from varcmp.cache.reader import open_cache
 from varcmp.evaluate import DEFAULT_METRICS, evaluate_split, main, zero_shot_model
-from varcmp.retrieval.metrics import METRICS, auc_interval, bootstrap_intervals, mean_r1_gain, paired_difference, r1_units, roc_auc, format_metric, metric_label, postprocess, query_to_video_ranks, retrieval_metrics, summarize, video_to_query_ranks
+from varcmp.retrieval.metrics import METRICS, auc_interval, bootstrap_intervals, mean_r1_gain, paired_difference, pooled_summary, r1_units, roc_auc, format_metric, metric_label, postprocess, query_to_video_ranks, retrieval_metrics, summarize, video_to_query_ranks
 from varcmp.retrieval.frame_labels import annotation_frame_labels, frame_auc, read_temporal_annotations
 from varcmp.retrieval.pairs import load_eval_data
 from varcmp.model import QUERIES, ModelConfig, VarCMP
@@ -564,6 +564,48 @@ def test_paired_difference():
         paired_difference(ranks, ranks[:-1])
 
 
+def test_several_runs_pool_by_their_mean_over_the_same_resampled_units():
+    rng = np.random.default_rng(2)
+    n = 60
+    a = rng.integers(1, 12, size=(3, n))  # three seeds of one setting, ranking the same 60 queries
+    b = np.maximum(a[:2] + rng.integers(-2, 4, size=(2, n)), 1)  # two seeds of another
+    # one run, whether [n] or [1, n], or several copies of it: the single run's numbers, exactly
+    one = paired_difference(a[0], b[0], ALL, 300, 5)
+    assert paired_difference(a[:1], b[:1], ALL, 300, 5) == one
+    copies = paired_difference(np.stack([a[0]] * 3), np.stack([b[0]] * 2), ALL, 300, 5)
+    assert all([copies[m]["difference"], *copies[m]["interval"]] ==
+               pytest.approx([one[m]["difference"], *one[m]["interval"]]) for m in ALL)
+    four, single = bootstrap_intervals(np.stack([a[0]] * 4), ALL, 300, 5), bootstrap_intervals(a[0], ALL, 300, 5)
+    assert all(four[m] == pytest.approx(single[m]) for m in ALL)
+    assert pooled_summary(a[1], ALL) == summarize(a[1], ALL)
+    # the pooled value is the mean of the runs' values
+    assert pooled_summary(a, ("r1", "mdr")) == pytest.approx(
+        {m: np.mean([summarize(r, (m,))[m] for r in a]) for m in ("r1", "mdr")})
+    # a plain loop over the same draws: each resample draws the same queries for every run of both sides
+    draws = np.random.default_rng(9).integers(0, n, size=(400, n))
+    def r1(runs, idx):
+        return np.mean([100 * np.mean([r[i] <= 1 for i in idx]) for r in runs])
+    def mdr(runs, idx):
+        return np.mean([np.median([r[i] for i in idx]) for r in runs])
+    got = paired_difference(a, b, ("r1", "mdr"), 400, 9)
+    for m, f in (("r1", r1), ("mdr", mdr)):
+        plain = [f(a.tolist(), idx) - f(b.tolist(), idx) for idx in draws]
+        assert got[m]["interval"] == pytest.approx(np.quantile(plain, [0.025, 0.975]).tolist())
+        assert got[m]["difference"] == pytest.approx(f(a.tolist(), range(n)) - f(b.tolist(), range(n)))
+    single = bootstrap_intervals(a, ("r1",), 400, 9)["r1"]
+    assert single == pytest.approx(np.quantile([r1(a.tolist(), idx) for idx in draws], [0.025, 0.975]).tolist())
+    # pooling seeds narrows the interval of a noisy difference: seed noise averages out, the queries stay
+    noisy_a = np.where(rng.random((8, n)) < 0.6, 1, 5)  # R@1 60 % per seed, the hits drawn anew each seed
+    noisy_b = np.where(rng.random((8, n)) < 0.5, 1, 5)
+    width = [np.diff(paired_difference(noisy_a[:s], noisy_b[:s], ("r1",), 500, 0)["r1"]["interval"])[0]
+             for s in (1, 8)]
+    assert width[1] < 0.6 * width[0]
+    with pytest.raises(ValueError, match="same units"):
+        paired_difference(a, b[:, :-1])
+    with pytest.raises(ValueError, match="runs, units"):
+        bootstrap_intervals(a[None])
+
+
 def test_r1_units_count_each_videos_hits_by_hand():
     # 3 videos; video 0 has two captions (q0, q1), video 2 one (q3), video 1 one (q2)
     sim = np.array([[0.9, 0.2, 0.1, 0.3],
@@ -641,6 +683,52 @@ def test_cli_intervals_and_comparison(cache, ckpt, tmp_path):
     assert "interval" not in json.loads(out.read_text())["metrics"]["t2v"]
     one_line_error(run(cache, "--checkpoint", ckpt, "--bootstrap", -1), "--bootstrap")
     one_line_error(run(cache, "--checkpoint", ckpt, "--bootstrap", 0, "--compare", ckpt), "--compare")
+
+
+def test_cli_pools_several_runs_of_a_setting(cache, ckpt, tmp_path):
+    other = tmp_path / "seed1.safetensors"  # a second "seed" of the same setting
+    checkpoint.save(other, planted_model(seed=1), {"cache": checkpoint.cache_fingerprint(open_cache(cache))})
+    alone = [evaluate_split(cache, checkpoint=k, metrics="r1,mdr", keep_ranks=True, bootstrap=0) for k in (ckpt, other)]
+    zs = evaluate_split(cache, zero_shot=True, metrics="r1,mdr", keep_ranks=True, bootstrap=0)
+    out = tmp_path / "pooled.json"
+    r = run(cache, "--checkpoint", ckpt, "--checkpoint", other, "--metrics", "r1,mdr", "--seed", 3,
+            "--compare", other, "--compare", ckpt, "--json", out)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["checkpoint"] == [str(ckpt), str(other)] and res["anomaly"] is None
+    assert res["counts"]["predicted_anomalous"] is None and res["bootstrap"]["units"].endswith("the 2 runs held fixed")
+    for key in ("t2v", "v2t"):
+        both = np.array([a["ranks"][key] for a in alone])
+        m = res["metrics"][key]
+        assert {k: m[k] for k in ("r1", "mdr")} == pytest.approx(
+            {k: (alone[0]["metrics"][key][k] + alone[1]["metrics"][key][k]) / 2 for k in ("r1", "mdr")})
+        assert m["interval"] == bootstrap_intervals(both, ("r1", "mdr"), 1000, 3)
+        for i in range(2):  # each run on its own, as evaluated alone
+            assert res["runs"][i]["metrics"][key] == {k: alone[i]["metrics"][key][k] for k in ("r1", "mdr")}
+            assert res["runs"][i]["anomaly"]["video_auc"] == alone[i]["anomaly"]["video_auc"]
+        # the same two runs in the other order: a difference of exactly 0 in every resample
+        assert res["compare"]["metrics"][key]["r1"] == {"difference": 0.0, "interval": [0.0, 0.0], "holds": False}
+    assert res["compare"]["checkpoint"] == [str(other), str(ckpt)]
+    text = " ".join(r.output.split())
+    assert "2 runs pooled (their mean)" in text and "mean over the 2 runs" in text and "the 2 runs held fixed" in text
+    assert f"run 1: {ckpt} | text->video R@1" in text and f"run 2: {other}" in text
+    assert text.count("anomaly head: video-level AUC") == 2
+    # against zero-shot: the paired difference of the runs' mean over the same resampled queries
+    r = run(cache, "--checkpoint", ckpt, "--checkpoint", other, "--metrics", "r1,mdr", "--compare-zero-shot",
+            "--json", out)
+    assert r.exit_code == 0, r.output
+    cmp = json.loads(out.read_text())["compare"]
+    assert cmp["checkpoint"] == "zero-shot (untrained heads)"
+    both = np.array([a["ranks"]["t2v"] for a in alone])
+    want = paired_difference(both, np.array(zs["ranks"]["t2v"]), ("r1", "mdr"), 1000, 0)
+    assert {k: {"difference": v["difference"], "interval": v["interval"]} for k, v in cmp["metrics"]["t2v"].items()
+            if k != "direction"} == {k: {"difference": d["difference"], "interval": d["interval"]} for k, d in want.items()}
+    # runs of different settings are not pooled, unless --levels evaluates them alike
+    coarse = tmp_path / "coarse.safetensors"
+    checkpoint.save(coarse, planted_model(levels=("coarse",)), {"cache": checkpoint.cache_fingerprint(open_cache(cache))})
+    one_line_error(run(cache, "--checkpoint", ckpt, "--checkpoint", coarse), "pooled together")
+    one_line_error(run(cache, "--checkpoint", ckpt, "--compare", ckpt, "--compare", coarse), "pooled together")
+    assert run(cache, "--checkpoint", ckpt, "--checkpoint", coarse, "--levels", "coarse").exit_code == 0
 
 
 # ----------------------------------------------------------------------------- the anomaly head's AUC

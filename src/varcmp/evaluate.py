@@ -7,7 +7,9 @@ ties count against the model.
     varcmp-eval cache.zarr --checkpoint runs/ucf --split test --metrics r1,r5,r10,mdr
     varcmp-eval cache.zarr --checkpoint runs/xd --split test --json results.json
     varcmp-eval cache.zarr --zero-shot --split test
-    varcmp-eval cache.zarr --checkpoint runs/ucf --levels coarse --no-anomaly-weighting"""
+    varcmp-eval cache.zarr --checkpoint runs/ucf --levels coarse --no-anomaly-weighting
+    varcmp-eval cache.zarr --checkpoint runs/a-seed0 --checkpoint runs/a-seed1 \
+                           --compare runs/b-seed0 --compare runs/b-seed1      # seeds pooled"""
 
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from .model.queries import AUDIO, QUERY_KINDS, check_segments
 from .retrieval.frame_labels import annotation_frame_labels, frame_auc, read_temporal_annotations
 from .retrieval.metrics import (LEVEL, METRICS, POST, POST_LABEL, QB_BANK, RESAMPLES, SINKHORN_ITERS, auc_interval,
                                 bootstrap_intervals, format_metric, metric_label, paired_comparison, parse_metrics,
-                                postprocess, query_to_video_ranks, roc_auc, summarize, video_to_query_ranks)
+                                pooled_summary, postprocess, query_to_video_ranks, roc_auc, summarize,
+                                video_to_query_ranks)
 from .retrieval.pairs import load_eval_data
 from .retrieval.scoring import (DEFAULT_CHUNK, DEFAULT_CHUNK_CUDA, ENCODE_BATCH, default_chunk, encode_queries,
                                 encode_videos, score_matrix)
@@ -92,8 +95,11 @@ def evaluate_split(cache, checkpoint=None, split: str = "test", query: str | Non
     """Everything `varcmp-eval` reports, as a JSON-ready dict: each metric with its 95 % bootstrap
     interval over `bootstrap` resamples (seeded by `seed`; 0: none) and, with `compare` (a second
     checkpoint) or `compare_zero_shot`, each metric's difference to it on the same queries with its
-    paired-bootstrap interval. `keep_ranks`: also the rank of every query and video ("ranks", per
-    direction), to compare with other results later (`retrieval.metrics.paired_comparison`).
+    paired-bootstrap interval. `checkpoint` and `compare` may each be a list of runs of one setting
+    (seeds): its metrics are then the mean over the runs, each run's own are under "runs", and the
+    intervals resample the queries (videos) with the runs held fixed. `keep_ranks`: also the rank
+    of every query and video ("ranks", per direction; per run and unit for several runs), to compare
+    with other results later (`retrieval.metrics.paired_comparison`).
     The anomaly head's frame-level AUC uses the split's stored frame labels, or those of
     `temporal_annotations` (UCF-Crime's temporal annotation file; `retrieval.frame_labels`).
     `post="qb"` draws its query bank from `bank_split` (never the evaluated split).
@@ -116,46 +122,88 @@ def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, ano
     """evaluate_split on an open cache: check the request, rank both directions, summarise (and
     compare)."""
     metrics = parse_metrics(metrics)
-    _check_request(checkpoint, zero_shot, query, post, chunk)
+    checkpoints, compare = _runs(checkpoint), _runs(compare)
+    _check_request(checkpoints, zero_shot, query, post, chunk)
     if bootstrap < 0:
         raise UserError(f"--bootstrap {bootstrap}: must be >= 0 (0: no intervals)")
-    if compare is not None and compare_zero_shot:
+    if compare and compare_zero_shot:
         raise UserError("--compare CHECKPOINT and --compare-zero-shot: give one of them")
-    comparing = compare is not None or compare_zero_shot
+    comparing = bool(compare) or compare_zero_shot
     if comparing and not bootstrap:
-        raise UserError(f"{'--compare' if compare is not None else '--compare-zero-shot'} needs the bootstrap: "
+        raise UserError(f"{'--compare' if compare else '--compare-zero-shot'} needs the bootstrap: "
                         "drop --bootstrap 0")
     spans = None if temporal_annotations is None else read_temporal_annotations(temporal_annotations)
     dev = pick_device(device)
     chunk = chunk or default_chunk(dev)
     sp = c.split(split)
     bank = _bank_split(c, sp, bank_split) if post == "qb" else None
-    run = _ranked(c, sp, checkpoint, query, levels, anomaly_weighting, post, dev, chunk, bank)
+    runs = _ranked_runs(c, sp, checkpoints, query, levels, anomaly_weighting, post, dev, chunk, bank)
+    run, ranks = runs[0], _pooled_ranks(runs)
     frame_labels = _frame_labels(sp, run.data.videos, spans, temporal_annotations)
+    anomaly = [_anomaly(r.data, r.v, *frame_labels, bootstrap=bootstrap, seed=seed) for r in runs]
     kind = run.model.kind
-    result = {**_settings(c, split, kind.name, run.ckpt, zero_shot, run.levels, run.weighting, post),
-              "metrics": {key: {"direction": label, "ranked": int(len(r)), **summarize(r, metrics)}
-                          for (key, label), r in zip(kind.directions, run.ranks)},
+    pooled = len(runs) > 1
+    result = {**_settings(c, split, kind.name, [str(r.ckpt) for r in runs] if pooled else run.ckpt, zero_shot,
+                          run.levels, run.weighting, post),
+              "metrics": {key: {"direction": label, "ranked": int(r.shape[-1]), **pooled_summary(r, metrics)}
+                          for (key, label), r in zip(kind.directions, ranks)},
               "metric_names": list(metrics),
               "bootstrap": {"resamples": bootstrap, "seed": seed, "level": LEVEL,
-                            "units": f"{kind.name} queries ({kind.metric_keys[0]}), videos ({kind.metric_keys[1]})"},
-              "counts": _counts(run.data, run.v),
-              "anomaly": _anomaly(run.data, run.v, *frame_labels, bootstrap=bootstrap, seed=seed),
+                            "units": f"{kind.name} queries ({kind.metric_keys[0]}), videos ({kind.metric_keys[1]})"
+                                     + (f", the {len(runs)} runs held fixed" if pooled else "")},
+              "counts": _counts(run.data, None if pooled else run.v),
+              "anomaly": None if pooled else anomaly[0],
               "dropped": list(run.data.dropped),
               "chunk": chunk,
               "device": str(dev),
-              "index": None if run.index is None else str(run.index.folder)}
+              "index": None if pooled or run.index is None else str(run.index.folder)}
+    if pooled:  # each run on its own; the metrics above are their mean
+        result["runs"] = [{"checkpoint": str(r.ckpt), "predicted_anomalous": int(r.v.anomalous.sum()),
+                           "index": None if r.index is None else str(r.index.folder),
+                           "metrics": {key: summarize(x, metrics) for (key, _), x in zip(kind.directions, r.ranks)},
+                           "anomaly": a} for r, a in zip(runs, anomaly)]
     if bank is not None:
         result["query_bank"] = {"split": bank.name, "queries": run.bank_size}
     if bootstrap:
-        for res, r in zip(result["metrics"].values(), run.ranks):
+        for res, r in zip(result["metrics"].values(), ranks):
             res["interval"] = bootstrap_intervals(r, metrics, bootstrap, seed)
     if keep_ranks:
-        result["ranks"] = {key: r.tolist() for (key, _), r in zip(kind.directions, run.ranks)}
+        result["ranks"] = {key: r.tolist() for (key, _), r in zip(kind.directions, ranks)}
     if comparing:
-        result["compare"] = _compare(c, sp, compare, run, levels, anomaly_weighting, post, dev, chunk, metrics,
+        result["compare"] = _compare(c, sp, compare, runs, levels, anomaly_weighting, post, dev, chunk, metrics,
                                      bootstrap, seed, bank)
     return result
+
+
+def _runs(checkpoints) -> list:
+    """--checkpoint / --compare as a list of runs: None or () is none, a path is one."""
+    if checkpoints is None:
+        return []
+    if isinstance(checkpoints, (str, Path)):
+        return [checkpoints]
+    return list(checkpoints)
+
+
+def _ranked_runs(c, sp, checkpoints: list, query, levels, anomaly_weighting, post, dev, chunk, bank) -> list:
+    """`_ranked` for each run of one setting ([] : the zero-shot model), all ranked for the first's query
+    kind; runs pooled together must be evaluated at the same levels and weighting (UserError)."""
+    runs = []
+    for ckpt in checkpoints or [None]:
+        runs.append(_ranked(c, sp, ckpt, query, levels, anomaly_weighting, post, dev, chunk, bank))
+        query = runs[0].model.cfg.query
+        first, last = runs[0], runs[-1]
+        if (last.levels, last.weighting) != (first.levels, first.weighting):
+            raise UserError(f"{last.ckpt}: levels {'+'.join(last.levels)}, weighting "
+                            f"{'on' if last.weighting else 'off'}, but {first.ckpt} has "
+                            f"{'+'.join(first.levels)}, {'on' if first.weighting else 'off'}: runs pooled together "
+                            "must be one setting (seeds); give --levels to evaluate them at the same levels")
+    return runs
+
+
+def _pooled_ranks(runs: list) -> tuple:
+    """Per direction, the one run's ranks [n] or the runs' [S, n]."""
+    per_direction = zip(*(r.ranks for r in runs))
+    return tuple(np.stack(r) if len(runs) > 1 else r[0] for r in per_direction)
 
 
 @dataclass
@@ -215,23 +263,28 @@ def _bank_similarities(model: VarCMP, bank, v, dev, levels, chunk: int) -> np.nd
     return np.asarray(score_matrix(model, v, q, levels, chunk=chunk)["total"])
 
 
-def _compare(c, sp, checkpoint, run: _Ranked, levels, anomaly_weighting, post, dev, chunk, metrics, bootstrap,
+def _compare(c, sp, checkpoints: list, runs: list, levels, anomaly_weighting, post, dev, chunk, metrics, bootstrap,
              seed, bank=None) -> dict:
-    """The model evaluated first minus `checkpoint` (None: zero-shot) on the same split, queries
+    """The model(s) evaluated first minus `checkpoints` ([]: zero-shot) on the same split, queries
     and overrides, per metric, with paired-bootstrap intervals: the same queries (videos) are
-    drawn for both. Zero-shot takes the evaluated model's levels and weighting (its counterpart: a
-    coarse-only run against zero-shot coarse)."""
-    if checkpoint is None:
+    drawn for both (each side's mean over its runs, when it has several). Zero-shot takes the
+    evaluated model's levels and weighting (its counterpart: a coarse-only run against zero-shot
+    coarse)."""
+    run = runs[0]
+    if not checkpoints:
         levels, anomaly_weighting = run.levels, run.weighting
-    other = _ranked(c, sp, checkpoint, run.model.cfg.query, levels, anomaly_weighting, post, dev, chunk, bank)
-    return {"checkpoint": ZERO_SHOT if other.ckpt is None else str(other.ckpt), "zero_shot": other.ckpt is None,
+    others = _ranked_runs(c, sp, checkpoints, run.model.cfg.query, levels, anomaly_weighting, post, dev, chunk, bank)
+    other = others[0]
+    names = [ZERO_SHOT if o.ckpt is None else str(o.ckpt) for o in others]
+    return {"checkpoint": names if len(others) > 1 else names[0], "zero_shot": other.ckpt is None,
             "levels": list(other.levels), "anomaly_weighting": other.weighting,
-            "metrics": paired_comparison(run.ranks, other.ranks, run.model.kind.directions, metrics, bootstrap, seed)}
+            "metrics": paired_comparison(_pooled_ranks(runs), _pooled_ranks(others), run.model.kind.directions,
+                                         metrics, bootstrap, seed)}
 
 
-def _check_request(checkpoint, zero_shot, query, post, chunk) -> None:
+def _check_request(checkpoints: list, zero_shot, query, post, chunk) -> None:
     """The options that are wrong whatever the cache holds (UserError, one line)."""
-    if zero_shot == (checkpoint is not None):
+    if zero_shot == bool(checkpoints):
         raise UserError("give either --checkpoint RUN_DIR_OR_FILE or --zero-shot" if not zero_shot
                         else "--zero-shot evaluates untrained heads; it cannot be combined with --checkpoint")
     if query is not None and query not in QUERY_KINDS:
@@ -293,19 +346,20 @@ def _settings(c, split, query, ckpt, zero_shot, levels, weighting, post) -> dict
     from . import __version__
 
     return {"varcmp_version": __version__, "cache": str(c.path), "split": split, "query": query,
-            "checkpoint": None if ckpt is None else str(ckpt), "zero_shot": bool(zero_shot), "levels": list(levels),
+            "checkpoint": None if ckpt is None else ckpt if isinstance(ckpt, list) else str(ckpt), "zero_shot": bool(zero_shot), "levels": list(levels),
             "anomaly_weighting": weighting, "post": post, "raw_similarities": post is None,
             "scores": POST_LABEL[post]}
 
 
 def _counts(data, v) -> dict:
+    """The split's counts; `v` (the encoded videos) for those predicted anomalous (None: several runs)."""
     per_video = np.bincount(data.query_video, minlength=len(data.videos.index))
     return {"videos": len(data.videos.index),
             "queries": len(data.query_video),
             "videos_without_query": int((per_video == 0).sum()),
             "videos_with_several_queries": int((per_video > 1).sum()),
             "dropped_queries": len(data.dropped),
-            "predicted_anomalous": int(v.anomalous.sum())}
+            "predicted_anomalous": None if v is None else int(v.anomalous.sum())}
 
 
 def _frame_labels(sp, videos, spans, annotations) -> tuple[np.ndarray | None, str | None]:
@@ -340,17 +394,51 @@ def print_report(r: dict, console) -> None:
 
     n = r["counts"]
     say = lambda text: console.print(text, soft_wrap=True, highlight=False, markup=False)  # noqa: E731
-    model = "zero-shot (untrained heads: the frozen-CLIP baseline)" if r["zero_shot"] else r["checkpoint"]
+    model = "zero-shot (untrained heads: the frozen-CLIP baseline)" if r["zero_shot"] else _named(r["checkpoint"])
+    flagged = "" if n["predicted_anomalous"] is None else f" ({n['predicted_anomalous']} predicted anomalous)"
     say(f"varcmp-eval | cache {r['cache']} | split {r['split']} | {n['videos']} videos, {n['queries']} {r['query']} "
         f"queries | model {model} | levels {'+'.join(r['levels'])} | anomaly weighting "
-        f"{'on' if r['anomaly_weighting'] else 'off'} ({n['predicted_anomalous']} predicted anomalous) | "
-        f"post-processing: {r['scores']}")
+        f"{'on' if r['anomaly_weighting'] else 'off'}{flagged} | post-processing: {r['scores']}")
     if r["zero_shot"] and r["query"] == AUDIO.name:
         say("note: zero-shot audio uses an untrained audio encoder (CLAP is not aligned with CLIP): "
             "expect chance level")
     if r.get("index"):
         say(f"videos read from the stored index {r['index']} (varcmp-index), not encoded again")
-    a = r["anomaly"]
+    if r["anomaly"] is not None:
+        _say_anomaly(r["anomaly"], say)
+    for i, run in enumerate(r.get("runs", ()), 1):  # several runs pooled: each on its own, then their mean
+        m = r["metric_names"][0]
+        say(f"run {i}: {run['checkpoint']} | " + " | ".join(
+            f"{res['direction']} {metric_label(m)} {format_metric(m, run['metrics'][key][m])}"
+            for key, res in r["metrics"].items()))
+        _say_anomaly(run["anomaly"], lambda text: say("  " + text))
+    if n["videos_without_query"]:
+        say(f"{n['videos_without_query']} videos have no {r['query']} query: kept in the gallery as distractors")
+    if n["videos_with_several_queries"]:
+        say(f"{n['videos_with_several_queries']} videos have several queries: each query is ranked "
+            f"({r['query']}->video); video->{r['query']} uses each video's best-scoring one")
+    if n["dropped_queries"]:
+        shown = "; ".join(r["dropped"][:SHOWN_DROPPED])
+        more = n["dropped_queries"] - SHOWN_DROPPED
+        say(f"{n['dropped_queries']} queries dropped (not scored): {shown}"
+            + (f"; and {more} more (all listed by --json)" if more > 0 else ""))
+    runs = r.get("runs")
+    table = Table(title=f"mean over the {len(runs)} runs" if runs else None, show_edge=True, header_style="bold")
+    table.add_column("direction")
+    table.add_column("ranked", justify="right")
+    for m in r["metric_names"]:
+        table.add_column(metric_label(m), justify="right")
+    for res in r["metrics"].values():
+        table.add_row(res["direction"], str(res["ranked"]), *(format_metric(m, res[m]) for m in r["metric_names"]))
+    console.print(table)
+    if r["bootstrap"]["resamples"]:
+        print_intervals(r, console)
+    if "compare" in r:
+        print_comparison(r, console)
+
+
+def _say_anomaly(a: dict, say) -> None:
+    """The anomaly head's video-level and frame-level AUC, as far as the labels allow."""
     if a["video_auc"] is not None:
         iv = a.get("video_auc_interval")
         within = (f" ({100 * LEVEL:g}% interval {iv[0]:.3f}-{iv[1]:.3f}, videos resampled within each class)"
@@ -364,28 +452,13 @@ def print_report(r: dict, console) -> None:
     elif fl["source"] is not None:
         say(f"anomaly head: no frame-level AUC: {fl['frames']} labelled frames of {fl['videos']} videos "
             f"(from {fl['source']}) hold one class only")
-    if n["videos_without_query"]:
-        say(f"{n['videos_without_query']} videos have no {r['query']} query: kept in the gallery as distractors")
-    if n["videos_with_several_queries"]:
-        say(f"{n['videos_with_several_queries']} videos have several queries: each query is ranked "
-            f"({r['query']}->video); video->{r['query']} uses each video's best-scoring one")
-    if n["dropped_queries"]:
-        shown = "; ".join(r["dropped"][:SHOWN_DROPPED])
-        more = n["dropped_queries"] - SHOWN_DROPPED
-        say(f"{n['dropped_queries']} queries dropped (not scored): {shown}"
-            + (f"; and {more} more (all listed by --json)" if more > 0 else ""))
-    table = Table(show_edge=True, header_style="bold")
-    table.add_column("direction")
-    table.add_column("ranked", justify="right")
-    for m in r["metric_names"]:
-        table.add_column(metric_label(m), justify="right")
-    for res in r["metrics"].values():
-        table.add_row(res["direction"], str(res["ranked"]), *(format_metric(m, res[m]) for m in r["metric_names"]))
-    console.print(table)
-    if r["bootstrap"]["resamples"]:
-        print_intervals(r, console)
-    if "compare" in r:
-        print_comparison(r, console)
+
+
+def _named(checkpoint) -> str:
+    """A checkpoint's name in the report, or several runs' (pooled: their mean)."""
+    if isinstance(checkpoint, list):
+        return f"{len(checkpoint)} runs pooled (their mean): {', '.join(checkpoint)}"
+    return checkpoint
 
 
 def print_intervals(r: dict, console) -> None:
@@ -412,8 +485,8 @@ def print_comparison(r: dict, console) -> None:
     from .cli.markup import lit
 
     cmp, b = r["compare"], r["bootstrap"]
-    table = Table(title=lit(f"difference to {cmp['checkpoint']} (levels {'+'.join(cmp['levels'])}), same queries: "
-                            f"{b['level']:.0%} paired-bootstrap interval, * where it excludes 0"),
+    table = Table(title=lit(f"difference to {_named(cmp['checkpoint'])} (levels {'+'.join(cmp['levels'])}), same "
+                            f"queries: {b['level']:.0%} paired-bootstrap interval, * where it excludes 0"),
                   show_edge=True, header_style="bold")
     table.add_column("metric")
     for res in cmp["metrics"].values():
@@ -452,8 +525,10 @@ def _main(**kw):
                       "listed; videos without a query stay in the gallery as distractors. The same "
                       "command gives the same numbers (eval mode, hard top-k, no dropout).")
 @click.argument("cache", type=click.Path(path_type=Path))
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-              help="Run directory (its best.safetensors, else last.safetensors) or checkpoint file.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), multiple=True,
+              help="Run directory (its best.safetensors, else last.safetensors) or checkpoint file. Give it "
+                   "again for more runs of the same setting (seeds): the metrics are then their mean, each "
+                   "run's own are listed, and the intervals hold the runs fixed.")
 @click.option("--split", default="test", help="Split of the cache to evaluate.")
 @click.option("--query", type=click.Choice(list(QUERY_KINDS)), default=None,
               help="Query modality [default: the checkpoint's; zero-shot: text if captions exist].")
@@ -472,9 +547,10 @@ def _main(**kw):
 @click.option("--bootstrap", type=int, default=RESAMPLES,
               help="Resamples of the queries (videos, for video->query) for each metric's 95 % interval; 0: none.")
 @click.option("--seed", type=int, default=0, help="Seed of the bootstrap resamples (the same seed, the same intervals).")
-@click.option("--compare", type=click.Path(path_type=Path), default=None, metavar="CHECKPOINT",
+@click.option("--compare", type=click.Path(path_type=Path), multiple=True, metavar="CHECKPOINT",
               help="A second run directory or checkpoint: print each metric's difference (first minus this one) on "
-                   "the same queries, with its paired-bootstrap interval.")
+                   "the same queries, with its paired-bootstrap interval. Give it again for more runs of that "
+                   "setting (seeds: the difference of the two settings' means over their runs).")
 @click.option("--compare-zero-shot", is_flag=True,
               help="As --compare, against the zero-shot model (untrained heads: the frozen-CLIP baseline) with "
                    "the evaluated model's levels: a coarse-only run against zero-shot coarse.")

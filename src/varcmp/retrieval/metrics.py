@@ -1,6 +1,6 @@
 """Ranks and retrieval metrics (R@K, MdR, MnR) in both directions, ties counted against the model;
-their bootstrap intervals (one result, or the paired difference of two); and the opt-in
-post-processing (DSL, Sinkhorn)."""
+their bootstrap intervals (one result, or the paired difference of two; each result one run or
+several runs, e.g. seeds, on the same units); and the opt-in post-processing (DSL, Sinkhorn, QB-Norm)."""
 
 from __future__ import annotations
 
@@ -119,6 +119,27 @@ def _metric_rows(ranks: np.ndarray, m: str) -> np.ndarray:
     raise ValueError(f"unknown metric {m!r}; choose from {', '.join(METRICS)}")
 
 
+def _runs(ranks) -> np.ndarray:
+    """The ranks of one run [n], or of several runs on the same units [S, n] (e.g. seeds), as [S, n]."""
+    runs = np.asarray(ranks, dtype=np.float64)
+    if runs.ndim not in (1, 2):
+        raise ValueError(f"ranks: expected [units] or [runs, units], got shape {runs.shape}")
+    return runs[None] if runs.ndim == 1 else runs
+
+
+def pooled_summary(ranks, metrics=METRICS) -> dict[str, float]:
+    """`summarize` of one run, or the mean over several runs on the same units of each run's metric."""
+    runs = _runs(ranks)
+    per_run = [summarize(r, metrics) for r in runs]
+    return {m: float(np.mean([s[m] for s in per_run])) for m in metrics}
+
+
+def _pooled_rows(runs: np.ndarray, idx: np.ndarray, m: str) -> np.ndarray:
+    """Metric `m` of each resample `idx` [B, n] of the units, the mean over the runs [S, n] -> [B]:
+    every run is drawn on the same units (the runs are held fixed, the units resampled)."""
+    return np.mean([_metric_rows(r[idx], m) for r in runs], axis=0)
+
+
 def _resampled(n: int, resamples: int, seed: int):
     """Blocks of [rows, n] indices drawn with replacement, `resamples` rows in all, a few million
     indices a block (so a large split needs no [resamples, n] matrix); the same arguments give the
@@ -141,14 +162,15 @@ def _nan_interval() -> list[float]:
 def bootstrap_intervals(ranks: np.ndarray, metrics=METRICS, resamples: int = RESAMPLES, seed: int = 0,
                         level: float = LEVEL) -> dict[str, list[float]]:
     """The `level` percentile-bootstrap interval [lo, hi] of each metric of `ranks` (one rank per
-    unit): the metric of `resamples` resamples of the units, drawn with replacement."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    if len(ranks) == 0:
+    unit [n], or per run and unit [S, n]): the metric (its mean over the runs) of `resamples`
+    resamples of the units, drawn with replacement."""
+    runs = _runs(ranks)
+    if runs.shape[1] == 0:
         return {m: _nan_interval() for m in metrics}
     values = {m: [] for m in metrics}
-    for idx in _resampled(len(ranks), resamples, seed):
+    for idx in _resampled(runs.shape[1], resamples, seed):
         for m in metrics:
-            values[m].append(_metric_rows(ranks[idx], m))
+            values[m].append(_pooled_rows(runs, idx, m))
     return {m: _percentiles(np.concatenate(v), level) for m, v in values.items()}
 
 
@@ -171,19 +193,23 @@ def auc_interval(scores: np.ndarray, labels: np.ndarray, resamples: int = RESAMP
 
 def paired_difference(ranks_a: np.ndarray, ranks_b: np.ndarray, metrics=METRICS, resamples: int = RESAMPLES,
                       seed: int = 0, level: float = LEVEL) -> dict[str, dict]:
-    """Metric of A minus metric of B on the same units (ranks_a[i] and ranks_b[i] rank the same
-    query or video), with its paired-bootstrap interval: each resample draws the same units for
-    both. {metric: {"difference": d, "interval": [lo, hi]}}."""
-    a, b = np.asarray(ranks_a, dtype=np.float64), np.asarray(ranks_b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"paired ranks must rank the same units, got {a.shape} and {b.shape}")
-    if len(a) == 0:
+    """Metric of A minus metric of B on the same units (ranks_a[..., i] and ranks_b[..., i] rank the
+    same query or video), with its paired-bootstrap interval: each resample draws the same units for
+    both. Either side may hold several runs [S, n] (seeds of one setting): its metric is then the
+    mean over its runs, and the interval resamples the units with the runs held fixed.
+    {metric: {"difference": d, "interval": [lo, hi]}}."""
+    a, b = _runs(ranks_a), _runs(ranks_b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"paired ranks must rank the same units, got {a.shape[1]} and {b.shape[1]}")
+    n = a.shape[1]
+    if n == 0:
         return {m: {"difference": float("nan"), "interval": _nan_interval()} for m in metrics}
     values = {m: [] for m in metrics}
-    for idx in _resampled(len(a), resamples, seed):
+    for idx in _resampled(n, resamples, seed):
         for m in metrics:
-            values[m].append(_metric_rows(a[idx], m) - _metric_rows(b[idx], m))
-    return {m: {"difference": float(_metric_rows(a[None], m)[0] - _metric_rows(b[None], m)[0]),
+            values[m].append(_pooled_rows(a, idx, m) - _pooled_rows(b, idx, m))
+    every = np.arange(n)[None]
+    return {m: {"difference": float(_pooled_rows(a, every, m)[0] - _pooled_rows(b, every, m)[0]),
                 "interval": _percentiles(np.concatenate(v), level)} for m, v in values.items()}
 
 
@@ -196,7 +222,8 @@ def holds(d: dict) -> bool:
 def paired_comparison(ranks_a, ranks_b, directions, metrics=METRICS, resamples: int = RESAMPLES,
                       seed: int = 0) -> dict[str, dict]:
     """A minus B in each direction, from their rank arrays on the same split (`ranks_a[i]`,
-    `ranks_b[i]`: one direction's ranks; `directions`: its (key, label) pairs, e.g. QueryKind's):
+    `ranks_b[i]`: one direction's ranks, [n] or [runs, n]; `directions`: its (key, label) pairs, e.g.
+    QueryKind's):
     {key: {"direction": label, metric: {"difference", "interval", "holds"}}}. What `varcmp-eval
     --compare` reports and the demo's ablation differences."""
     out = {}

@@ -12,6 +12,7 @@ from varcmp.cli.common import report_console
 from varcmp.cli.demo import COMPARISONS, SETTINGS, differences_table
 from varcmp.cli.main import main
 from varcmp.evaluate import evaluate_split
+from varcmp.model.queries import query_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +25,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert list(results["tasks"]) == ["text", "audio"]
     for task, rows in results["tasks"].items():
+        q2v, v2q = query_kind(task).metric_keys
         assert [r["setting"] for r in rows] == [s[0] for s in SETTINGS]
         for r in rows:
             for d in r["metrics"].values():
@@ -35,6 +37,16 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
             assert a["video_auc_interval"][0] <= a["video_auc"] <= a["video_auc_interval"][1]
             if not trained:
                 assert a == {"video_auc": 0.5, "video_auc_interval": [0.5, 0.5]}
+            gap = r["memorisation"]  # training-subset R@1 at the kept epoch minus test R@1, runs of their own
+            if not trained or r["setting"].endswith("QB-Norm"):
+                assert gap is None
+            else:
+                history = json.loads((Path(r["checkpoint"]).parent / "history.json").read_text())
+                kept = history["epochs"][history["best_epoch"]]
+                test = (r["metrics"][q2v]["r1"] + r["metrics"][v2q]["r1"]) / 2
+                assert gap == {"epoch": history["best_epoch"], "train_r1": kept["train_r1"], "test_r1": test,
+                               "gap": kept["train_r1"] - test}
+                assert re.search(rf"│ {re.escape(r['setting'])} +│.*│ +{re.escape(format(gap['gap'], '+.1f'))} │", res.output)
     for task, rows in results["tasks"].items():  # the ablation differences, as varcmp-eval --compare has them
         r1 = {r["setting"]: r["metrics"] for r in rows}
         diffs = results["comparisons"][task]

@@ -84,6 +84,7 @@ def run_demo(out: Path, tasks: tuple[str, ...], videos: int, epochs: int, seed: 
             results["tasks"].setdefault(task, []).append(
                 {"setting": label, "checkpoint": r["checkpoint"], "metrics": r["metrics"],
                  "anomaly": {k: r["anomaly"][k] for k in ("video_auc", "video_auc_interval")},
+                 "memorisation": memorisation_gap(run_dir, r["metrics"]) if trained and post is None else None,
                  "videos": r["counts"]["videos"], "queries": r["counts"]["queries"], "ranks": r["ranks"]})
             progress.advance(overall)
     results["comparisons"] = {task: ablation_differences(task, rows) for task, rows in results["tasks"].items()}
@@ -92,6 +93,21 @@ def run_demo(out: Path, tasks: tuple[str, ...], videos: int, epochs: int, seed: 
             del row["ranks"]  # the comparisons are what results.json keeps of them
     results["seconds"] = time.perf_counter() - t0
     return results
+
+
+def memorisation_gap(run_dir: Path, metrics: dict) -> dict | None:
+    """The memorisation gap of a run at its kept epoch: R@1 on a subset of its training videos
+    (history.json's train_r1, as many videos as it validates on; the mean of both directions) minus
+    its test R@1 (`metrics`: varcmp-eval's, the same mean). None when the run kept no training-subset
+    R@1 (no validation)."""
+    from ..training.rundir import HISTORY_NAME
+
+    history = json.loads((run_dir / HISTORY_NAME).read_text())
+    kept = next(e for e in history["epochs"] if e["epoch"] == history["best_epoch"])
+    if kept.get("train_r1") is None:
+        return None
+    test = sum(m["r1"] for m in metrics.values()) / len(metrics)
+    return {"epoch": kept["epoch"], "train_r1": kept["train_r1"], "test_r1": test, "gap": kept["train_r1"] - test}
 
 
 def ablation_differences(task: str, rows: list[dict]) -> list[dict]:
@@ -127,17 +143,21 @@ def print_tables(results: dict, console) -> None:
                         "three levels, or those named; QB-Norm = all three's run ranked with varcmp-eval "
                         "--post qb (query->video only; not the paper's); cf. the paper's Tables 3-5; below "
                         "R@1: its 95 % bootstrap interval over the test queries (videos); AUC: the anomaly "
-                        "head's video-level AUC (0.5: untrained), below it its 95 % interval")
+                        "head's video-level AUC (0.5: untrained), below it its 95 % interval; gap: the "
+                        "memorisation gap, R@1 on as many training videos as it validates on minus test R@1 "
+                        "(means of both directions), at the kept epoch")
         t.add_column("setting", no_wrap=True)
         for d in (q2v, v2q):
             for m in ("R@1", "R@10", "MdR"):  # R@1 holds its interval: never cut
                 t.add_column(f"{d}\n{m}", justify="right", min_width=9 if m == "R@1" else None)
         t.add_column("video\nAUC", justify="right", min_width=9)
+        t.add_column("gap", justify="right")
         for row in rows:
             cells = []
             for res in row["metrics"].values():
                 cells += [_with_interval(res, "r1"), f"{res['r10']:.1f}", f"{res['mdr']:g}"]
-            t.add_row(row["setting"], *cells, _auc(row.get("anomaly")))
+            gap = row.get("memorisation")  # older results and untrained rows have none
+            t.add_row(row["setting"], *cells, _auc(row.get("anomaly")), "-" if not gap else f"{gap['gap']:+.1f}")
         console.print(t)
         if results.get("comparisons", {}).get(task):
             console.print(differences_table(results["comparisons"][task], (q2v, v2q)))

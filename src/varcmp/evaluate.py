@@ -196,7 +196,7 @@ def _ranked_runs(c, sp, checkpoints: list, query, levels, anomaly_weighting, pos
             raise UserError(f"{last.ckpt}: levels {'+'.join(last.levels)}, weighting "
                             f"{'on' if last.weighting else 'off'}, but {first.ckpt} has "
                             f"{'+'.join(first.levels)}, {'on' if first.weighting else 'off'}: runs pooled together "
-                            "must be one setting (seeds); give --levels to evaluate them at the same levels")
+                            "must be one setting (seeds); --levels (--no-anomaly-weighting) evaluates them alike")
     return runs
 
 

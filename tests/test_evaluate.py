@@ -728,6 +728,9 @@ def test_cli_pools_several_runs_of_a_setting(cache, ckpt, tmp_path):
     checkpoint.save(coarse, planted_model(levels=("coarse",)), {"cache": checkpoint.cache_fingerprint(open_cache(cache))})
     one_line_error(run(cache, "--checkpoint", ckpt, "--checkpoint", coarse), "pooled together")
     one_line_error(run(cache, "--checkpoint", ckpt, "--compare", ckpt, "--compare", coarse), "pooled together")
+    audio = tmp_path / "audio.safetensors"
+    checkpoint.save(audio, planted_model("audio"), {"cache": checkpoint.cache_fingerprint(open_cache(cache))})
+    one_line_error(run(cache, "--checkpoint", ckpt, "--checkpoint", audio), "trained for audio queries", "pooled together")
     assert run(cache, "--checkpoint", ckpt, "--checkpoint", coarse, "--levels", "coarse").exit_code == 0
 
 

@@ -185,13 +185,15 @@ def _runs(checkpoints) -> list:
 
 
 def _ranked_runs(c, sp, checkpoints: list, query, levels, anomaly_weighting, post, dev, chunk, bank) -> list:
-    """`_ranked` for each run of one setting ([] : the zero-shot model), all ranked for the first's query
-    kind; runs pooled together must be evaluated at the same levels and weighting (UserError)."""
+    """`_ranked` for each run of one setting ([]: the zero-shot model); runs pooled together must be
+    for the same query kind and evaluated at the same levels and weighting (UserError)."""
     runs = []
     for ckpt in checkpoints or [None]:
         runs.append(_ranked(c, sp, ckpt, query, levels, anomaly_weighting, post, dev, chunk, bank))
-        query = runs[0].model.cfg.query
         first, last = runs[0], runs[-1]
+        if last.model.cfg.query != first.model.cfg.query:
+            raise UserError(f"{last.ckpt}: trained for {last.model.cfg.query} queries, but {first.ckpt} for "
+                            f"{first.model.cfg.query}: runs pooled together must be one setting (seeds)")
         if (last.levels, last.weighting) != (first.levels, first.weighting):
             raise UserError(f"{last.ckpt}: levels {'+'.join(last.levels)}, weighting "
                             f"{'on' if last.weighting else 'off'}, but {first.ckpt} has "

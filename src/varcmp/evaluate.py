@@ -573,7 +573,15 @@ def _main(**kw):
 def main(**kw):
     """Retrieval metrics of a checkpoint (or of zero-shot CLIP) on one split of a feature cache:
     R@K, median and mean rank, in both directions (text->video and video->text, or audio->video
-    and video->audio), from raw similarities unless --post is given."""
+    and video->audio), from raw similarities unless --post is given.
+
+    \b
+    Examples:
+      varcmp-eval cache.zarr --checkpoint runs/ucf --json results.json
+      varcmp-eval cache.zarr --zero-shot
+      varcmp-eval cache.zarr --checkpoint runs/ucf --compare-zero-shot
+      varcmp-eval cache.zarr --checkpoint runs/ucf --compare runs/coarse-only --post qb
+      varcmp-eval cache.zarr --checkpoint runs/a-s0 --checkpoint runs/a-s1 --compare runs/b-s0 --compare runs/b-s1"""
     _main(**kw)
 
 

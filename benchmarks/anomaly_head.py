@@ -11,7 +11,8 @@ after each epoch (epoch 0: untrained, 0.5), and the test AUC at the epoch the he
     .venv/bin/python benchmarks/anomaly_head.py hard.zarr mil_k=max epochs=16 seed=1
 
 key=value: epochs, lr, weight_decay, batch, seed, held_out, mil_k (max or vadclip), ffn_dim,
-input_drop (dropout on the head's input frames), frame_drop (a share of each video's frames hidden).
+input_drop (dropout on the head's input frames), frame_drop (a share of each video's frames hidden),
+anomaly_input (frames or centred: each frame minus its video's mean frame).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from varcmp.retrieval.metrics import roc_auc
 from varcmp.training.step import drop
 
 SETTINGS = dict(epochs=16, lr=2e-3, weight_decay=0.01, batch=32, seed=0, held_out=80, mil_k="max", ffn_dim=1024,
-                input_drop=0.0, frame_drop=0.0)
+                input_drop=0.0, frame_drop=0.0, anomaly_input="frames")
 
 
 def settings(pairs: list[str]) -> dict:
@@ -50,7 +51,7 @@ def frames(cache, split: str):
 @torch.no_grad()
 def auc(head, x, m, y, rule: str) -> float:
     head.eval()
-    return roc_auc(video_scores(head(x), m, rule).numpy(), y.numpy())
+    return roc_auc(video_scores(head(x, m), m, rule).numpy(), y.numpy())
 
 
 def main():
@@ -63,7 +64,8 @@ def main():
     fit = np.setdiff1d(np.arange(len(x)), held)
     (xv, mv, yv), (x, m, y) = (x[held], m[held], y[held]), (x[fit], m[fit], y[fit])
     torch.manual_seed(s["seed"])
-    head = AnomalyHead(ModelConfig(dim=x.shape[-1], num_frames=x.shape[1], ffn_dim=s["ffn_dim"]))
+    head = AnomalyHead(ModelConfig(dim=x.shape[-1], num_frames=x.shape[1], ffn_dim=s["ffn_dim"],
+                                   anomaly_input=s["anomaly_input"]))
     opt = torch.optim.AdamW(head.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
     pos_weight, order = balance_weight(y), torch.Generator().manual_seed(s["seed"])
     curve = []
@@ -77,7 +79,8 @@ def main():
         for i in range(0, len(perm) - s["batch"] + 1, s["batch"]):
             b = perm[i:i + s["batch"]]
             feats = torch.nn.functional.dropout(x[b], s["input_drop"]) if s["input_drop"] else x[b]
-            loss = mil_bce(head(feats), drop(m[b], s["frame_drop"]), y[b], pos_weight, s["mil_k"])
+            hidden = drop(m[b], s["frame_drop"])
+            loss = mil_bce(head(feats, hidden), hidden, y[b], pos_weight, s["mil_k"])
             opt.zero_grad()
             loss.backward()
             opt.step()

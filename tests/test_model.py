@@ -431,6 +431,29 @@ def test_anomaly_classifier_and_predicted_label():
     check_weights(model, v, pred)
 
 
+def test_a_centred_anomaly_head_scores_each_frame_minus_its_videos_mean():
+    """--anomaly-input centred: eq. 5 by hand on f_j minus the mean of the video's valid frames (padded
+    frames in neither); a video whose frames are all alike gives every frame the same score."""
+    model = make_model(seed=4, anomaly_input="centred")
+    frames, fmask, patches = video_data(garbage=True)  # huge padded frames: the mean must skip them
+    frames[1, [0, 1, 2]] = frames[1, 0].clone()  # video 1: three identical valid frames
+    with torch.no_grad():
+        v = model.encode_videos(frames, fmask, patches)
+    head = model.anomaly_head
+    for vi, valid in enumerate(FRAMES):
+        mean = sum(frames[vi, j] for j in valid) / len(valid)
+        for j in valid:
+            f = frames[vi, j] - mean
+            h = head.ffn[2].weight @ F.gelu(head.ffn[0].weight @ f + head.ffn[0].bias) + head.ffn[2].bias
+            z = (head.fc.weight[0] @ (h + f) + head.fc.bias[0]).item()
+            assert v.anomaly[vi, j].item() == pytest.approx(1 / (1 + math.exp(-z)), abs=1e-12)
+    assert torch.allclose(v.anomaly[1, :3], v.anomaly[1, 0].expand(3), rtol=0, atol=1e-12)
+    # the frames' own features (the paper's eq. 5) give other scores from the same weights
+    frames_model = make_model(seed=4)
+    with torch.no_grad():
+        assert not torch.allclose(frames_model.encode_videos(frames, fmask, patches).anomaly[fmask], v.anomaly[fmask])
+
+
 # ----------------------------------------------------------------------------- losses
 
 def test_video_scores_and_mil_bce_by_hand():
@@ -516,12 +539,12 @@ def test_balanced_mil_loss_stops_the_head_flagging_every_normal_video(seed):
         head = AnomalyHead(ModelConfig(dim=16, ffn_dim=32, heads=2))
         opt = torch.optim.Adam(head.parameters(), lr=1e-2)
         for _ in range(60):
-            loss = mil_bce(head(f), m, y, pos_weight)
+            loss = mil_bce(head(f, m), m, y, pos_weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
         with torch.no_grad():
-            flag = video_scores(head(ft), mt) > 0.5
+            flag = video_scores(head(ft, mt), mt) > 0.5
         flagged[pos_weight is not None] = (flag[yt == 0].float().mean().item(), flag[yt == 1].float().mean().item())
     assert flagged[False][0] >= 0.95           # measured: 1.0 (every normal video flagged)
     assert flagged[True][0] <= 0.5             # measured: 0.21-0.28 (seeds 0-2)
@@ -557,16 +580,60 @@ def test_a_top_k_longer_than_the_anomaly_makes_the_head_memorise_and_max_does_no
         head = AnomalyHead(ModelConfig(dim=16, ffn_dim=32, heads=2))
         opt = torch.optim.Adam(head.parameters(), lr=1e-2)
         for _ in range(60):
-            loss = mil_bce(head(f), m, y, None, rule)
+            loss = mil_bce(head(f, m), m, y, None, rule)
             opt.zero_grad()
             loss.backward()
             opt.step()
         with torch.no_grad():
-            auc[rule] = [roc_auc(video_scores(head(x), k, rule).numpy(), z.numpy())
+            auc[rule] = [roc_auc(video_scores(head(x, k), k, rule).numpy(), z.numpy())
                          for x, k, z in ((f, m, y), (ft, mt, yt))]
     assert min(auc["max"][0], auc["vadclip"][0]) >= 0.95  # both fit the training videos (measured 0.99-1.0)
     assert auc["max"][1] >= 0.75                          # measured 0.81-0.89 (seeds 0-3)
     assert auc["vadclip"][1] <= 0.70                      # measured 0.53-0.63: the cameras, not the anomaly
+
+
+def _trained_head_auc(world, anomaly_input: str, seed: int) -> float:
+    """Test video AUC of the eq. 5 head trained by the max-rule MIL loss on `world`'s training videos."""
+    from varcmp.model.heads import AnomalyHead
+
+    g = torch.Generator().manual_seed(seed)
+    (f, m, y), (ft, mt, yt) = world(400, g), world(200, g)
+    torch.manual_seed(seed)
+    head = AnomalyHead(ModelConfig(dim=16, ffn_dim=32, heads=2, anomaly_input=anomaly_input))
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = mil_bce(head(f, m), m, y, None, "max")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return roc_auc(video_scores(head(ft, mt), mt, "max").numpy(), yt.numpy())
+
+
+def _whole_video_world(n: int, g: torch.Generator, dim: int = 16, frames: int = 32):
+    """As `_camera_world`, but the anomaly fills every frame of an anomalous video."""
+    y = (torch.rand(n, generator=g) < 0.5).long()
+    f = torch.randn(n, 1, dim, generator=g) + 0.3 * torch.randn(n, frames, dim, generator=g)
+    f[y == 1, :, 0] += 3.0
+    return f, torch.ones(n, frames, dtype=torch.bool), y
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("seed", range(2))
+def test_a_centred_head_ignores_the_videos_look_and_so_a_whole_video_anomaly(seed):
+    """Centred, a vector added to every valid frame of a video (its camera, its site) changes none of
+    its scores, so the head cannot learn a training video by its look; an anomaly that fills the whole
+    video is such a vector, and the centred head cannot see it while the frames' head does."""
+    model = make_model(seed=seed, anomaly_input="centred")
+    frames, fmask, patches = video_data(seed=seed)
+    look = torch.randn(len(FRAMES), 1, C, dtype=torch.float64)
+    with torch.no_grad():
+        plain = model.encode_videos(frames, fmask, patches).anomaly
+        shifted = model.encode_videos(frames + look, fmask, patches).anomaly
+    assert torch.allclose(plain[fmask], shifted[fmask], rtol=0, atol=1e-9)
+    whole = {a: _trained_head_auc(_whole_video_world, a, seed) for a in ("frames", "centred")}
+    assert whole["frames"] >= 0.85     # measured 0.88-0.96 (seeds 0-3)
+    assert whole["centred"] <= 0.65    # measured 0.46-0.55: chance, the anomaly is part of the mean
 
 
 def test_info_nce_by_hand():
@@ -891,3 +958,9 @@ def test_a_checkpoint_saved_before_mil_k_scores_videos_by_vadclips_top_k(tmp_pat
     assert checkpoint.load(resaved(path, tmp_path / "old.safetensors", mil_k=None))[0].cfg.mil_k == "vadclip"
     with pytest.raises(checkpoint.CheckpointError, match="mil_k must be one of max, vadclip, got 'top3'"):
         checkpoint.load(resaved(path, tmp_path / "bad.safetensors", mil_k="top3"))
+    # the anomaly head's input: frames (eq. 5) unless the checkpoint says centred
+    assert checkpoint.load(resaved(path, tmp_path / "old.safetensors", anomaly_input=None))[0].cfg.anomaly_input == "frames"
+    centred = checkpoint.save(tmp_path / "centred.safetensors", make_model(anomaly_input="centred"), {})
+    assert checkpoint.load(centred)[0].cfg.anomaly_input == "centred"
+    with pytest.raises(checkpoint.CheckpointError, match="anomaly_input must be one of frames, centred"):
+        checkpoint.load(resaved(path, tmp_path / "bad.safetensors", anomaly_input="centered"))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 LEVELS = ("coarse", "fine", "finer")
 QUERIES = ("text", "audio")
 MIL_K = ("max", "vadclip")  # the anomaly score's top-k rule (losses.video_scores)
+ANOMALY_INPUT = ("frames", "centred")  # what the anomaly head scores (heads.AnomalyHead)
 
 
 def setting(default, help: str | None = None, *, choices: tuple | None = None, flag: str | None = None, **metadata):
@@ -74,6 +75,12 @@ class ModelConfig:
                          "its valid frames (VadCLIP's rule, 3 of 32). A k above the frames an anomaly fills makes "
                          "the head score normal frames of anomalous videos up, which it can only do by memorising "
                          "those videos (README, 'Does training beat frozen CLIP?').", choices=MIL_K)
+    anomaly_input: str = setting("frames", "What the anomaly head (eq. 5) scores: frames, each frame's feature (the "
+                                 "paper's); centred, each frame minus its video's mean frame: what sets a frame "
+                                 "apart from the rest of its video, not the video's own look (site, camera), which "
+                                 "the head can learn by heart from few training videos. For anomalies shorter than "
+                                 "their videos; one that fills a whole video leaves a centred head nothing to see "
+                                 "(README).", choices=ANOMALY_INPUT)
 
     def __post_init__(self):
         levels = self.levels.split(",") if isinstance(self.levels, str) else self.levels

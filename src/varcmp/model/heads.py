@@ -70,14 +70,19 @@ class TemporalEncoder(nn.Module):
 
 
 class AnomalyHead(nn.Module):
-    """Eq. 5 (VadCLIP): A = sigmoid(FC(FFN(f) + f)). FC starts at zero: A = 0.5."""
+    """Eq. 5 (VadCLIP): A = sigmoid(FC(FFN(f) + f)). FC starts at zero: A = 0.5. With
+    cfg.anomaly_input "centred", f is each frame minus the mean of its video's valid frames."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.centred = cfg.anomaly_input == "centred"
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(), nn.Linear(cfg.ffn_dim, cfg.dim))
         self.fc = _zero_init(nn.Linear(cfg.dim, 1))
 
-    def forward(self, f: Tensor) -> Tensor:
+    def forward(self, f: Tensor, mask: Tensor) -> Tensor:
+        """f [V, N, C] frames, mask [V, N] valid ones -> A [V, N] (padded frames: whatever, masked later)."""
+        if self.centred:
+            f = torch.where(mask[..., None], f - masked_mean(f, mask)[:, None], 0.0)
         return torch.sigmoid(at_least_f32(self.fc(self.ffn(f) + f).squeeze(-1)))
 
 

@@ -82,7 +82,7 @@ class VarCMP(nn.Module):
 
         video = self.temporal(f, mask)
         frame_w = self.frame_weight(f, mask)
-        A = self.anomaly_head(f)                                                     # eq. 5
+        A = self.anomaly_head(f, mask)                                               # eq. 5
         score = video_scores(A, mask, cfg.mil_k)
         anomalous = score > 0.5 if labels is None else torch.as_tensor(labels, device=score.device).reshape(V) > 0.5
 

@@ -871,8 +871,9 @@ def test_half_inputs_take_cat_to():
 
 # ----------------------------------------------------------------------------- encoders
 
-def test_token_shift_and_temporal_encoder_by_hand():
-    model = make_model(seed=8, shift_fraction=0.5)      # fold = 16 * 0.5 / 2 = 4 channels each way
+@pytest.mark.parametrize("temporal_input", ["frames", "centred"])
+def test_token_shift_and_temporal_encoder_by_hand(temporal_input):
+    model = make_model(seed=8, shift_fraction=0.5, temporal_input=temporal_input)  # fold = 16 * 0.5 / 2 = 4 each way
     frames, fmask, patches = video_data()
     with torch.no_grad():
         v = model.encode_videos(frames, fmask, patches)
@@ -880,15 +881,32 @@ def test_token_shift_and_temporal_encoder_by_hand():
         for vi in (0, 1):                                 # prefix-valid videos: run on the valid frames alone
             n = len(FRAMES[vi])
             f = frames[vi, :n]
+            g = f - f.mean(0) if temporal_input == "centred" else f  # what the layer sees
             x = torch.zeros_like(f)
             for t in range(n):
-                x[t, 4:] = f[t, 4:]
-                x[t, :4] = f[t - 1, :4] if t > 0 else 0.0
-                x[t, 4:8] = f[t + 1, 4:8] if t + 1 < n else 0.0
+                x[t, 4:] = g[t, 4:]
+                x[t, :4] = g[t - 1, :4] if t > 0 else 0.0
+                x[t, 4:8] = g[t + 1, 4:8] if t + 1 < n else 0.0
                 x[t] += te.pos[t]
             y = te.layer(x[None])[0]
             out = f.mean(0) + (y @ te.proj.weight.T + te.proj.bias).mean(0)
             torch.testing.assert_close(v.video[vi], out, **TOL)
+
+
+def test_a_centred_temporal_encoder_leaves_a_videos_look_to_the_mean_frame():
+    """--temporal-input centred: a vector added to every valid frame of a video (its look) moves e_v by
+    exactly that vector (the mean frame's share) and nothing else, so the learned branch cannot tell
+    videos apart by their look; with frames it moves e_v otherwise too."""
+    frames, fmask, patches = video_data()
+    look = torch.randn(len(FRAMES), 1, C, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    moved = {}
+    for temporal_input in ("frames", "centred"):
+        model = make_model(seed=8, temporal_input=temporal_input)
+        with torch.no_grad():
+            moved[temporal_input] = (model.encode_videos(frames + look, fmask, patches).video
+                                     - model.encode_videos(frames, fmask, patches).video)
+    torch.testing.assert_close(moved["centred"], look[:, 0], rtol=0, atol=1e-9)
+    assert not torch.allclose(moved["frames"], look[:, 0], rtol=0, atol=1e-3)
 
 
 def test_audio_encoder_by_hand():
@@ -964,3 +982,10 @@ def test_a_checkpoint_saved_before_mil_k_scores_videos_by_vadclips_top_k(tmp_pat
     assert checkpoint.load(centred)[0].cfg.anomaly_input == "centred"
     with pytest.raises(checkpoint.CheckpointError, match="anomaly_input must be one of frames, centred"):
         checkpoint.load(resaved(path, tmp_path / "bad.safetensors", anomaly_input="centered"))
+    # the temporal encoder's input: frames for a checkpoint written before --temporal-input (what it had)
+    assert checkpoint.load(resaved(path, tmp_path / "old.safetensors", temporal_input=None))[0].cfg.temporal_input == "frames"
+    for temporal_input in ("frames", "centred"):
+        path = checkpoint.save(tmp_path / "t.safetensors", make_model(temporal_input=temporal_input), {})
+        assert checkpoint.load(path)[0].cfg.temporal_input == temporal_input
+    with pytest.raises(checkpoint.CheckpointError, match="temporal_input must be one of frames, centred"):
+        checkpoint.load(resaved(path, tmp_path / "bad.safetensors", temporal_input="mean"))

@@ -54,17 +54,20 @@ class WeightHead(nn.Module):
 class TemporalEncoder(nn.Module):
     """Video embedding e_v: token shift over frames, learned frame positions, one Transformer
     layer, masked mean, residual to the mean frame feature. The output projection starts at
-    zero, so an untrained encoder returns the mean CLIP frame feature (zero-shot CLIP)."""
+    zero, so an untrained encoder returns the mean CLIP frame feature (zero-shot CLIP). With
+    cfg.temporal_input "centred" the layer sees each frame minus the video's mean frame."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.centred = cfg.temporal_input == "centred"
         self.fold = int(cfg.dim * cfg.shift_fraction / 2)
         self.pos = nn.Parameter(0.02 * torch.randn(cfg.num_frames, cfg.dim))
         self.layer = _transformer_layer(cfg)
         self.proj = _zero_init(nn.Linear(cfg.dim, cfg.dim))
 
     def forward(self, f: Tensor, mask: Tensor) -> Tensor:
-        x = token_shift(f, self.fold) + self.pos[: f.shape[1]]
+        x = torch.where(mask[..., None], f - masked_mean(f, mask)[:, None], 0.0) if self.centred else f
+        x = token_shift(x, self.fold) + self.pos[: f.shape[1]]
         x = self.layer(x, src_key_padding_mask=_key_padding(mask))
         return masked_mean(f, mask) + masked_mean(self.proj(x), mask)
 

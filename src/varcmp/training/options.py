@@ -65,6 +65,7 @@ class TrainOptions:
     selector_cos: float = model_setting("selector_cos")
     mil_k: str = model_setting("mil_k")
     anomaly_input: str = model_setting("anomaly_input")
+    temporal_input: str = model_setting("temporal_input")
     seed: int = setting(0, "Seeds the weights, the batch order and the validation draw.")
 
     def __post_init__(self):
@@ -115,7 +116,8 @@ RECIPES = {"varcmp": {},
            "paper": dict(lr=1e-4, batch_size=8, epochs=15, weight_decay=0.01, balance_anomaly=False,
                          schedule="constant", frame_drop=0.0, word_drop=0.0, topk_relative=False, topk_sigma=0.05,
                          selector_cos=0.0, anomaly_lr_scale=1.0, zero_shot_guard=False,
-                         mil_k="vadclip", anomaly_input="frames")}
+                         mil_k="vadclip", anomaly_input="frames",
+                         temporal_input="frames")}
 
 
 _MODEL_SETTINGS = [f.name for f in dataclasses.fields(TrainOptions)

@@ -122,7 +122,7 @@ def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, ano
     """evaluate_split on an open cache: check the request, rank both directions, summarise (and
     compare)."""
     metrics = parse_metrics(metrics)
-    checkpoints, compare = _runs(checkpoint), _runs(compare)
+    checkpoints, compare = _run_list(checkpoint), _run_list(compare)
     _check_request(checkpoints, zero_shot, query, post, chunk)
     if bootstrap < 0:
         raise UserError(f"--bootstrap {bootstrap}: must be >= 0 (0: no intervals)")
@@ -175,7 +175,7 @@ def _evaluate_split(c, checkpoint, split, query, metrics, zero_shot, levels, ano
     return result
 
 
-def _runs(checkpoints) -> list:
+def _run_list(checkpoints) -> list:
     """--checkpoint / --compare as a list of runs: None or () is none, a path is one."""
     if checkpoints is None:
         return []

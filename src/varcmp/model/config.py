@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 LEVELS = ("coarse", "fine", "finer")
 QUERIES = ("text", "audio")
 MIL_K = ("max", "vadclip")  # the anomaly score's top-k rule (losses.video_scores)
-ANOMALY_INPUT = ("frames", "centred")  # what the anomaly head scores (heads.AnomalyHead)
-TEMPORAL_INPUT = ("frames", "centred")  # what the temporal encoder's learned branch sees (heads.TemporalEncoder)
+FRAME_INPUTS = ("frames", "centred")  # what the anomaly head and the temporal encoder's branch see (similarity.centred)
 
 
 def setting(default, help: str | None = None, *, choices: tuple | None = None, flag: str | None = None, **metadata):
@@ -81,12 +80,12 @@ class ModelConfig:
                                  "apart from the rest of its video, not the video's own look (site, camera), which "
                                  "the head can learn by heart from few training videos. For anomalies shorter than "
                                  "their videos; one that fills a whole video leaves a centred head nothing to see "
-                                 "(README).", choices=ANOMALY_INPUT)
-    temporal_input: str = setting('centred', "What the temporal encoder's learned branch (its Transformer layer, whose "
+                                 "(README).", choices=FRAME_INPUTS)
+    temporal_input: str = setting("centred", "What the temporal encoder's learned branch (its Transformer layer, whose "
                                   "output is added to the mean frame) sees: centred, each frame minus its video's "
                                   "mean frame, so it learns what happens in the video and not the video's own look, "
                                   "which the mean frame (zero-shot CLIP) still carries; frames, the frames as they "
-                                  "are (the paper's, and varcmp's until this option).", choices=TEMPORAL_INPUT)
+                                  "are (the paper's, and varcmp's until this option).", choices=FRAME_INPUTS)
 
     def __post_init__(self):
         levels = self.levels.split(",") if isinstance(self.levels, str) else self.levels

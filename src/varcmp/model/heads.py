@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ModelConfig
-from .similarity import at_least_f32, masked_mean, masked_softmax
+from .similarity import at_least_f32, centred, masked_mean, masked_softmax
 
 
 def token_shift(x: Tensor, fold: int) -> Tensor:
@@ -66,8 +66,7 @@ class TemporalEncoder(nn.Module):
         self.proj = _zero_init(nn.Linear(cfg.dim, cfg.dim))
 
     def forward(self, f: Tensor, mask: Tensor) -> Tensor:
-        x = torch.where(mask[..., None], f - masked_mean(f, mask)[:, None], 0.0) if self.centred else f
-        x = token_shift(x, self.fold) + self.pos[: f.shape[1]]
+        x = token_shift(centred(f, mask) if self.centred else f, self.fold) + self.pos[: f.shape[1]]
         x = self.layer(x, src_key_padding_mask=_key_padding(mask))
         return masked_mean(f, mask) + masked_mean(self.proj(x), mask)
 
@@ -85,7 +84,7 @@ class AnomalyHead(nn.Module):
     def forward(self, f: Tensor, mask: Tensor) -> Tensor:
         """f [V, N, C] frames, mask [V, N] valid ones -> A [V, N] (padded frames: whatever, masked later)."""
         if self.centred:
-            f = torch.where(mask[..., None], f - masked_mean(f, mask)[:, None], 0.0)
+            f = centred(f, mask)
         return torch.sigmoid(at_least_f32(self.fc(self.ffn(f) + f).squeeze(-1)))
 
 

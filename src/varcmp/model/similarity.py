@@ -100,6 +100,12 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return total / mask.sum(-1, keepdim=True).clamp_min(1).to(total.dtype)
 
 
+def centred(x: Tensor, mask: Tensor) -> Tensor:
+    """x [V, N, C] minus each row's masked mean over the valid N, 0 where not valid (what a centred
+    head sees: what sets a frame apart from the rest of its video, not the video's own look)."""
+    return torch.where(mask[..., None], x - masked_mean(x, mask)[:, None], 0.0)
+
+
 def token_wise(x: Tensor, x_mask: Tensor, x_w: Tensor, t: Tensor, t_mask: Tensor, t_w: Tensor,
                x_unit: bool = False) -> Tensor:
     """Two-sided weighted token-wise similarity of eq. 2-4 (DRL style), for all pairs:

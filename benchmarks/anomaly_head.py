@@ -12,7 +12,8 @@ after each epoch (epoch 0: untrained, 0.5), and the test AUC at the epoch the he
 
 key=value: epochs, lr, weight_decay, batch, seed, held_out, mil_k (max or vadclip), ffn_dim,
 input_drop (dropout on the head's input frames), frame_drop (a share of each video's frames hidden),
-anomaly_input (frames or centred: each frame minus its video's mean frame).
+anomaly_input (frames, the script's default and the paper's; centred: each frame minus its video's mean
+frame; split, varcmp's default: a score of each frame minus its video's median frame plus one of the median).
 """
 from __future__ import annotations
 

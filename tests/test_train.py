@@ -665,22 +665,23 @@ def test_recipe_paper_sets_what_the_command_line_does_not(planted, tmp_path):
 
 def test_a_run_saved_before_the_new_settings_resumes_with_what_it_was_trained_with(planted, tmp_path):
     """A resume state written before balance_anomaly, schedule, warmup, frame/word drop, topk_relative,
-    selector_cos, anomaly_lr_scale, mil_k and temporal_input existed does not name them: it was trained with the unweighted MIL
+    selector_cos, anomaly_lr_scale, mil_k, temporal_input and anomaly_input existed does not name them: it was trained with the unweighted MIL
     loss over VadCLIP's top-k, a constant rate, the selector's cos term and one learning rate, so a resume with today's defaults is refused, naming the setting, and
     one with the old ones continues."""
     out = tmp_path / "run"
-    # an old run's optimiser had one group: the anomaly head's rate was the others'
-    cli(planted, "--out", out, "--epochs", 1, "--val-fraction", 0, "--anomaly-lr-scale", 1, *SMALL_ARGS)
+    # an old run's optimiser had one group: the anomaly head's rate was the others'; its head scored frames
+    cli(planted, "--out", out, "--epochs", 1, "--val-fraction", 0, "--anomaly-lr-scale", 1, "--anomaly-input", "frames",
+        *SMALL_ARGS)
     path = out / TS.STATE_NAME
     st = TS.load_state(path)
     for k in ("balance_anomaly", "schedule", "warmup", "frame_drop", "word_drop", "topk_relative", "selector_cos",
-              "anomaly_lr_scale", "mil_k", "temporal_input"):
+              "anomaly_lr_scale", "mil_k", "temporal_input", "anomaly_input"):
         del st["train"][k]
     TS.save_state(st, path)
     res = cli(planted, "--out", out, "--epochs", 2, "--val-fraction", 0, "--resume", *SMALL_ARGS, code=2)
     assert "balance_anomaly: False there, True now" in " ".join(res.output.split())
     cli(planted, "--out", out, "--epochs", 2, "--val-fraction", 0, "--resume", "--no-balance-anomaly",
-        "--selector-cos", 1, "--anomaly-lr-scale", 1, "--mil-k", "vadclip", "--temporal-input", "frames", *SMALL_ARGS)
+        "--selector-cos", 1, "--anomaly-lr-scale", 1, "--mil-k", "vadclip", "--temporal-input", "frames", "--anomaly-input", "frames", *SMALL_ARGS)
     assert json.loads((out / "history.json").read_text())["epochs"][-1]["epoch"] == 2
 
 

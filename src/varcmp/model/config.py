@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 LEVELS = ("coarse", "fine", "finer")
 QUERIES = ("text", "audio")
 MIL_K = ("max", "vadclip")  # the anomaly score's top-k rule (losses.video_scores)
-FRAME_INPUTS = ("frames", "centred")  # what the anomaly head and the temporal encoder's branch see (similarity.centred)
+FRAME_INPUTS = ("frames", "centred")  # what the temporal encoder's branch sees (similarity.centred)
+ANOMALY_INPUTS = FRAME_INPUTS + ("split",)  # what the anomaly head sees (heads.AnomalyHead)
 
 
 def setting(default, help: str | None = None, *, choices: tuple | None = None, flag: str | None = None, **metadata):
@@ -75,12 +76,13 @@ class ModelConfig:
                          "its valid frames (VadCLIP's rule, 3 of 32). A k above the frames an anomaly fills makes "
                          "the head score normal frames of anomalous videos up, which it can only do by memorising "
                          "those videos (README, 'Does training beat frozen CLIP?').", choices=MIL_K)
-    anomaly_input: str = setting("frames", "What the anomaly head (eq. 5) scores: frames, each frame's feature (the "
-                                 "paper's); centred, each frame minus its video's mean frame: what sets a frame "
-                                 "apart from the rest of its video, not the video's own look (site, camera), which "
-                                 "the head can learn by heart from few training videos. For anomalies shorter than "
-                                 "their videos; one that fills a whole video leaves a centred head nothing to see "
-                                 "(README).", choices=FRAME_INPUTS)
+    anomaly_input: str = setting("split", "What the anomaly head (eq. 5) scores: split, a score of each frame minus "
+                                 "its video's median frame (what sets the frame apart from the rest of its video) "
+                                 "plus, with weights of its own, a score of that median frame (what the whole video "
+                                 "shows); frames, each frame's feature (the paper's: it learns few training videos by "
+                                 "their look, site and camera, before their anomalies); centred, each frame minus its "
+                                 "video's mean frame (blind to an anomaly that fills a whole video) (README).",
+                                 choices=ANOMALY_INPUTS)
     temporal_input: str = setting("centred", "What the temporal encoder's learned branch (its Transformer layer, whose "
                                   "output is added to the mean frame) sees: centred, each frame minus its video's "
                                   "mean frame, so it learns what happens in the video and not the video's own look, "

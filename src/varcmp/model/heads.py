@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ModelConfig
-from .similarity import at_least_f32, centred, masked_mean, masked_softmax
+from .similarity import at_least_f32, centred, masked_mean, masked_median, masked_softmax
 
 
 def token_shift(x: Tensor, fold: int) -> Tensor:
@@ -72,20 +72,38 @@ class TemporalEncoder(nn.Module):
 
 
 class AnomalyHead(nn.Module):
-    """Eq. 5 (VadCLIP): A = sigmoid(FC(FFN(f) + f)). FC starts at zero: A = 0.5. With
-    cfg.anomaly_input "centred", f is each frame minus the mean of its video's valid frames."""
+    """Eq. 5 (VadCLIP): A = sigmoid(FC(FFN(x) + x)), FC starting at zero (A = 0.5), on x as
+    cfg.anomaly_input says: frames, x = f_j (the paper's); centred, x = f_j minus the mean of its
+    video's valid frames; split, the sum of two such logits, one on f_j minus the video's median
+    frame and one, with its own FFN and FC, on that median frame (what most of its frames share).
+    The median, not the mean: an event in a few frames moves the mean, so that every other frame
+    of an anomalous video would carry minus a share of the event, a sign the head can learn."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.centred = cfg.anomaly_input == "centred"
-        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(), nn.Linear(cfg.ffn_dim, cfg.dim))
-        self.fc = _zero_init(nn.Linear(cfg.dim, 1))
+        self.input = cfg.anomaly_input
+        self.ffn, self.fc = _ffn(cfg), _zero_init(nn.Linear(cfg.dim, 1))
+        if self.input == "split":
+            self.video_ffn, self.video_fc = _ffn(cfg), _zero_init(nn.Linear(cfg.dim, 1))
 
     def forward(self, f: Tensor, mask: Tensor) -> Tensor:
         """f [V, N, C] frames, mask [V, N] valid ones -> A [V, N] (padded frames: whatever, masked later)."""
-        if self.centred:
-            f = centred(f, mask)
-        return torch.sigmoid(at_least_f32(self.fc(self.ffn(f) + f).squeeze(-1)))
+        if self.input == "frames":
+            return torch.sigmoid(at_least_f32(_residual_logit(f, self.ffn, self.fc)))
+        if self.input == "centred":
+            return torch.sigmoid(at_least_f32(_residual_logit(centred(f, mask), self.ffn, self.fc)))
+        logit = (_residual_logit(centred(f, mask, around=masked_median), self.ffn, self.fc)            # [V, N]
+                 + _residual_logit(masked_median(f, mask)[:, None], self.video_ffn, self.video_fc))  # + [V, 1]
+        return torch.sigmoid(at_least_f32(logit))
+
+
+def _ffn(cfg: ModelConfig) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(), nn.Linear(cfg.ffn_dim, cfg.dim))
+
+
+def _residual_logit(x: Tensor, ffn: nn.Module, fc: nn.Linear) -> Tensor:
+    """FC(FFN(x) + x), the logit of eq. 5: [..., C] -> [...]."""
+    return fc(ffn(x) + x).squeeze(-1)
 
 
 class PerturbedTopK(torch.autograd.Function):

@@ -100,10 +100,18 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return total / mask.sum(-1, keepdim=True).clamp_min(1).to(total.dtype)
 
 
-def centred(x: Tensor, mask: Tensor) -> Tensor:
-    """x [V, N, C] minus each row's masked mean over the valid N, 0 where not valid (what a centred
-    head sees: what sets a frame apart from the rest of its video, not the video's own look)."""
-    return torch.where(mask[..., None], x - masked_mean(x, mask)[:, None], 0.0)
+def masked_median(x: Tensor, mask: Tensor) -> Tensor:
+    """Median of x [V, N, C] over the valid N, channel by channel (the lower of the two middle
+    values for an even count; 0 where none is valid) -> [V, C]."""
+    med = torch.where(mask[..., None], x, float("nan")).nanmedian(dim=-2).values
+    return torch.nan_to_num(med, nan=0.0)
+
+
+def centred(x: Tensor, mask: Tensor, around=masked_mean) -> Tensor:
+    """x [V, N, C] minus each row's masked mean (or `around`: masked_median) over the valid N, 0 where
+    not valid (what a centred head sees: what sets a frame apart from the rest of its video, not the
+    video's own look)."""
+    return torch.where(mask[..., None], x - around(x, mask)[:, None], 0.0)
 
 
 def token_wise(x: Tensor, x_mask: Tensor, x_w: Tensor, t: Tensor, t_mask: Tensor, t_w: Tensor,

@@ -663,6 +663,16 @@ def test_recipe_paper_sets_what_the_command_line_does_not(planted, tmp_path):
     assert all(own[k] == getattr(default, k) for k in paper if k != "epochs")
 
 
+def test_the_logit_scale_follows_the_query_kind_unless_it_is_given():
+    """CLIP's 100 for text (both sides come from CLIP), 20 for audio (an encoder trained from scratch);
+    a value given wins, and the paper's recipe names 100 for both."""
+    assert T.TrainOptions().logit_scale == 100.0
+    assert T.TrainOptions(query="audio").logit_scale == 20.0
+    assert T.TrainOptions(query="audio", logit_scale=50.0).logit_scale == 50.0
+    assert T.TrainOptions(query="audio").model_config(None).logit_scale == 20.0
+    assert T.TrainOptions(**{**T.RECIPES["paper"], "query": "audio"}).logit_scale == 100.0
+
+
 def test_a_run_saved_before_the_new_settings_resumes_with_what_it_was_trained_with(planted, tmp_path):
     """A resume state written before balance_anomaly, schedule, warmup, frame/word drop, topk_relative,
     selector_cos, anomaly_lr_scale, mil_k, temporal_input and anomaly_input existed does not name them: it was trained with the unweighted MIL

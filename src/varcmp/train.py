@@ -293,9 +293,10 @@ def report(summary: RunSummary, console) -> None:
 def main(cache, out, recipe, resume, overwrite, quiet, **settings):
     """Train VarCMP's heads on the features in CACHE (written by varcmp-extract).
 
-    Defaults are the paper's (AdamW, 15 epochs, M = 4, logit scale 100) and what our study
-    found to help (batch 32 at lr 2e-4 instead of 8 at 1e-4, --selector-cos 0.001,
-    --anomaly-lr-scale 10, the balanced MIL loss, --val-min 80, the zero-shot guard);
+    Defaults are the paper's (AdamW, 15 epochs, M = 4, logit scale 100 for text) and what our
+    study found to help (batch 32 at lr 2e-4 instead of 8 at 1e-4, --selector-cos 0.001,
+    --anomaly-lr-scale 10, the balanced MIL loss, --mil-k max, --temporal-input centred,
+    --anomaly-input split, logit scale 20 for audio, --val-min 80, the zero-shot guard);
     --recipe paper gives the paper's alone.
     The best epoch is chosen on a validation subset held out of the training split (never
     the test split) by the mean of the two R@1; OUT receives best.safetensors,

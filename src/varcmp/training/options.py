@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass
 from ..model.config import QUERIES, ModelConfig, model_setting, setting, within
 from . import TrainError
 
+# the InfoNCE's logit scale where the command line gives none, by query kind
+LOGIT_SCALES = {"text": 100.0, "audio": 20.0}
+
 
 @dataclass(frozen=True)
 class TrainOptions:
@@ -54,7 +57,10 @@ class TrainOptions:
                                "(augmentation).")
     tau: float = model_setting("tau")
     top_patches: int = model_setting("top_patches")
-    logit_scale: float = model_setting("logit_scale")
+    logit_scale: float = setting(None, "Scale of R in the InfoNCE [default: 100 for text queries (CLIP's, whose two "
+                                 "sides are already aligned), 20 for audio queries (at 100 the audio encoder, "
+                                 "trained from scratch, sat at chance for several epochs; README, 'Does training "
+                                 "beat frozen CLIP?')].")
     dropout: float = model_setting("dropout")
     heads: int = model_setting("heads")
     ffn_dim: int = model_setting("ffn_dim")
@@ -73,6 +79,8 @@ class TrainOptions:
         object.__setattr__(self, "levels", tuple(lv.strip() for lv in levels if lv.strip()))
         if self.query not in QUERIES:
             raise TrainError(f"--query must be one of {', '.join(QUERIES)}, got {self.query!r}")
+        if self.logit_scale is None:
+            object.__setattr__(self, "logit_scale", LOGIT_SCALES[self.query])
         if not 0.0 <= self.val_fraction < 1.0:
             raise TrainError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_min < 0:
@@ -116,7 +124,7 @@ RECIPES = {"varcmp": {},
            "paper": dict(lr=1e-4, batch_size=8, epochs=15, weight_decay=0.01, balance_anomaly=False,
                          schedule="constant", frame_drop=0.0, word_drop=0.0, topk_relative=False, topk_sigma=0.05,
                          selector_cos=0.0, anomaly_lr_scale=1.0, zero_shot_guard=False,
-                         mil_k="vadclip", anomaly_input="frames",
+                         mil_k="vadclip", anomaly_input="frames", logit_scale=100.0,
                          temporal_input="frames")}
 
 

@@ -129,3 +129,12 @@ def _train_main():
     import varcmp.train
 
     return varcmp.train.main
+
+
+def ctrl_c_as_in_a_terminal():
+    """A subprocess's preexec_fn: SIGINT at its default, as a shell in a terminal leaves it, so that
+    Python turns it into KeyboardInterrupt even when the tests run as a background job (which
+    inherits SIGINT ignored, and Python then leaves it ignored)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import one_line_error
+from helpers import ctrl_c_as_in_a_terminal, one_line_error
 
 from conftest import noise_frames, tone
 from varcmp.media.files import write_video
@@ -177,7 +177,8 @@ def interrupt(module: str, args, ready, after: float = 0.0, timeout: float = 600
     pid) holds (and `after` more seconds), send SIGINT to the group, as Ctrl-C in a terminal does.
     Returns the exit code, every stderr line, and the lines written after the signal."""
     proc = subprocess.Popen([sys.executable, "-c", LAUNCH, module, *map(str, args)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
     lines: list[str] = []
 
     def read():

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import BAD, CAPTIONS, GOOD, noise_frames, tone
+from helpers import ctrl_c_as_in_a_terminal
 from varcmp.cache_schema import DONE, FAILED
 from varcmp.cache.reader import open_cache
 from varcmp.extract import main
@@ -240,7 +241,8 @@ def test_killed_mid_run_resumes_to_the_same_store(tmp_path, tiny_clip, sig, code
     killed = tmp_path / "killed.zarr"
     cmd = [sys.executable, "-m", "varcmp.extract", str(root), "--out", str(killed), *args]
     for attempt in range(3):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
+                                preexec_fn=ctrl_c_as_in_a_terminal)
         status = None
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:

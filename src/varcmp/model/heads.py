@@ -89,11 +89,13 @@ class AnomalyHead(nn.Module):
     def forward(self, f: Tensor, mask: Tensor) -> Tensor:
         """f [V, N, C] frames, mask [V, N] valid ones -> A [V, N] (padded frames: whatever, masked later)."""
         if self.input == "frames":
-            return torch.sigmoid(at_least_f32(_residual_logit(f, self.ffn, self.fc)))
-        if self.input == "centred":
-            return torch.sigmoid(at_least_f32(_residual_logit(centred(f, mask), self.ffn, self.fc)))
-        logit = (_residual_logit(centred(f, mask, around=masked_median), self.ffn, self.fc)            # [V, N]
-                 + _residual_logit(masked_median(f, mask)[:, None], self.video_ffn, self.video_fc))  # + [V, 1]
+            logit = _residual_logit(f, self.ffn, self.fc)
+        elif self.input == "centred":
+            logit = _residual_logit(centred(f, mask), self.ffn, self.fc)
+        else:
+            typical = masked_median(f, mask)                                                  # [V, C]
+            logit = (_residual_logit(centred(f, mask, typical), self.ffn, self.fc)            # [V, N]
+                     + _residual_logit(typical[:, None], self.video_ffn, self.video_fc))      # + [V, 1]
         return torch.sigmoid(at_least_f32(logit))
 
 

@@ -107,11 +107,12 @@ def masked_median(x: Tensor, mask: Tensor) -> Tensor:
     return torch.nan_to_num(med, nan=0.0)
 
 
-def centred(x: Tensor, mask: Tensor, around=masked_mean) -> Tensor:
-    """x [V, N, C] minus each row's masked mean (or `around`: masked_median) over the valid N, 0 where
+def centred(x: Tensor, mask: Tensor, centre: Tensor | None = None) -> Tensor:
+    """x [V, N, C] minus each row's centre [V, C] (default: its masked mean over the valid N), 0 where
     not valid (what a centred head sees: what sets a frame apart from the rest of its video, not the
     video's own look)."""
-    return torch.where(mask[..., None], x - around(x, mask)[:, None], 0.0)
+    centre = masked_mean(x, mask) if centre is None else centre
+    return torch.where(mask[..., None], x - centre[:, None], 0.0)
 
 
 def token_wise(x: Tensor, x_mask: Tensor, x_w: Tensor, t: Tensor, t_mask: Tensor, t_w: Tensor,

@@ -151,6 +151,42 @@ def test_levels_match_loop_reference(query):
 
 
 @pytest.mark.parametrize("query", ["text", "audio"])
+def test_fine_input_centred_compares_each_frame_minus_its_videos_median(query):
+    """--fine-input centred: the fine level (eq. 2 for text, eq. 3 for audio) takes each valid frame minus
+    its video's median frame (channel by channel, the lower middle value for an even count; padded frames
+    left out of it, huge here), by hand; the coarse and finer levels do not change; a look shared by all
+    frames of a video (added to every frame) leaves the frames it compares unchanged."""
+    assert ModelConfig(query="audio").fine_input == "frames"  # the default, for either query kind
+    model = make_model(query=query, fine_input="centred")
+    plain = make_model(query=query, fine_input="frames")
+    frames, fmask, patches = video_data(garbage=True)
+    labels = torch.tensor([1, 0, 0])
+    with torch.no_grad():
+        q = model.encode_text(*text_data(L=7)) if query == "text" else model.encode_audio(*audio_data(L=6))
+        v = model.encode_videos(frames, fmask, patches, labels=labels)
+        S, S_plain = model.similarity(v, q), plain.similarity(plain.encode_videos(frames, fmask, patches, labels=labels), q)
+        shifted = model.encode_videos(frames + torch.randn(len(FRAMES), 1, C, dtype=torch.float64), fmask, patches,
+                                      labels=labels)
+    for vi, valid in enumerate(FRAMES):
+        median = torch.tensor([sorted(frames[vi, j, c].item() for j in valid)[(len(valid) - 1) // 2] for c in range(C)],
+                              dtype=torch.float64)
+        Fv = [frames[vi, j] - median for j in valid]
+        w = valid_rows(v.frame_weights[vi], v.frame_mask[vi])
+        for qi in range(len(q.glob)):
+            if query == "text":
+                want = ref_fine_text(q.glob[qi], Fv, w)
+            else:
+                T = valid_rows(q.tokens[qi], q.token_mask[qi])
+                want = ref_two_sided(Fv, w, T, valid_rows(q.token_weights[qi], q.token_mask[qi]))
+            assert S["fine"][vi, qi].item() == pytest.approx(float(want), abs=1e-10)
+    torch.testing.assert_close(S["coarse"], S_plain["coarse"], **TOL)
+    torch.testing.assert_close(S["finer"], S_plain["finer"], **TOL)
+    assert not torch.allclose(S["fine"], S_plain["fine"])
+    torch.testing.assert_close(shifted.frames, v.frames, rtol=0, atol=1e-9)  # the video's look cancels
+    assert (v.frames[~fmask] == 0).all()
+
+
+@pytest.mark.parametrize("query", ["text", "audio"])
 def test_unit_length_embedding_scores_as_the_raw_one(query):
     """`VideoEmb.unit_length` (the stored index's form: e_v, frames and patches of length 1, marked
     `unit`, so `similarity` does not normalise them) gives every level of the loop reference of the
@@ -1033,5 +1069,9 @@ def test_a_checkpoint_saved_before_mil_k_scores_videos_by_vadclips_top_k(tmp_pat
     for temporal_input in ("frames", "centred"):
         path = checkpoint.save(tmp_path / "t.safetensors", make_model(temporal_input=temporal_input), {})
         assert checkpoint.load(path)[0].cfg.temporal_input == temporal_input
+    # the fine level's frames: a checkpoint from before --fine-input compared the frames as they are
+    audio = checkpoint.save(tmp_path / "a.safetensors", make_model(query="audio", fine_input="centred"), {})
+    assert checkpoint.load(audio)[0].cfg.fine_input == "centred"
+    assert checkpoint.load(resaved(audio, tmp_path / "old-a.safetensors", fine_input=None))[0].cfg.fine_input == "frames"
     with pytest.raises(checkpoint.CheckpointError, match="temporal_input must be one of frames, centred"):
         checkpoint.load(resaved(path, tmp_path / "bad.safetensors", temporal_input="mean"))

@@ -675,7 +675,7 @@ def test_the_logit_scale_follows_the_query_kind_unless_it_is_given():
 
 def test_a_run_saved_before_the_new_settings_resumes_with_what_it_was_trained_with(planted, tmp_path):
     """A resume state written before balance_anomaly, schedule, warmup, frame/word drop, topk_relative,
-    selector_cos, anomaly_lr_scale, mil_k, temporal_input and anomaly_input existed does not name them: it was trained with the unweighted MIL
+    selector_cos, anomaly_lr_scale, mil_k, temporal_input, anomaly_input and fine_input existed does not name them: it was trained with the unweighted MIL
     loss over VadCLIP's top-k, a constant rate, the selector's cos term and one learning rate, so a resume with today's defaults is refused, naming the setting, and
     one with the old ones continues."""
     out = tmp_path / "run"
@@ -685,7 +685,7 @@ def test_a_run_saved_before_the_new_settings_resumes_with_what_it_was_trained_wi
     path = out / TS.STATE_NAME
     st = TS.load_state(path)
     for k in ("balance_anomaly", "schedule", "warmup", "frame_drop", "word_drop", "topk_relative", "selector_cos",
-              "anomaly_lr_scale", "mil_k", "temporal_input", "anomaly_input"):
+              "anomaly_lr_scale", "mil_k", "temporal_input", "anomaly_input", "fine_input"):
         del st["train"][k]
     TS.save_state(st, path)
     res = cli(planted, "--out", out, "--epochs", 2, "--val-fraction", 0, "--resume", *SMALL_ARGS, code=2)

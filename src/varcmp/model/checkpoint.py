@@ -111,7 +111,8 @@ def _json_type(value) -> str:
 
 
 # what a checkpoint saved before these settings existed was made with (its metadata does not name them)
-BEFORE_THEY_EXISTED = {"selector_cos": 1.0, "mil_k": "vadclip", "temporal_input": "frames", "anomaly_input": "frames"}
+BEFORE_THEY_EXISTED = {"selector_cos": 1.0, "mil_k": "vadclip", "temporal_input": "frames", "anomaly_input": "frames",
+                       "fine_input": "frames"}
 
 
 def model_config(path: Path, meta: dict) -> ModelConfig:

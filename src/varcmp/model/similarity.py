@@ -43,7 +43,8 @@ class _Rows:
 @dataclass
 class VideoEmb(_Rows):
     video: Tensor          # e_v [V, C]
-    frames: Tensor         # f_v [V, N, C], raw CLIP frame features (zero on padded frames)
+    frames: Tensor         # f_v [V, N, C], the frames the fine level compares: CLIP's, or with fine_input
+                           # centred each minus its video's median frame (zero on padded frames)
     frame_mask: Tensor     # [V, N] bool
     frame_weights: Tensor  # [V, N] after eq. 6; sum 1 over valid frames, 0 on padded
     anomaly: Tensor        # A [V, N], eq. 5 (meaningless on padded frames)

@@ -23,7 +23,8 @@ from .config import LEVELS, ModelConfig
 from .heads import AnomalyHead, AudioEncoder, PatchSelector, TemporalEncoder, WeightHead
 from .losses import mil_bce, nce_parts, video_scores
 from .queries import TEXT, QueryKind, query_kind
-from .similarity import QueryEmb, VideoEmb, at_least_f32, l2_normalize, masked_softmax, token_wise
+from .similarity import (QueryEmb, VideoEmb, at_least_f32, centred, l2_normalize, masked_median, masked_softmax,
+                         token_wise)
 
 # ----------------------------------------------------------------------------- the model
 
@@ -107,7 +108,8 @@ class VarCMP(nn.Module):
             if patches is not None:
                 patch_w = torch.where(anomalous[:, None], biased.repeat_interleave(M, dim=1) / M, patch_w)
 
-        return VideoEmb(video=video, frames=f, frame_mask=mask, frame_weights=frame_w, anomaly=A,
+        fine = f if cfg.fine_input == "frames" else centred(f, mask, masked_median(f, mask))  # what eq. 2-3 compare
+        return VideoEmb(video=video, frames=fine, frame_mask=mask, frame_weights=frame_w, anomaly=A,
                         video_score=score, anomalous=anomalous, patches=patches,
                         patch_weights=patch_w, patch_mask=patch_mask)
 

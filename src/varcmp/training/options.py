@@ -72,6 +72,7 @@ class TrainOptions:
     mil_k: str = model_setting("mil_k")
     anomaly_input: str = model_setting("anomaly_input")
     temporal_input: str = model_setting("temporal_input")
+    fine_input: str = model_setting("fine_input")
     seed: int = setting(0, "Seeds the weights, the batch order and the validation draw.")
 
     def __post_init__(self):
@@ -125,7 +126,7 @@ RECIPES = {"varcmp": {},
                          schedule="constant", frame_drop=0.0, word_drop=0.0, topk_relative=False, topk_sigma=0.05,
                          selector_cos=0.0, anomaly_lr_scale=1.0, zero_shot_guard=False,
                          mil_k="vadclip", anomaly_input="frames", logit_scale=100.0,
-                         temporal_input="frames")}
+                         temporal_input="frames", fine_input="frames")}
 
 
 _MODEL_SETTINGS = [f.name for f in dataclasses.fields(TrainOptions)

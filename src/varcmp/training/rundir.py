@@ -57,7 +57,8 @@ def open_run(out: Path, cache, opts, plan, resume: bool, overwrite: bool, prepar
 BEFORE_THEY_EXISTED = {"balance_anomaly": False, "schedule": "constant", "warmup": 0.1, "frame_drop": 0.0,
                        "word_drop": 0.0, "topk_relative": False, "selector_cos": 1.0,
                        "anomaly_lr_scale": 1.0, "val_min": 0, "zero_shot_guard": False,
-                       "mil_k": "vadclip", "temporal_input": "frames", "anomaly_input": "frames"}
+                       "mil_k": "vadclip", "temporal_input": "frames", "anomaly_input": "frames",
+                       "fine_input": "frames"}
 
 
 def check_resume(st: dict, path: Path, cache, opts, plan) -> None:

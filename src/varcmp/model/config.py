@@ -92,7 +92,8 @@ class ModelConfig:
                               "are (the paper's); centred, each frame minus its video's median frame, so that the fine "
                               "level scores what happens at each moment and the coarse level what the whole video "
                               "shows. For audio queries centred is what lets the audio encoder learn a short event "
-                              "(larger synthetic world: +28 R@1) but costs 9 on the small demo world (README).",
+                              "(larger synthetic world: +28 R@1) but costs 5-6 on the small demo world over five "
+                              "seeds (README).",
                               choices=FRAME_INPUTS)
 
     def __post_init__(self):

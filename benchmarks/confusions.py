@@ -55,14 +55,15 @@ def main():
     ap.add_argument("--levels", default=None, help="score with these levels only, e.g. finer")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model, meta = checkpoint.load(checkpoint.resolve(args.checkpoint))
+    model, _ = checkpoint.load(checkpoint.resolve(args.checkpoint))
     levels = tuple(args.levels.split(",")) if args.levels else None
     with open_cache(args.cache) as cache:
         world, split = world_of(cache), cache.split(args.split)
         data = load_eval_data(split, model.cfg.query)
         order = world.split_indices(args.split)
     q = encode_queries(model, data.query_feats, "cpu")
-    sim = np.asarray(score_matrix(model, encode_videos(model, data.videos, "cpu", batch=32), q, levels=levels)["total"])
+    emb = encode_videos(model, data.videos, "cpu", batch=32)
+    sim = np.asarray(score_matrix(model, emb, q, levels=levels)["total"])                   # [V, Q]
     # video->query: each video's best query; a mistake when that query is not one of its own
     best_video = data.query_video[sim.argmax(1)]                                  # [V] video of the top query
     videos = np.unique(data.query_video)
@@ -71,7 +72,8 @@ def main():
     chance = [tuple(rng.choice(videos, 2, replace=False)) for _ in range(2000)]
     plan = lambda row: world.videos[order[data.videos.index[row]]]  # noqa: E731
     mistakes, by_chance = tally(wrong, plan), tally(chance, plan)
-    print(json.dumps({"checkpoint": args.checkpoint, "query": model.cfg.query, "levels": list(levels or model.cfg.levels),
+    print(json.dumps({"checkpoint": args.checkpoint, "query": model.cfg.query,
+                      "levels": list(levels or model.cfg.levels),
                       "v2q_r1": round(100 * (1 - len(wrong) / len(videos)), 1), "mistakes": len(wrong),
                       "shared_by_mistakes": mistakes,
                       "shared_by_random_pairs_per_mistake": {k: round(v * len(wrong) / len(chance), 1)
